@@ -131,6 +131,8 @@ def source_keys(source: dict[str, Any]) -> list[str]:
     """Checkpoint keys a weight source expression reads."""
     if "load" in source:
         return [source["load"]]
+    if "values" in source:
+        return []
     items = source.get("stack") or source.get("concat") or []
     return [k for s in items for k in source_keys(s)]
 
@@ -140,6 +142,8 @@ def source_shape(ckpt: Checkpoint, source: dict[str, Any]) -> tuple[list[int], s
     if "load" in source:
         info = ckpt.info(source["load"])
         return list(info.shape), info.dtype
+    if "values" in source:
+        return [len(source["values"])], source.get("dtype", "float32")
     if "stack" in source:
         parts = [source_shape(ckpt, s) for s in source["stack"]]
         return [len(parts), *parts[0][0]], parts[0][1]
@@ -158,6 +162,8 @@ def evaluate_source(ckpt: Checkpoint, source: dict[str, Any]):
 
     if "load" in source:
         return ckpt.load(source["load"])
+    if "values" in source:
+        return torch.tensor(source["values"], dtype=getattr(torch, source.get("dtype", "float32")))
     if "stack" in source:
         return torch.stack([evaluate_source(ckpt, s) for s in source["stack"]])
     if "concat" in source:

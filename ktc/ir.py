@@ -57,6 +57,7 @@ Weight sources (JSON expressions, evaluated when the artifact is written):
   {"load": KEY}                          a checkpoint tensor
   {"stack": [SRC, ...]}                  torch.stack along a new dim 0
   {"concat": [SRC, ...], "dim": D}       torch.cat
+  {"values": [x, ...], "dtype": DT}      a small 1-D tensor computed at capture (rope inv_freq)
 A weight's `format` says how it is stored: a dtype name ("float32", "bfloat16", ...) or a
 quantized format ("int8", "int4") with `group_size`; quantized weights are stored as
 several tensors (see ktc.quantize) and `layout` names the kernel layout they are packed in.

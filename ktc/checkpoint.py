@@ -41,7 +41,8 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KtcError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}): fix or re-download it") from None
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise KtcError(f"{path} is not valid JSON ({reason}): fix or re-download it") from None
     if not isinstance(cfg, dict):
         raise KtcError(f"{path} must hold a JSON object")
     return cfg

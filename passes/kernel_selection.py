@@ -1,0 +1,38 @@
+"""Kernel selection: give every node that needs generated code a kernel name.
+
+A moe_experts node on the CPU gets the TVM expert kernel specialised for its shapes and
+format; its two weights are marked as packed in that kernel's layout, so the artifact
+writer packs them and the runtime hands them to the kernel untouched. Dense CPU ops run on
+the runtime's built-in implementations and get no kernel name.
+"""
+
+from __future__ import annotations
+
+from ktc.codegen.cpu_experts import ExpertKernelSpec
+from ktc.passes.manager import PassContext
+
+from ktc.ir import Graph, Node
+
+CPU_EXPERT_LAYOUT = "cpu_experts"
+
+
+def expert_kernel_spec(graph: Graph, node: Node) -> ExpertKernelSpec:
+    a = node.attrs
+    group = graph.weights[node.weights["gate_up"]].group_size
+    return ExpertKernelSpec(
+        hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"], num_experts=a["num_experts"],
+        top_k=a["top_k"], format=node.format, group_size=group,
+    )
+
+
+def kernel_selection(graph: Graph, ctx: PassContext) -> Graph:
+    graph = graph.copy()
+    for node in graph.nodes_of("moe_experts"):
+        if node.device != "cpu":
+            continue
+        spec = expert_kernel_spec(graph, node)
+        node.kernel = spec.name
+        node.attrs["kernel_target"] = ctx.cpu_target
+        for role in ("gate_up", "down"):
+            graph.weights[node.weights[role]].layout = CPU_EXPERT_LAYOUT
+    return graph

@@ -1,0 +1,53 @@
+"""Quantization: choose the stored format of every weight, per placement.
+
+CPU-resident routed experts: int8 or int4, symmetric, group-wise along K (the group is the
+largest of 128/64/32 that divides K of both expert matrices), or the checkpoint's own float
+dtype with --quant none. Everything else keeps the checkpoint dtype (the CPU runtime computes
+dense ops in float32). GPU formats (bf16 / w4a16 / fp8) come with the GPU runtime.
+"""
+
+from __future__ import annotations
+
+from ktc.passes.manager import PassContext
+
+from ktc.errors import KtcError
+from ktc.ir import Graph
+
+FLOAT_FORMATS = ("float32", "bfloat16", "float16")
+QUANT_FORMATS = ("int8", "int4")
+
+
+def expert_group_size(hidden_size: int, intermediate_size: int) -> int:
+    """Largest group in (128, 64, 32) dividing both K dims of the expert matrices."""
+    for g in (128, 64, 32):
+        if hidden_size % g == 0 and intermediate_size % g == 0:
+            return g
+    raise KtcError(
+        f"experts with hidden {hidden_size} and intermediate {intermediate_size} cannot be quantized "
+        "group-wise (neither is a multiple of 32): use --quant none"
+    )
+
+
+def quantization(graph: Graph, ctx: PassContext) -> Graph:
+    if ctx.quant not in ("none", *QUANT_FORMATS):
+        raise KtcError(f"--quant {ctx.quant!r} is not one of none, int8, int4")
+    graph = graph.copy()
+    for w in graph.weights.values():
+        w.format = w.dtype
+    for node in graph.nodes_of("moe_experts"):
+        weights = [graph.weights[node.weights[r]] for r in ("gate_up", "down")]
+        if ctx.quant == "none":
+            fmt = weights[0].dtype
+            if fmt not in FLOAT_FORMATS or any(w.dtype != fmt for w in weights):
+                raise KtcError(f"{node.name}: expert weights in {weights[0].dtype} cannot run unquantized on the "
+                               "CPU: use --quant int8 or int4")
+            node.format = fmt
+            continue
+        if node.device != "cpu":
+            raise KtcError(f"{node.name}: {ctx.quant} experts are only supported on the CPU for now")
+        group = expert_group_size(node.attrs["hidden_size"], node.attrs["intermediate_size"])
+        node.format = ctx.quant
+        for w in weights:
+            w.format = ctx.quant
+            w.group_size = group
+    return graph

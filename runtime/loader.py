@@ -1,0 +1,73 @@
+"""Load an artifact: check it completely, then build a CompiledModel from it.
+
+Order matters: manifest, file sizes and hashes, host CPU features — all before any kernel
+library is even opened, so a damaged or foreign artifact never runs an instruction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ktc.errors import ArtifactError
+from ktc.runtime.artifact import Manifest, check_host, read_manifest, verify_files
+
+
+def load_weights(manifest: Manifest, on_file: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """name -> tensor; packed weights (stored as 'name::part') -> {part: tensor}."""
+    from safetensors import safe_open
+
+    weights: dict[str, Any] = {}
+    for rel in manifest.weight_files:
+        if on_file:
+            on_file(rel)
+        try:
+            with safe_open(str(manifest.path / rel), framework="pt") as f:
+                for key in f.keys():
+                    name, sep, part = key.partition("::")
+                    if sep:
+                        weights.setdefault(name, {})[part] = f.get_tensor(key)
+                    else:
+                        weights[name] = f.get_tensor(key)
+        except ArtifactError:
+            raise
+        except Exception as e:  # a shard that passed size checks but safetensors cannot parse
+            raise ArtifactError(f"{manifest.path}: cannot read {rel} ({e}); recompile the artifact") from None
+    graph_weights = manifest.graph.weights
+    missing = [w for w in graph_weights if w not in weights]
+    if missing:
+        raise ArtifactError(f"{manifest.path}: weight {missing[0]} is not in the artifact; recompile it")
+    return weights
+
+
+def load_artifact(path: str | Path, verify: str = "full", max_batch_size: int = 8,
+                  max_context: int | None = None, on_file: Callable[[str], None] | None = None):
+    """The CompiledModel in the artifact at `path`.
+
+    verify: "full" checks every file's sha256 (default), "sizes" only sizes (faster for
+    huge artifacts on trusted disks).
+    """
+    from ktc.runtime.model import CompiledModel
+
+    if verify not in ("full", "sizes"):
+        raise ValueError("verify must be 'full' or 'sizes'")
+    manifest = read_manifest(path)
+    verify_files(manifest, hashes=verify == "full")
+    check_host(manifest)
+    graph = manifest.graph
+    weights = load_weights(manifest, on_file)
+    cpu_kernels = None
+    if manifest.cpu:
+        from ktc.runtime.cpu_experts import CpuExpertKernels
+
+        cpu_kernels = CpuExpertKernels.load(manifest.path / manifest.cpu["dir"], manifest.cpu)
+    tokenizer = None
+    if manifest.data.get("tokenizer"):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(manifest.path / manifest.data["tokenizer"]))
+    model = CompiledModel(graph, weights, cpu_kernels=cpu_kernels, tokenizer=tokenizer,
+                          max_batch_size=max_batch_size, max_context=max_context)
+    model.manifest = manifest.data
+    return model

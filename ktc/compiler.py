@@ -93,7 +93,6 @@ def compile_model(
 ) -> CompileReport:
     """Compile the Hugging Face model folder `model_dir` into the artifact `output`."""
     from ktc.artifact import ShardWriter, copy_tokenizer, packed_key, staging_folder, write_manifest
-    from ktc.capture import capture
     from ktc.checkpoint import Checkpoint, evaluate_source, read_config
     from ktc.codegen.cpu_experts import build_cpu_kernels, pack_expert_weights
     from ktc.passes.kernel_selection import expert_kernel_spec
@@ -115,6 +114,8 @@ def compile_model(
     t = time.perf_counter()
     read_config(model_dir)
     ckpt = Checkpoint(model_dir)
+    from ktc.capture import capture
+
     graph = capture(model_dir, ckpt)
     phases["capture"] = time.perf_counter() - t
 

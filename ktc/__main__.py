@@ -1,0 +1,3 @@
+from ktc.cli import entry
+
+entry()

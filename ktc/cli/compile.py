@@ -1,0 +1,55 @@
+"""`ktc compile MODEL_DIR -o OUT`: the compiler, with progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from ktc.cli.app import app, err, out
+
+
+class RichCompileProgress:
+    """Phases as a spinner line, weights as a bar (one step per tensor)."""
+
+    def __init__(self, progress: Progress):
+        self.p = progress
+        self.phase_task = progress.add_task("starting", total=None)
+        self.weight_task = None
+
+    def phase(self, name: str) -> None:
+        self.p.update(self.phase_task, description=name)
+
+    def weights_start(self, total: int) -> None:
+        self.weight_task = self.p.add_task("tensors", total=total)
+
+    def weight_done(self, name: str) -> None:
+        if self.weight_task is not None:
+            self.p.update(self.weight_task, advance=1, description=f"tensors  {name[-48:]}")
+
+
+@app.command("compile")
+def compile_cmd(
+    model_dir: Path = typer.Argument(..., help="Hugging Face model folder: config.json + *.safetensors (+ tokenizer)"),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact folder to write (e.g. qwen.ktc)"),
+    target: str = typer.Option("cpu", help="cpu (this host's best CPU target), x86-avx2, x86-avx512, x86-amx, cuda"),
+    cpu_target: str = typer.Option(None, help="CPU kernel target when --target is cuda (default: this host's)"),
+    quant: str = typer.Option("int8", help="CPU expert weights: int8, int4 (group-wise) or none (checkpoint dtype)"),
+    gpu_memory: str = typer.Option(None, help="GPU memory budget, e.g. 24GiB (GPU targets)"),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
+    dump_ir: Path = typer.Option(None, help="Write the IR after each pass into this folder"),
+) -> None:
+    """Compile a Hugging Face MoE model folder into a ktc artifact."""
+    from ktc.compiler import compile_model
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as progress:
+        report = compile_model(model_dir, output, target=target, cpu_target=cpu_target, quant=quant, force=force,
+                               gpu_memory=gpu_memory, dump_ir=dump_ir, progress=RichCompileProgress(progress))
+    g = report.graph
+    moe = g.nodes_of("moe_experts") if g else []
+    kernels = sorted({n.kernel for n in moe if n.kernel})
+    out.print(f"[green]compiled[/] {model_dir} -> {report.output} in {report.seconds:.1f} s "
+              f"({len(g.nodes)} ops, {len(moe)} MoE layers, kernels: {', '.join(kernels) or 'none'})")
+    out.print("phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.phases.items()))

@@ -48,13 +48,13 @@ def load_artifact(path: str | Path, verify: str = "full", max_batch_size: int = 
     verify: "full" checks every file's sha256 (default), "sizes" only sizes (faster for
     huge artifacts on trusted disks).
     """
-    from ktc.runtime.model import CompiledModel
-
     if verify not in ("full", "sizes"):
         raise ValueError("verify must be 'full' or 'sizes'")
     manifest = read_manifest(path)
     verify_files(manifest, hashes=verify == "full")
     check_host(manifest)
+    from ktc.runtime.model import CompiledModel
+
     graph = manifest.graph
     weights = load_weights(manifest, on_file)
     cpu_kernels = None

@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = ["KtcError", "compile", "load", "__version__"]
 
 if TYPE_CHECKING:
+    from ktc.compiler import CompileReport
     from ktc.runtime.model import CompiledModel
 
 
@@ -28,8 +29,9 @@ def load(path: str, **options: Any) -> CompiledModel:
     return load_artifact(path, **options)
 
 
-def compile(model_dir: str, output: str, **options: Any) -> str:  # noqa: A001 - mirrors the CLI verb
-    """Compile a Hugging Face MoE folder into an artifact; options mirror `ktc compile`."""
+def compile(model_dir: str, output: str, **options: Any) -> CompileReport:  # noqa: A001 - mirrors the CLI verb
+    """Compile a Hugging Face MoE folder into an artifact; options mirror `ktc compile`
+    (target, cpu_target, quant, force, gpu_memory, dump_ir). Returns a CompileReport."""
     from ktc.compiler import compile_model
 
     return compile_model(model_dir, output, **options)

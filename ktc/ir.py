@@ -25,7 +25,8 @@ Ops (OP_SPECS below is the machine-readable form; the runtime implements exactly
       s = x + residual; y = rms_norm(s)        weights: weight; attrs: eps
   attention(x, cos, sin) -> y                  stateful: uses KV-cache slot attrs.layer
       attrs.kind == "gqa": attrs num_heads, num_kv_heads, head_dim, scaling,
-          qk_norm_eps (only with q_norm/k_norm), sliding_window (None = full);
+          qk_norm_eps (only with q_norm/k_norm), sliding_window (None = full; W: query i sees keys j
+          with i - W < j <= i);
           weights q, k, v, o (+ optional q_bias, k_bias, v_bias, o_bias, q_norm, k_norm
           [head_dim] applied per head before rope); rope = rotate_half style on the whole
           head_dim; causal softmax(q k^T * scaling) v, heads of a kv group share k, v.
@@ -99,8 +100,8 @@ OP_SPECS: dict[str, OpSpec] = {
         OpSpec("attention", ("x", "cos", "sin"), ("y",), (), tuple(dict.fromkeys(_GQA_WEIGHTS + _MLA_WEIGHTS)),
                attrs=("kind", "layer", "num_heads", "scaling")),
         OpSpec("router", ("x",), ("topk_weights", "topk_ids"), ("weight",), ("bias",),
-               attrs=("num_experts", "top_k", "scoring", "topk_method", "norm_topk_prob",
-                      "routed_scaling_factor")),
+               attrs=("num_experts", "top_k", "scoring", "topk_method", "n_group", "topk_group",
+                      "norm_topk_prob", "routed_scaling_factor")),
         OpSpec("moe_experts", ("x", "topk_weights", "topk_ids"), ("y",), ("gate_up", "down"),
                attrs=("num_experts", "hidden_size", "intermediate_size", "top_k", "act")),
         OpSpec("mlp", ("x",), ("y",), ("down",), ("gate", "up", "gate_up", "output_gate"), attrs=("act",)),

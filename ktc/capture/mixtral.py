@@ -1,0 +1,80 @@
+"""Mixtral: GQA attention (optional sliding window on every layer), softmax top-k routing
+always renormalised over the k chosen, no shared expert, every layer sparse.
+
+Checkpoints keep the original layout: model.layers.L.block_sparse_moe.gate.weight (router)
+and block_sparse_moe.experts.e.w1 (gate) / w3 (up) / w2 (down); transformers renames them
+to mlp.gate / mlp.experts.gate_up_proj / down_proj when it loads. Both layouts are read.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ktc.capture.export import check_act
+from ktc.capture.importer import expert_source
+from ktc.capture.ops import CaptureAttention, CaptureMoE
+from ktc.capture.qwen_moe import gqa_attention
+
+MODEL_TYPES = ("mixtral",)
+
+
+def attention(attn: nn.Module, layer: int, hf_config) -> CaptureAttention:
+    window = getattr(hf_config, "sliding_window", None)
+    return gqa_attention(attn, layer, hf_config, int(window) if window else None)
+
+
+def is_sparse(mlp: nn.Module) -> bool:
+    return hasattr(mlp, "experts")
+
+
+def moe(block: nn.Module, layer: int, hf_config) -> CaptureMoE:
+    check_act(hf_config)
+    experts, gate = block.experts, block.gate
+    router = {
+        "num_experts": int(experts.num_experts),
+        "top_k": int(gate.top_k),
+        "scoring": "softmax",
+        "topk_method": "greedy",
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 1.0,
+    }
+    expert_attrs = {
+        "num_experts": int(experts.num_experts),
+        "hidden_size": int(experts.hidden_dim),
+        "intermediate_size": int(experts.intermediate_dim),
+        "top_k": int(gate.top_k),
+        "act": "silu",
+    }
+    weights = {"router.weight": gate.weight, "experts.gate_up": experts.gate_up_proj,
+               "experts.down": experts.down_proj}
+    spec = {"name": f"model.layers.{layer}.mlp", "router": router, "experts": expert_attrs, "shared": None}
+    return CaptureMoE(block, weights, spec)
+
+
+_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+_ROUTER = re.compile(r"model\.layers\.(\d+)\.mlp\.gate\.weight")
+_W = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+def weight(fqn: str, hf_config, keys):
+    """(name, source) of the parameter `fqn` where it is not simply {"load": fqn}."""
+    m = _ROUTER.fullmatch(fqn)
+    if m is not None:
+        legacy = f"model.layers.{m.group(1)}.block_sparse_moe.gate.weight"
+        key = fqn if keys is not None and legacy not in keys and fqn in keys else legacy
+        return key, {"load": key}
+    m = _EXPERTS.fullmatch(fqn)
+    if m is None:
+        return None
+    layer = int(m.group(1))
+    legacy = f"model.layers.{layer}.block_sparse_moe.experts"
+    fused = f"model.layers.{layer}.mlp.experts"
+    return expert_source(
+        layer, "gate_up" if m.group(2) == "gate_up_proj" else "down", int(hf_config.num_local_experts), keys,
+        lambda e, role: f"{legacy}.{e}.{_W[role]}.weight",
+        {"gate_up": f"{fused}.gate_up_proj", "down": f"{fused}.down_proj"},
+    )

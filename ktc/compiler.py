@@ -5,6 +5,7 @@ Like MLC-LLM's compile: one readable function of phases, an IR dump between them
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,8 @@ def compile_model(
         packed_by_node = {n.weights[r]: n for n in moe_nodes for r in ("gate_up", "down")}
         progress.weights_start(len(graph.weights))
         done: set[str] = set()
+        stored_sources: dict[tuple[str, str | None], str] = {}
+        aliases: dict[str, str] = {}
         for name, w in graph.weights.items():
             if name in done:
                 continue
@@ -171,6 +174,13 @@ def compile_model(
                     done.add(n)
                     progress.weight_done(n)
                 continue
+            key = (json.dumps(w.source, sort_keys=True), w.format)
+            if key in stored_sources:   # e.g. a tied lm_head: store the tensor once
+                aliases[name] = stored_sources[key]
+                done.add(name)
+                progress.weight_done(name)
+                continue
+            stored_sources[key] = name
             tensor = evaluate_source(ckpt, w.source)
             if list(tensor.shape) != list(w.shape):
                 raise KtcError(f"{name}: checkpoint shape {list(tensor.shape)} does not match config {w.shape}")
@@ -192,7 +202,7 @@ def compile_model(
             "model": {"model_type": graph.config.get("model_type"), "source": model_dir.name},
             "graph": graph.to_dict(),
             "targets": targets_entry,
-            "weights": {"files": writer.files, "map": writer.key_to_file},
+            "weights": {"files": writer.files, "map": writer.key_to_file, "aliases": aliases},
             "tokenizer": tokenizer,
             "compile": {"target": target, "cpu_target": cpu.name, "quant": quant,
                         "passes": [r.__dict__ for r in manager.records]},

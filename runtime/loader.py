@@ -34,6 +34,8 @@ def load_weights(manifest: Manifest, on_file: Callable[[str], None] | None = Non
             raise
         except Exception as e:  # a shard that passed size checks but safetensors cannot parse
             raise ArtifactError(f"{manifest.path}: cannot read {rel} ({e}); recompile the artifact") from None
+    for alias, name in manifest.data["weights"].get("aliases", {}).items():
+        weights[alias] = weights[name]
     graph_weights = manifest.graph.weights
     missing = [w for w in graph_weights if w not in weights]
     if missing:

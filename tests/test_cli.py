@@ -99,8 +99,11 @@ def test_bad_options(capsys, tmp_path, tiny_models):
 
 def test_ctrl_c_during_compile_leaves_no_artifact(tmp_path, tiny_models):
     out = tmp_path / "o.ktc"
+    # A shell's background jobs inherit SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # give the child the default disposition, as a terminal's foreground job has.
     proc = subprocess.Popen([sys.executable, "-m", "ktc", "compile", str(tiny_models["deepseek_v3"]), "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(".ktc-tmp-") for p in tmp_path.iterdir()):
         if proc.poll() is not None:

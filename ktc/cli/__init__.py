@@ -23,7 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     from ktc.cli.app import app, err
 
     try:
-        app(args=argv, standalone_mode=False)
+        # Non-standalone click returns an exit code instead of exiting; typer maps Ctrl-C to 130.
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int):
+            return code
     except KtcError as e:
         err.print(f"[bold red]error:[/] {e.message}", soft_wrap=True)
         return e.exit_code

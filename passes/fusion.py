@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ktc.passes.manager import PassContext
-
 from ktc.ir import Graph, Node, Weight
+from ktc.passes.manager import PassContext
 
 
 @dataclass(frozen=True)

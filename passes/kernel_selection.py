@@ -9,9 +9,8 @@ the runtime's built-in implementations and get no kernel name.
 from __future__ import annotations
 
 from ktc.codegen.cpu_experts import ExpertKernelSpec
-from ktc.passes.manager import PassContext
-
 from ktc.ir import Graph, Node
+from ktc.passes.manager import PassContext
 
 CPU_EXPERT_LAYOUT = "cpu_experts"
 

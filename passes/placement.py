@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import re
 
-from ktc.passes.manager import PassContext
-
 from ktc.errors import KtcError
 from ktc.ir import Graph
+from ktc.passes.manager import PassContext
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
 

@@ -8,10 +8,9 @@ dense ops in float32). GPU formats (bf16 / w4a16 / fp8) come with the GPU runtim
 
 from __future__ import annotations
 
-from ktc.passes.manager import PassContext
-
 from ktc.errors import KtcError
 from ktc.ir import Graph
+from ktc.passes.manager import PassContext
 
 FLOAT_FORMATS = ("float32", "bfloat16", "float16")
 QUANT_FORMATS = ("int8", "int4")

@@ -159,7 +159,8 @@ def router_attrs(cfg, top_k: int | None = None) -> dict:
     arch = cfg.model_type
     e = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or cfg.n_routed_experts
     attrs = dict(num_experts=e, top_k=top_k or cfg.num_experts_per_tok, scoring="softmax", topk_method="greedy",
-                 norm_topk_prob=bool(getattr(cfg, "norm_topk_prob", False)), routed_scaling_factor=1.0)
+                 n_group=1, topk_group=1, norm_topk_prob=bool(getattr(cfg, "norm_topk_prob", False)),
+                 routed_scaling_factor=1.0)
     if arch == "mixtral":
         attrs["norm_topk_prob"] = True
     elif arch == "deepseek_v2":

@@ -1,0 +1,45 @@
+"""Build subprocess for the CPU expert kernels: `python -m ktc.codegen.cpu_build request.json`.
+
+Run by ktc.codegen.cpu_experts.build_cpu_kernels, never imported by the compiler process: it
+imports TVM, builds every requested spec into one IRModule, compiles it with tvm.compile for
+the request's JSON target, exports the shared library, writes the assembly (for the
+instruction check when no objdump is around) and a result JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main(argv: list[str]) -> int:
+    req = json.loads(open(argv[1]).read())
+
+    import tvm
+
+    from ktc.codegen.cpu_experts import ExpertKernelSpec
+    from ktc.codegen.tir_experts import KernelConfig, make_moe_prim_func
+
+    cfg = KernelConfig(**req["config"])
+    funcs = {}
+    symbols = {}
+    for d in req["specs"]:
+        spec = ExpertKernelSpec.from_dict(d)
+        sym = spec.name
+        funcs[sym] = make_moe_prim_func(spec.hidden_size, spec.intermediate_size, spec.num_experts,
+                                        spec.top_k, spec.format, spec.group_size, cfg, sym)
+        symbols[spec.name] = sym
+    target = tvm.target.Target(req["target"])
+    ex = tvm.compile(tvm.IRModule(funcs), target=target)
+    ex.export_library(req["lib"])
+    with open(req["asm"], "w") as f:
+        f.write(ex.mod.inspect_source("s"))
+    runtime_lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime.so")
+    with open(req["result"], "w") as f:
+        json.dump({"symbols": symbols, "needs_runtime": True, "runtime_lib": runtime_lib}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,280 @@
+"""CPU routed-expert kernels: spec, weight packing, and the build driver.
+
+The kernels themselves are TIR (codegen/tir_experts.py) compiled by TVM for a CPU target into
+one shared library per target. This module does not import `tvm`: TVM runs in a subprocess
+(codegen/cpu_build.py), because LLVM can abort the whole process when asked for code its
+target cannot select, and because a crash there must not take the compiler down.
+
+    spec = ExpertKernelSpec(hidden_size=2048, intermediate_size=768, num_experts=128, top_k=8,
+                            format="int8", group_size=128)
+    parts = pack_expert_weights(spec, gate_up, down)       # -> safetensors
+    entry = build_cpu_kernels([spec], ktc.targets.get("x86-avx2"), out_dir)   # -> manifest
+    # runtime: ktc.runtime.cpu_experts.CpuExpertKernels.load(out_dir, entry)
+
+Kernel ABI ("abi": 1) of the function `entry["kernels"][name]["functions"]["moe_experts"]`:
+    f(x [T,H] f32, topk_weights [T,K] f32, topk_ids [T,K] i32, *weights (in
+      entry["kernels"][name]["weights"] order), y [T,H] f32, hbuf [T*K, I] f32,
+      ybuf [T*K, H] f32, iwork [3E + 2 + 2*T*K] i32)
+T is symbolic. hbuf/ybuf/iwork are scratch the caller provides (contents irrelevant).
+Pairs whose expert id is outside [0, E) are skipped (contribute nothing): a caller may mark
+experts that run elsewhere (the GPU) with -1.
+
+Weight layout (`pack_expert_weights`): gate_up [E, 2I, H] and down [E, H, I] as given
+(row-major, K last); int8/int4 are symmetric group-wise along K with float32 scales
+[E, rows, K / group]; int4 packs two values per byte along K, in blocks of 32 values where
+byte j holds value j (low nibble) and value j + 16 (high nibble) - ktc.quantize.pack_int4
+applied to K permuted inside each block - so one 16-byte load yields 32 consecutive values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ktc.errors import KtcError
+from ktc.quantize import dequantize_symmetric, pack_int4, quantize_symmetric, unpack_int4
+from ktc.targets import CpuTarget
+
+ABI_VERSION = 1
+FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
+QUANTIZED = ("int8", "int4")
+K_STEP = 32  # H and I must be multiples (see tir_experts.KS)
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Micro-kernel shapes per target (see tir_experts.KernelConfig). x86-amx uses the AVX512
+# "fma" path for now: AMX tile kernels are a separate piece of work.
+TARGET_CONFIGS: dict[str, dict[str, Any]] = {
+    "x86-avx2": {"variant": "fma", "vl": 8, "tile_rows": 4, "block_rows": 1, "block_tokens": 4,
+                 "decode_rows": 2},
+    "x86-avx512": {"variant": "fma", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
+                   "decode_rows": 2},
+    "x86-amx": {"variant": "fma", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
+                "decode_rows": 2},
+}
+
+
+class SpecError(KtcError, ValueError):
+    """An expert kernel spec the CPU kernels cannot implement (a KtcError and a ValueError)."""
+
+
+@dataclass(frozen=True)
+class ExpertKernelSpec:
+    """One `moe_experts` kernel: shapes, top_k and weight format."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+    format: str             # "float32" | "bfloat16" | "float16" | "int8" | "int4"
+    group_size: int | None = None  # for int8/int4
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise SpecError(f"unknown expert weight format {self.format!r}; expected one of {FORMATS}")
+        for name in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
+            if int(getattr(self, name)) <= 0:
+                raise SpecError(f"{name} must be positive")
+        if self.hidden_size % K_STEP or self.intermediate_size % K_STEP:
+            raise SpecError(f"CPU expert kernels need hidden and intermediate sizes that are multiples "
+                            f"of {K_STEP}, got {self.hidden_size} and {self.intermediate_size}")
+        if self.format in QUANTIZED:
+            g = self.group_size
+            if g is None or g % K_STEP or self.hidden_size % g or self.intermediate_size % g:
+                raise SpecError(f"{self.format} needs a group size that is a multiple of {K_STEP} and "
+                                f"divides {self.hidden_size} and {self.intermediate_size}, got {g}")
+        elif self.group_size is not None:
+            raise SpecError(f"format {self.format} takes no group size")
+
+    @property
+    def quantized(self) -> bool:
+        return self.format in QUANTIZED
+
+    @property
+    def name(self) -> str:
+        n = (f"moe_experts_{self.format}_h{self.hidden_size}_i{self.intermediate_size}"
+             f"_e{self.num_experts}_k{self.top_k}")
+        return n + (f"_g{self.group_size}" if self.quantized else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExpertKernelSpec:
+        return cls(**{k: d[k] for k in ("hidden_size", "intermediate_size", "num_experts", "top_k",
+                                         "format")}, group_size=d.get("group_size"))
+
+    def weight_parts(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Part name -> (shape, dtype) of the tensors the kernel reads, in argument order."""
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size  # noqa: E741
+        if not self.quantized:
+            dt = _TORCH_DTYPES[self.format]
+            return {"gate_up.w": ((E, 2 * I, H), dt), "down.w": ((E, H, I), dt)}
+        g = self.group_size
+        assert g is not None
+        if self.format == "int8":
+            gq, dq, qdt = (E, 2 * I, H), (E, H, I), torch.int8
+        else:
+            gq, dq, qdt = (E, 2 * I, H // 2), (E, H, I // 2), torch.uint8
+        return {"gate_up.q": (gq, qdt), "gate_up.scales": ((E, 2 * I, H // g), torch.float32),
+                "down.q": (dq, qdt), "down.scales": ((E, H, I // g), torch.float32)}
+
+
+# ---- weight packing -------------------------------------------------------------------------
+
+def _int4_kernel_order(q: Tensor) -> Tensor:
+    """Permute K inside blocks of 32 so that pack_int4 puts value j and value j+16 of a block
+    into byte j (the kernel's nibble layout)."""
+    *lead, k = q.shape
+    b = q.reshape(*lead, k // 32, 2, 16)
+    return b.transpose(-1, -2).reshape(*lead, k)
+
+
+def _int4_natural_order(q: Tensor) -> Tensor:
+    *lead, k = q.shape
+    b = q.reshape(*lead, k // 32, 16, 2)
+    return b.transpose(-1, -2).reshape(*lead, k)
+
+
+def _pack_one(spec: ExpertKernelSpec, w: Tensor, role: str) -> dict[str, Tensor]:
+    if not spec.quantized:
+        return {f"{role}.w": w.detach().to(_TORCH_DTYPES[spec.format]).contiguous()}
+    assert spec.group_size is not None
+    bits = 8 if spec.format == "int8" else 4
+    q, s = quantize_symmetric(w, bits, spec.group_size)
+    if bits == 4:
+        q = pack_int4(_int4_kernel_order(q))
+    return {f"{role}.q": q.contiguous(), f"{role}.scales": s.contiguous()}
+
+
+def pack_expert_weights(spec: ExpertKernelSpec, gate_up: Tensor, down: Tensor) -> dict[str, Tensor]:
+    """gate_up [E, 2I, H] (gate rows then up rows), down [E, H, I] (any float dtype) -> the
+    tensors the kernel reads, by part name (`spec.weight_parts()` order), contiguous."""
+    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size  # noqa: E741
+    if tuple(gate_up.shape) != (E, 2 * I, H):
+        raise ValueError(f"gate_up must be [{E}, {2 * I}, {H}], got {list(gate_up.shape)}")
+    if tuple(down.shape) != (E, H, I):
+        raise ValueError(f"down must be [{E}, {H}, {I}], got {list(down.shape)}")
+    out = {**_pack_one(spec, gate_up, "gate_up"), **_pack_one(spec, down, "down")}
+    return {k: out[k] for k in spec.weight_parts()}
+
+
+def unpack_expert_weights(spec: ExpertKernelSpec, parts: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The float32 (dequantized) gate_up and down that `parts` represent (for references)."""
+    res = []
+    for role in ("gate_up", "down"):
+        if not spec.quantized:
+            res.append(parts[f"{role}.w"].to(torch.float32))
+            continue
+        assert spec.group_size is not None
+        q = parts[f"{role}.q"]
+        if spec.format == "int4":
+            q = _int4_natural_order(unpack_int4(q))
+        res.append(dequantize_symmetric(q, parts[f"{role}.scales"], spec.group_size))
+    return res[0], res[1]
+
+
+# ---- build --------------------------------------------------------------------------------------
+
+def kernel_config(target: CpuTarget) -> dict[str, Any]:
+    try:
+        return dict(TARGET_CONFIGS[target.name])
+    except KeyError:
+        raise KtcError(f"no CPU expert kernel configuration for target {target.name}") from None
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    # prefer the last line that looks like an error over a traceback footer
+    for ln in reversed(lines):
+        if re.search(r"error|Error|abort|Cannot|LLVM", ln):
+            return ln[:limit]
+    return (lines[-1] if lines else "no output")[:limit]
+
+
+def _disassemble(lib: Path) -> str | None:
+    for tool in ("objdump", "llvm-objdump"):
+        exe = shutil.which(tool)
+        if exe:
+            r = subprocess.run([exe, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True)
+            if r.returncode == 0:
+                return r.stdout
+    return None
+
+
+def missing_instructions(text: str, target: CpuTarget) -> list[str]:
+    """The target's expected instruction mnemonics (substrings) absent from disassembly `text`."""
+    return [m for m in target.expected_instructions if m not in text]
+
+
+def build_cpu_kernels(specs: list[ExpertKernelSpec], target: CpuTarget, out_dir: Path,
+                      timeout: float | None = 1800) -> dict[str, Any]:
+    """Build every spec into ONE shared library out_dir/<target>.so (TVM, in a subprocess),
+    check that it holds the target's expected instructions, ship libtvm_runtime.so next to it,
+    and return the manifest entry (JSON-able)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uniq: dict[str, ExpertKernelSpec] = {}
+    for s in specs:
+        uniq.setdefault(s.name, s)
+    if not uniq:
+        raise KtcError("build_cpu_kernels: no kernels to build")
+    cfg = kernel_config(target)
+    lib_name = f"{target.name}.so"
+    with tempfile.TemporaryDirectory(prefix="ktc-cpu-build-") as tmp:
+        req = Path(tmp) / "request.json"
+        res_path = Path(tmp) / "result.json"
+        req.write_text(json.dumps({
+            "target": target.tvm_target, "target_name": target.name, "config": cfg,
+            "specs": [s.to_dict() for s in uniq.values()],
+            "lib": str(Path(tmp) / lib_name), "asm": str(Path(tmp) / "kernels.s"),
+            "result": str(res_path)}))
+        env = dict(os.environ)
+        env.setdefault("TVM_BACKTRACE", "0")
+        try:
+            r = subprocess.run([sys.executable, "-m", "ktc.codegen.cpu_build", str(req)],
+                               capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise KtcError(f"building CPU kernels for {target.name} timed out after {timeout:.0f} s") from None
+        if r.returncode != 0 or not res_path.exists():
+            how = f"exit code {r.returncode}" if r.returncode >= 0 else f"signal {-r.returncode}"
+            raise KtcError(f"building CPU kernels for {target.name} failed ({how}): "
+                           f"{_one_line(r.stderr + r.stdout)}")
+        result = json.loads(res_path.read_text())
+        text = _disassemble(Path(tmp) / lib_name)
+        if text is None:
+            text = Path(result["asm"]).read_text()
+        missing = missing_instructions(text, target)
+        if missing:
+            raise KtcError(f"the {target.name} CPU kernels lack the expected instructions "
+                           f"{', '.join(missing)}: the TVM target {json.dumps(target.tvm_target)} "
+                           f"did not select them")
+        shutil.copyfile(Path(tmp) / lib_name, out_dir / lib_name)
+    runtime_libs = []
+    if result.get("needs_runtime"):
+        src = Path(result["runtime_lib"])
+        shutil.copyfile(src, out_dir / src.name)
+        runtime_libs.append(src.name)
+    return {
+        "target": target.name,
+        "lib": lib_name,
+        "runtime_libs": runtime_libs,
+        "required_features": list(target.required_features),
+        "abi": ABI_VERSION,
+        "config": cfg,
+        "kernels": {
+            name: {"spec": s.to_dict(), "functions": {"moe_experts": result["symbols"][name]},
+                   "weights": list(s.weight_parts())}
+            for name, s in uniq.items()
+        },
+    }

@@ -1,0 +1,477 @@
+"""TIR for the routed experts of one MoE layer (`moe_experts`), written in TVMScript.
+
+Imported only by the build subprocess (codegen/cpu_build.py imports `tvm`); the spec, weight
+packing and build driver live in ktc.codegen.cpu_experts, which never imports tvm itself.
+
+One PrimFunc per ExpertKernelSpec computes, for a symbolic number of tokens n,
+
+    y[t] = sum_k w[t,k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])),   e = ids[t,k]
+
+in four steps inside the one function (ABI v1; argument order in cpu_experts):
+
+1. serial: a counting sort of the n*K (token, k) pairs by expert into the int32 workspace:
+   the active experts ("segments"), each with the contiguous list of its pairs. Pairs whose
+   id is outside [0, E) are skipped: they contribute nothing (a caller may mark experts it
+   runs elsewhere, e.g. on the GPU, with -1).
+2. parallel over (segment x tile of `tile_rows` intermediate rows):
+   h[pair, i] = silu(gate_i . x[t]) * (up_i . x[t]) for every pair of the segment.
+3. parallel over (segment x tile of `tile_rows` hidden rows): yp[pair, j] = down_j . h[pair].
+4. parallel over (token x chunk of hidden): y[t] = sum_k w[t,k] * yp[pair(t,k)]. Every element
+   of y is written, so y may come uninitialised.
+
+Work items are segment-major, so each thread streams contiguous weight rows of one expert.
+Within a work item the tokens of the segment go in blocks: a weight tile is read (from
+memory) once for all its tokens, which is what makes prefill cheaper than T decodes.
+
+Micro-kernels ("fma" variant, what AVX2 and AVX512 do well): weight rows are read in steps of
+32 elements along K, dequantized in registers to float32 (int8: sign-extend + convert; int4:
+nibble extract + sign fix; bf16/f16: widen), and FMA'd into float32 vector accumulators that
+stay in registers (local buffers < 1 KiB of scope "global" become LLVM allocas that SROA
+promotes; larger ones, or scope "local", become heap workspace here). Two shapes:
+  - token blocks (`block_tokens`, and 2 / half-size blocks for the tail of a segment, with
+    clamped token indices): the group scale is folded into the dequantized weight vector,
+    one multiply amortised over the block; accumulators rows x tokens;
+  - single tokens (decode, and a lone tail token): per-group partial sums, scaled once per
+    group, `decode_rows` rows at a time.
+The accumulators are reduced across lanes with a shuffle tree (transpose-and-add: VL vectors
+of VL lanes -> one vector of VL sums in log2(VL) steps) rather than lane by lane.
+Other variants (VNNI int8 dot products, AMX tiles) would be more `KernelConfig.variant`s.
+
+Int4 layout (see cpu_experts.pack_expert_weights): along K, blocks of 32 values are 16 bytes;
+byte j of a block holds value j (low nibble) and value j + 16 (high nibble), two's complement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+KS = 32  # elements of K per inner step (one int4 block); H and I must be multiples
+
+QUANTIZED = ("int8", "int4")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How a target's micro-kernels are shaped."""
+
+    variant: str = "fma"     # dequantize-to-f32 + FMA; later "vnni", "amx"
+    vl: int = 8              # float32 lanes per vector register (8: AVX2, 16: AVX512)
+    tile_rows: int = 4       # rows per parallel work item (gate/up: row pairs)
+    block_rows: int = 1      # gate/up row pairs per token-block micro-kernel (down: twice that)
+    block_tokens: int = 4    # tokens per block
+    decode_rows: int = 2     # gate/up row pairs per single-token micro-kernel (down: twice)
+
+    def __post_init__(self) -> None:
+        if self.variant != "fma":
+            raise ValueError(f"unknown kernel variant {self.variant!r}")
+        if KS % self.vl or 16 % self.vl or self.vl < 4:
+            raise ValueError(f"vl must be 4, 8 or 16, got {self.vl}")
+        for r in (self.block_rows, self.decode_rows):
+            if r < 1 or self.tile_rows % (2 * r):
+                raise ValueError("2 * block_rows and 2 * decode_rows must divide tile_rows")
+        if self.block_tokens < 2 or self.block_tokens & (self.block_tokens - 1):
+            raise ValueError("block_tokens must be a power of two >= 2")
+        if 2 * self.block_rows * self.block_tokens * self.vl * 4 > 2 * 1020:
+            raise ValueError("accumulators of a token block exceed two 1 KiB stack buffers")
+
+
+def iwork_size(num_experts: int, pairs):
+    """int32 workspace elements: counts/cursors [E], segment experts [E], segment starts
+    [E + 1], segment count [1], sorted pairs [P], pair positions [P]."""
+    return 3 * num_experts + 2 + 2 * pairs
+
+
+def _vload(buf, start, lanes):
+    return tirx.BufferLoad(buf, [tirx.Ramp(tirx.const(int(start), "int32"), tirx.const(1, "int32"), lanes)])
+
+
+def _transpose_reduce(vectors, vl):
+    """vl vectors of vl lanes -> one vector whose lane i is the lane-sum of vectors[i]."""
+    width = vl
+    m = 1
+    vs = list(vectors)
+    while len(vs) > 1:
+        nxt = []
+        for i in range(0, len(vs), 2):
+            lo, hi = [], []
+            for src in range(2 * m):
+                b = src * width
+                lo += range(b, b + width // 2)
+                hi += range(b + width // 2, b + width)
+            pair = [vs[i], vs[i + 1]]
+            nxt.append(tirx.Shuffle(pair, [tirx.const(j, "int32") for j in lo])
+                       + tirx.Shuffle(pair, [tirx.const(j, "int32") for j in hi]))
+        vs = nxt
+        width //= 2
+        m *= 2
+    return vs[0]
+
+
+def fast_exp(x):
+    """exp(x) for float32 expressions (scalar or vector lanes), vectorizable: Cephes' expf
+    (range reduction by ln 2, degree-5 polynomial, 2^n through the exponent bits), ~1 ulp.
+    LLVM would otherwise call libm's expf once per lane."""
+    x = T.max(T.min(x, T.float32(88.3762626647949)), T.float32(-87.3365478515625))
+    fx = T.floor(x * T.float32(1.44269504088896341) + T.float32(0.5))
+    r = x - fx * T.float32(0.693359375) + fx * T.float32(2.12194440e-4)
+    p = T.float32(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + T.float32(c)
+    p = p * r * r + r + T.float32(1)
+    return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", fx) + 127, 23))
+
+
+def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
+                       fmt: str, group_size: int | None, cfg: KernelConfig, symbol: str):
+    """The PrimFunc computing `moe_experts` for one spec (see the module docstring)."""
+    H, I, E, K = hidden_size, intermediate_size, num_experts, top_k  # noqa: E741
+    VL = cfg.vl
+    NSUB = KS // VL
+    quant = fmt in QUANTIZED
+    G = group_size if quant else KS
+    if H % KS or I % KS:
+        raise ValueError(f"hidden and intermediate sizes must be multiples of {KS}")
+    if quant and (G is None or G % KS or H % G or I % G):
+        raise ValueError(f"group size {G} must be a multiple of {KS} dividing H and I")
+    TR = cfg.tile_rows
+    if I % TR or H % TR:
+        raise ValueError(f"tile_rows {TR} must divide H and I")
+    BR, BT, DR = cfg.block_rows, cfg.block_tokens, cfg.decode_rows
+    MID = BT // 2 if BT >= 8 else 0        # an intermediate tail block size, if any
+    NT1 = I // TR
+    NT2 = H // TR
+    HC = next(c for c in (256, 128, 64, 32) if H % c == 0)
+    NHC = H // HC
+    RES = -(-max(2 * BR * BT, 2 * DR) // VL) * VL   # dot products per micro-kernel call, padded
+    # workspace offsets
+    O_SEGEXP = E
+    O_SEGSTART = 2 * E
+    O_NSEG = 3 * E + 1
+    O_SORTED = 3 * E + 2
+    ALLOC = {"scope": "global", "annotations": {"disable_lower_builtin": True}}
+
+    def cast64(v):
+        return T.Cast("int64", v)
+
+    def emit_hsums(parts, res):
+        """Store the lane sums of the accumulators [(buffer, count), ...] into res[0:...]."""
+        vecs = [_vload(buf, a * VL, VL) for buf, cnt in parts for a in range(int(cnt))]
+        zero = tirx.Broadcast(tirx.const(0, "float32"), VL)
+        while len(vecs) % VL:
+            vecs.append(zero)
+        for j in range(len(vecs) // VL):
+            T.buffer_store(res, _transpose_reduce(vecs[j * VL:(j + 1) * VL], VL), [slice(j * VL, (j + 1) * VL)])
+
+    # ---- dequantization of VL consecutive weights of a row into wv ---------------------------
+    # load_raw: without the group scale; load_scaled: times the group scale.
+    if fmt == "int8":
+        @T.macro
+        def load_raw(wq, e64, row, k0, c, wv):
+            for v in T.vectorized(VL):
+                wv[v] = T.Cast("float32", wq[e64, cast64(row), cast64(k0 + c * VL + v)])
+    elif fmt == "int4":
+        # sign-extend the byte, then: high nibble = b >> 4, low nibble = (b << 28) >> 28
+        # (arithmetic shifts); sub-vectors c < 16 / VL read low nibbles, the rest high ones.
+        @T.macro
+        def load_raw(wq, e64, row, k0, c, wv):
+            for v in T.vectorized(VL):
+                wv[v] = T.Cast("float32", T.shift_right(T.shift_left(
+                    T.Cast("int32", T.reinterpret("int8", wq[e64, cast64(row), cast64(k0 // 2 + (c * VL) % 16 + v)])),
+                    28 - 4 * ((c * VL) // 16)), 28))
+    else:
+        @T.macro
+        def load_raw(wq, e64, row, k0, c, wv):
+            for v in T.vectorized(VL):
+                wv[v] = T.Cast("float32", wq[e64, cast64(row), cast64(k0 + c * VL + v)])
+
+    if quant:
+        @T.macro
+        def load_scaled(wq, ws, e64, row, k0, c, wv):
+            sc = T.Bind(ws[e64, cast64(row), cast64(k0 // G)])
+            load_raw(wq, e64, row, k0, c, wv)
+            for v in T.vectorized(VL):
+                wv[v] = wv[v] * sc
+    else:
+        @T.macro
+        def load_scaled(wq, ws, e64, row, k0, c, wv):
+            load_raw(wq, e64, row, k0, c, wv)
+
+    # ---- micro-kernels ---------------------------------------------------------------------
+    # Rows are  rr * stride + base + r  (rr < nrr, r < nr): gate/up passes nrr=2, stride=I
+    # (gate row i and up row i together); down passes nrr=1. Input rows: inp[tok[t], :].
+    # res[(rr * nr + r) * tt + t] receives the dot products. The accumulators live in two
+    # buffers (first / second half of the rows) so that each stays under the 1 KiB limit.
+    @T.macro
+    def mk_block(wq, ws, e64, base, stride, nrr, nr, tt, inp, tok, kdim, res):
+        acc_a = T.alloc_buffer(((nrr * nr) // 2 * tt * VL,), "float32", **ALLOC)
+        acc_b = T.alloc_buffer(((nrr * nr - (nrr * nr) // 2) * tt * VL,), "float32", **ALLOC)
+        wv = T.alloc_buffer((VL,), "float32", **ALLOC)
+        for a in T.unroll((nrr * nr) // 2 * tt):
+            for v in T.vectorized(VL):
+                acc_a[a * VL + v] = T.float32(0)
+        for a in T.unroll((nrr * nr - (nrr * nr) // 2) * tt):
+            for v in T.vectorized(VL):
+                acc_b[a * VL + v] = T.float32(0)
+        for kb in range(kdim // KS):
+            for rr in T.unroll(nrr):
+                for r in T.unroll(nr):
+                    for c in T.unroll(NSUB):
+                        load_scaled(wq, ws, e64, rr * stride + base + r, kb * KS, c, wv)
+                        for t in T.unroll(tt):
+                            if rr * nr + r < (nrr * nr) // 2:
+                                for v in T.vectorized(VL):
+                                    acc_a[((rr * nr + r) * tt + t) * VL + v] = (
+                                        acc_a[((rr * nr + r) * tt + t) * VL + v]
+                                        + wv[v] * inp[tok[t], kb * KS + c * VL + v])
+                            else:
+                                for v in T.vectorized(VL):
+                                    acc_b[((rr * nr + r - (nrr * nr) // 2) * tt + t) * VL + v] = (
+                                        acc_b[((rr * nr + r - (nrr * nr) // 2) * tt + t) * VL + v]
+                                        + wv[v] * inp[tok[t], kb * KS + c * VL + v])
+        emit_hsums([(acc_a, (nrr * nr) // 2 * tt), (acc_b, (nrr * nr - (nrr * nr) // 2) * tt)], res)
+
+    if quant:
+        @T.macro
+        def mk_single(wq, ws, e64, base, stride, nrr, nr, inp, row_in, kdim, res):
+            acc = T.alloc_buffer((nrr * nr * VL,), "float32", **ALLOC)
+            gacc = T.alloc_buffer((nrr * nr * VL,), "float32", **ALLOC)
+            wv = T.alloc_buffer((VL,), "float32", **ALLOC)
+            for a in T.unroll(nrr * nr):
+                for v in T.vectorized(VL):
+                    acc[a * VL + v] = T.float32(0)
+            for g in range(kdim // G):
+                for a in T.unroll(nrr * nr):
+                    for v in T.vectorized(VL):
+                        gacc[a * VL + v] = T.float32(0)
+                for kk in range(G // KS):
+                    for rr in T.unroll(nrr):
+                        for r in T.unroll(nr):
+                            for c in T.unroll(NSUB):
+                                load_raw(wq, e64, rr * stride + base + r, g * G + kk * KS, c, wv)
+                                for v in T.vectorized(VL):
+                                    gacc[(rr * nr + r) * VL + v] = (
+                                        gacc[(rr * nr + r) * VL + v]
+                                        + wv[v] * inp[row_in, g * G + kk * KS + c * VL + v])
+                for rr in T.unroll(nrr):
+                    for r in T.unroll(nr):
+                        sc = T.Bind(ws[e64, cast64(rr * stride + base + r), cast64(g)])
+                        for v in T.vectorized(VL):
+                            acc[(rr * nr + r) * VL + v] = (acc[(rr * nr + r) * VL + v]
+                                                           + gacc[(rr * nr + r) * VL + v] * sc)
+            emit_hsums([(acc, nrr * nr)], res)
+    else:
+        @T.macro
+        def mk_single(wq, ws, e64, base, stride, nrr, nr, inp, row_in, kdim, res):
+            acc = T.alloc_buffer((nrr * nr * VL,), "float32", **ALLOC)
+            wv = T.alloc_buffer((VL,), "float32", **ALLOC)
+            for a in T.unroll(nrr * nr):
+                for v in T.vectorized(VL):
+                    acc[a * VL + v] = T.float32(0)
+            for kb in range(kdim // KS):
+                for rr in T.unroll(nrr):
+                    for r in T.unroll(nr):
+                        for c in T.unroll(NSUB):
+                            load_raw(wq, e64, rr * stride + base + r, kb * KS, c, wv)
+                            for v in T.vectorized(VL):
+                                acc[(rr * nr + r) * VL + v] = (acc[(rr * nr + r) * VL + v]
+                                                               + wv[v] * inp[row_in, kb * KS + c * VL + v])
+            emit_hsums([(acc, nrr * nr)], res)
+
+    # ---- epilogues ---------------------------------------------------------------------------
+    # res holds the gate dot products first (nr * tt of them), then the up ones
+    @T.macro
+    def silu_mul_store(res, nr, tt, nvalid, hbuf, q0, i0):
+        hv = T.alloc_buffer((RES,), "float32", **ALLOC)
+        for v in T.vectorized(nr * tt):
+            hv[v] = res[v] / (T.float32(1) + fast_exp(T.float32(0) - res[v])) * res[nr * tt + v]
+        for t in T.unroll(tt):
+            if t < nvalid:
+                for r in T.unroll(nr):
+                    hbuf[q0 + t, i0 + r] = hv[r * tt + t]
+
+    @T.macro
+    def rows_store(res, nr, tt, nvalid, ybuf, q0, h0):
+        for t in T.unroll(tt):
+            if t < nvalid:
+                for r in T.unroll(nr):
+                    ybuf[q0 + t, h0 + r] = res[r * tt + t]
+
+    # ---- one block of tt tokens (j0 .. j0 + tt of the segment; indices clamped to the
+    # segment, only the first nvalid stored) for a gate/up or a down work item --------------
+    @T.macro
+    def gu_tokens(x, gq, gs, iw, hbuf, e64, p0, cnt, i0, tok, res, j0, tt, nvalid):
+        for t in T.unroll(tt):
+            tok[t] = iw[O_SORTED + p0 + T.min(j0 + t, cnt - 1)] // K
+        for sub in range(TR // BR):
+            mk_block(gq, gs, e64, i0 + sub * BR, I, 2, BR, tt, x, tok, H, res)
+            silu_mul_store(res, BR, tt, nvalid, hbuf, p0 + j0, i0 + sub * BR)
+
+    @T.macro
+    def dn_tokens(dq, ds, hbuf, ybuf, e64, p0, cnt, h0, tok, res, j0, tt, nvalid):
+        for t in T.unroll(tt):
+            tok[t] = p0 + T.min(j0 + t, cnt - 1)
+        for sub in range(TR // (2 * BR)):
+            mk_block(dq, ds, e64, h0 + sub * 2 * BR, 0, 1, 2 * BR, tt, hbuf, tok, I, res)
+            rows_store(res, 2 * BR, tt, nvalid, ybuf, p0 + j0, h0 + sub * 2 * BR)
+
+    @T.macro
+    def gu_item(x, gq, gs, iw, hbuf, e64, p0, cnt, i0, tok, res):
+        nb = T.Bind(cnt // BT)
+        for jb in range(nb):
+            gu_tokens(x, gq, gs, iw, hbuf, e64, p0, cnt, i0, tok, res, jb * BT, BT, BT)
+        rem = T.Bind(cnt - nb * BT)
+        if rem == 1:
+            row_in = T.Bind(iw[O_SORTED + p0 + nb * BT] // K)
+            for sub in range(TR // DR):
+                mk_single(gq, gs, e64, i0 + sub * DR, I, 2, DR, x, row_in, H, res)
+                silu_mul_store(res, DR, 1, 1, hbuf, p0 + nb * BT, i0 + sub * DR)
+        elif rem == 2:
+            gu_tokens(x, gq, gs, iw, hbuf, e64, p0, cnt, i0, tok, res, nb * BT, 2, 2)
+        elif rem > 2:
+            if MID > 2:
+                if rem <= MID:
+                    gu_tokens(x, gq, gs, iw, hbuf, e64, p0, cnt, i0, tok, res, nb * BT, MID, rem)
+                else:
+                    gu_tokens(x, gq, gs, iw, hbuf, e64, p0, cnt, i0, tok, res, nb * BT, BT, rem)
+            else:
+                gu_tokens(x, gq, gs, iw, hbuf, e64, p0, cnt, i0, tok, res, nb * BT, BT, rem)
+
+    @T.macro
+    def dn_item(dq, ds, hbuf, ybuf, e64, p0, cnt, h0, tok, res):
+        nb = T.Bind(cnt // BT)
+        for jb in range(nb):
+            dn_tokens(dq, ds, hbuf, ybuf, e64, p0, cnt, h0, tok, res, jb * BT, BT, BT)
+        rem = T.Bind(cnt - nb * BT)
+        if rem == 1:
+            for sub in range(TR // (2 * DR)):
+                mk_single(dq, ds, e64, h0 + sub * 2 * DR, 0, 1, 2 * DR, hbuf, p0 + nb * BT, I, res)
+                rows_store(res, 2 * DR, 1, 1, ybuf, p0 + nb * BT, h0 + sub * 2 * DR)
+        elif rem == 2:
+            dn_tokens(dq, ds, hbuf, ybuf, e64, p0, cnt, h0, tok, res, nb * BT, 2, 2)
+        elif rem > 2:
+            if MID > 2:
+                if rem <= MID:
+                    dn_tokens(dq, ds, hbuf, ybuf, e64, p0, cnt, h0, tok, res, nb * BT, MID, rem)
+                else:
+                    dn_tokens(dq, ds, hbuf, ybuf, e64, p0, cnt, h0, tok, res, nb * BT, BT, rem)
+            else:
+                dn_tokens(dq, ds, hbuf, ybuf, e64, p0, cnt, h0, tok, res, nb * BT, BT, rem)
+
+    # ---- the whole layer -----------------------------------------------------------------------
+    @T.macro
+    def moe_body(x, tw, ids, gq, gs, dq, ds, y, hbuf, ybuf, iw, n):
+        # 1. counting sort of the (token, k) pairs by expert
+        for e in range(E):
+            iw[e] = 0
+        for p in range(n * K):
+            e = T.Bind(ids[p // K, p % K])
+            if e >= 0 and e < E:
+                iw[e] = iw[e] + 1
+        iw[O_NSEG] = 0
+        iw[O_SEGSTART] = 0
+        for e in range(E):
+            if iw[e] > 0:
+                s = T.Bind(iw[O_NSEG])
+                c = T.Bind(iw[e])
+                iw[O_SEGEXP + s] = e
+                iw[e] = iw[O_SEGSTART + s]
+                iw[O_SEGSTART + s + 1] = iw[O_SEGSTART + s] + c
+                iw[O_NSEG] = s + 1
+        for p in range(n * K):
+            e = T.Bind(ids[p // K, p % K])
+            if e >= 0 and e < E:
+                pos = T.Bind(iw[e])
+                iw[e] = pos + 1
+                iw[O_SORTED + pos] = p
+                iw[O_SORTED + n * K + p] = pos
+            else:
+                iw[O_SORTED + n * K + p] = -1
+        S = T.Bind(iw[O_NSEG])
+        # 2. h = silu(gate x) * (up x), per (segment, tile of intermediate rows)
+        for w in T.parallel(S * NT1):
+            s = T.Bind(w // NT1)
+            p0 = T.Bind(iw[O_SEGSTART + s])
+            tok = T.alloc_buffer((BT,), "int32", **ALLOC)
+            res = T.alloc_buffer((RES,), "float32", **ALLOC)
+            gu_item(x, gq, gs, iw, hbuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
+                    iw[O_SEGSTART + s + 1] - p0, (w % NT1) * TR, tok, res)
+        # 3. yp = down h, per (segment, tile of hidden rows)
+        for w in T.parallel(S * NT2):
+            s = T.Bind(w // NT2)
+            p0 = T.Bind(iw[O_SEGSTART + s])
+            tok = T.alloc_buffer((BT,), "int32", **ALLOC)
+            res = T.alloc_buffer((RES,), "float32", **ALLOC)
+            dn_item(dq, ds, hbuf, ybuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
+                    iw[O_SEGSTART + s + 1] - p0, (w % NT2) * TR, tok, res)
+        # 4. y[t] = sum_k w[t, k] * yp[pair(t, k)]
+        for w in T.parallel(n * NHC):
+            t = T.Bind(w // NHC)
+            hc0 = T.Bind((w % NHC) * HC)
+            o = T.alloc_buffer((VL,), "float32", **ALLOC)
+            for hv in range(HC // VL):
+                for v in T.vectorized(VL):
+                    o[v] = T.float32(0)
+                for k in T.unroll(K):
+                    pos = T.Bind(iw[O_SORTED + n * K + t * K + k])
+                    if pos >= 0:
+                        wt = T.Bind(tw[t, k])
+                        for v in T.vectorized(VL):
+                            o[v] = o[v] + wt * ybuf[pos, hc0 + hv * VL + v]
+                for v in T.vectorized(VL):
+                    y[t, hc0 + hv * VL + v] = o[v]
+
+    # ---- the PrimFunc ---------------------------------------------------------------------------
+    if fmt == "int4":
+        wdt, gq_k, dq_k = "uint8", H // 2, I // 2
+    elif fmt == "int8":
+        wdt, gq_k, dq_k = "int8", H, I
+    else:
+        wdt, gq_k, dq_k = fmt, H, I
+    WALIGN = {"uint8": 1, "int8": 1, "float16": 2, "bfloat16": 2}.get(wdt, 4)
+    i64 = T.int64
+    gu_shape = (i64(E), i64(2 * I), i64(gq_k))
+    dn_shape = (i64(E), i64(H), i64(dq_k))
+
+    if quant:
+        gs_shape = (i64(E), i64(2 * I), i64(H // G))
+        ds_shape = (i64(E), i64(H), i64(I // G))
+
+        @T.prim_func
+        def moe(x_h: T.handle, tw_h: T.handle, ids_h: T.handle, gq_h: T.handle, gs_h: T.handle,
+                dq_h: T.handle, ds_h: T.handle, y_h: T.handle, hb_h: T.handle, yb_h: T.handle,
+                iw_h: T.handle):
+            T.func_attr({"global_symbol": symbol, "tir.noalias": True})
+            n = T.int32()
+            x = T.match_buffer(x_h, (n, H), "float32", align=4)
+            tw = T.match_buffer(tw_h, (n, K), "float32", align=4)
+            ids = T.match_buffer(ids_h, (n, K), "int32", align=4)
+            gq = T.match_buffer(gq_h, gu_shape, wdt, align=WALIGN)
+            gs = T.match_buffer(gs_h, gs_shape, "float32", align=4)
+            dq = T.match_buffer(dq_h, dn_shape, wdt, align=WALIGN)
+            ds = T.match_buffer(ds_h, ds_shape, "float32", align=4)
+            y = T.match_buffer(y_h, (n, H), "float32", align=4)
+            hbuf = T.match_buffer(hb_h, (n * K, I), "float32", align=4)
+            ybuf = T.match_buffer(yb_h, (n * K, H), "float32", align=4)
+            iw = T.match_buffer(iw_h, (3 * E + 2 + 2 * n * K,), "int32", align=4)
+            moe_body(x, tw, ids, gq, gs, dq, ds, y, hbuf, ybuf, iw, n)
+    else:
+        @T.prim_func
+        def moe(x_h: T.handle, tw_h: T.handle, ids_h: T.handle, gq_h: T.handle, dq_h: T.handle,
+                y_h: T.handle, hb_h: T.handle, yb_h: T.handle, iw_h: T.handle):
+            T.func_attr({"global_symbol": symbol, "tir.noalias": True})
+            n = T.int32()
+            x = T.match_buffer(x_h, (n, H), "float32", align=4)
+            tw = T.match_buffer(tw_h, (n, K), "float32", align=4)
+            ids = T.match_buffer(ids_h, (n, K), "int32", align=4)
+            gq = T.match_buffer(gq_h, gu_shape, wdt, align=WALIGN)
+            dq = T.match_buffer(dq_h, dn_shape, wdt, align=WALIGN)
+            y = T.match_buffer(y_h, (n, H), "float32", align=4)
+            hbuf = T.match_buffer(hb_h, (n * K, I), "float32", align=4)
+            ybuf = T.match_buffer(yb_h, (n * K, H), "float32", align=4)
+            iw = T.match_buffer(iw_h, (3 * E + 2 + 2 * n * K,), "int32", align=4)
+            moe_body(x, tw, ids, gq, None, dq, None, y, hbuf, ybuf, iw, n)
+
+    return moe

@@ -1,0 +1,215 @@
+"""Runs the TVM-built CPU routed-expert kernels of an artifact (see ktc.codegen.cpu_experts).
+
+Imports only torch, numpy, tvm_ffi, ctypes, the standard library, ktc.targets and ktc.errors:
+never the TVM compiler.
+
+    kernels = CpuExpertKernels.load(artifact / "kernels/cpu", manifest_entry)
+    y = kernels.moe_experts(name, x, topk_weights, topk_ids, packed_weights)
+
+Before anything is loaded, `load` checks that this CPU has every feature the kernels were
+built for and refuses with HostError otherwise: a kernel built for a richer ISA loads fine
+and then dies with SIGILL when called. Kernels with parallel loops call TVM's thread pool,
+which lives in libtvm_runtime.so; the artifact ships it ("runtime_libs") and it is loaded
+with RTLD_GLOBAL before the kernel library (the copy already in the process, if any, is
+reused). Threads: KTC_NUM_THREADS, else TVM_NUM_THREADS, else every core this process may
+run on (TVM's own default would be half of them); read when the pool first starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+import tvm_ffi
+from torch import Tensor
+
+from ktc.errors import ArtifactError, HostError, InputError
+from ktc.targets import best_host_cpu_target, host_cpu_features
+
+SUPPORTED_ABI = 1
+MAX_INDEX = 2**31 - 1   # the kernels index their scratch with 32-bit ints
+_runtime_libs: dict[str, ctypes.CDLL] = {}
+_lib_lock = threading.Lock()
+
+
+def num_threads() -> int:
+    """The thread count the CPU kernels use (see the module docstring)."""
+    for var in ("KTC_NUM_THREADS", "TVM_NUM_THREADS"):
+        v = os.environ.get(var, "").strip()
+        if v:
+            try:
+                n = int(v)
+            except ValueError:
+                raise InputError(f"{var}={v!r} is not a whole number of threads") from None
+            if n < 1:
+                raise InputError(f"{var} must be at least 1, got {n}")
+            return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _configure_threads() -> None:
+    # TVM's pool is per calling thread and reads TVM_NUM_THREADS when it starts (first
+    # parallel call in that thread). runtime.config_threadpool is not used: it pins the
+    # calling thread to one core.
+    os.environ["TVM_NUM_THREADS"] = str(num_threads())
+
+
+def _loaded_path(basename: str) -> str | None:
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").split(None, 5)[-1] if line.count(" ") >= 5 else ""
+                if path.endswith("/" + basename):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _load_runtime_lib(path: Path) -> None:
+    """dlopen a runtime library RTLD_GLOBAL, reusing a copy of the same name already mapped
+    (two libtvm_runtime.so in one process would register their globals twice)."""
+    with _lib_lock:
+        if path.name in _runtime_libs:
+            return
+        existing = _loaded_path(path.name)
+        target = existing if existing else str(path)
+        try:
+            _runtime_libs[path.name] = ctypes.CDLL(target, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise ArtifactError(f"cannot load the CPU kernel runtime {path}: {e}") from None
+
+
+def check_host(entry: dict[str, Any]) -> None:
+    """HostError (one line) unless this host has every CPU feature `entry` needs."""
+    required = list(entry.get("required_features", []))
+    if platform.machine() not in ("x86_64", "AMD64"):
+        missing = required or ["x86-64"]
+    else:
+        have = host_cpu_features()
+        missing = [f for f in required if f not in have]
+    if missing:
+        best = best_host_cpu_target()
+        if best is None:
+            hint = "this host runs none of ktc's CPU targets"
+        elif best.name == "x86-avx2":
+            hint = "recompile with --target x86-avx2"
+        else:
+            hint = f"recompile with --target {best.name} (or --target x86-avx2)"
+        raise HostError(f"this CPU lacks {', '.join(missing)}, needed by the {entry.get('target', '?')} "
+                        f"CPU expert kernels; {hint}")
+
+
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        self.bufs: dict[tuple, tuple[int, Tensor, Tensor, Tensor]] = {}
+
+
+class CpuExpertKernels:
+    """The CPU expert kernels of one target, loaded from an artifact's kernel directory."""
+
+    def __init__(self, module: Any, entry: dict[str, Any], kernel_dir: Path):
+        self._module = module
+        self.entry = entry
+        self.kernel_dir = kernel_dir
+        self._kernels: dict[str, dict[str, Any]] = {}
+        for name, k in entry["kernels"].items():
+            spec = k["spec"]
+            fn = module[k["functions"]["moe_experts"]]
+            try:
+                fn.release_gil = True   # other Python threads (GPU work) run meanwhile
+            except AttributeError:
+                pass
+            self._kernels[name] = {
+                "fn": fn, "H": int(spec["hidden_size"]), "I": int(spec["intermediate_size"]),
+                "E": int(spec["num_experts"]), "K": int(spec["top_k"]), "weights": list(k["weights"]),
+            }
+        self._scratch = _Scratch()
+
+    @classmethod
+    def load(cls, kernel_dir: Path, entry: dict[str, Any]) -> CpuExpertKernels:
+        kernel_dir = Path(kernel_dir)
+        abi = entry.get("abi", SUPPORTED_ABI)
+        if abi != SUPPORTED_ABI:
+            raise ArtifactError(f"CPU kernels use ABI {abi}, this runtime knows {SUPPORTED_ABI}; "
+                                f"recompile the model with this ktc")
+        check_host(entry)   # before anything is loaded: never run code this CPU cannot execute
+        lib = kernel_dir / entry["lib"]
+        if not lib.is_file():
+            raise ArtifactError(f"CPU kernel library {lib} is missing")
+        _configure_threads()
+        for name in entry.get("runtime_libs", []):
+            _load_runtime_lib(kernel_dir / name)
+        try:
+            module = tvm_ffi.load_module(str(lib))
+        except Exception as e:  # noqa: BLE001 - a damaged library is an artifact problem
+            raise ArtifactError(f"cannot load CPU kernels {lib}: {str(e).splitlines()[0] if str(e) else e}") from None
+        return cls(module, entry, kernel_dir)
+
+    @property
+    def kernel_names(self) -> list[str]:
+        return list(self._kernels)
+
+    def _scratch_for(self, k: dict[str, Any], T: int) -> tuple[Tensor, Tensor, Tensor]:
+        key = (k["H"], k["I"], k["E"], k["K"])
+        cur = self._scratch.bufs.get(key)
+        if cur is None or cur[0] < T:
+            cap = max(T, 2 * cur[0] if cur else 1)
+            P = cap * k["K"]
+            cur = (cap, torch.empty(P, k["I"]), torch.empty(P, k["H"]),
+                   torch.empty(3 * k["E"] + 2 + 2 * P, dtype=torch.int32))
+            self._scratch.bufs[key] = cur
+        P = T * k["K"]
+        return cur[1][:P], cur[2][:P], cur[3][: 3 * k["E"] + 2 + 2 * P]
+
+    def moe_experts(self, kernel_name: str, x: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                    packed: dict[str, Tensor]) -> Tensor:
+        """y[t] = sum_k w[t,k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = ids[t,k].
+
+        x [T, H] float32, topk_weights [T, K] float32, topk_ids [T, K] int32 (ids outside
+        [0, E) are skipped) -> y [T, H] float32. All expert math runs in the TVM kernel."""
+        k = self._kernels.get(kernel_name)
+        if k is None:
+            raise InputError(f"no CPU expert kernel {kernel_name!r}; this artifact has "
+                             f"{', '.join(self._kernels) or 'none'}")
+        H, K = k["H"], k["K"]
+        if x.dim() != 2 or x.shape[1] != H:
+            raise InputError(f"{kernel_name}: x must be [T, {H}], got {list(x.shape)}")
+        T = x.shape[0]
+        if tuple(topk_weights.shape) != (T, K) or tuple(topk_ids.shape) != (T, K):
+            raise InputError(f"{kernel_name}: topk_weights and topk_ids must be [{T}, {K}], got "
+                             f"{list(topk_weights.shape)} and {list(topk_ids.shape)}")
+        if x.device.type != "cpu":
+            raise InputError(f"{kernel_name}: CPU expert kernels take CPU tensors, got {x.device}")
+        x = x.to(torch.float32).contiguous()
+        tw = topk_weights.to(torch.float32).contiguous()
+        ids = topk_ids.to(torch.int32).contiguous()
+        y = torch.empty(T, H, dtype=torch.float32)
+        if T == 0:
+            return y
+        weights = []
+        for n in k["weights"]:
+            t = packed.get(n)
+            if t is None and n.endswith(".w"):   # dense weights may come under the bare role name
+                t = packed.get(n[:-2])
+            if t is None:
+                raise InputError(f"{kernel_name}: packed weights lack part {n!r}")
+            weights.append(t)
+        # the kernel indexes its [T*K, H] scratch with 32-bit ints: split huge batches
+        step = max(1, MAX_INDEX // (K * max(H, k["I"])))
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            hbuf, ybuf, iw = self._scratch_for(k, t1 - t0)
+            try:
+                k["fn"](x[t0:t1], tw[t0:t1], ids[t0:t1], *weights, y[t0:t1], hbuf, ybuf, iw)
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{kernel_name}: {str(e).splitlines()[0]}") from None
+        return y

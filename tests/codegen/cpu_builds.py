@@ -1,0 +1,87 @@
+"""Shared, cached CPU expert kernel builds for the codegen and runtime tests.
+
+TVM compile time dominates these tests, so every target is built once per session, with the
+same few small specs (one per weight format, shapes picked to exercise the kernels' token
+blocks and tails), and the targets are built concurrently (each build is a subprocess).
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ktc.codegen.cpu_experts import ExpertKernelSpec, build_cpu_kernels
+from ktc.targets import get as get_target
+
+# one kernel per format; odd little shapes (multiples of 32), several group sizes
+SPECS = {
+    "float32": ExpertKernelSpec(96, 64, 5, 2, "float32"),
+    "bfloat16": ExpertKernelSpec(64, 96, 4, 3, "bfloat16"),
+    "float16": ExpertKernelSpec(128, 32, 7, 2, "float16"),
+    "int8": ExpertKernelSpec(128, 96, 6, 3, "int8", 32),
+    "int4": ExpertKernelSpec(64, 128, 5, 4, "int4", 64),
+}
+
+_lock = threading.Lock()
+_builds: dict[str, tuple[Path, dict[str, Any]]] = {}
+_root: Path | None = None
+
+
+def _root_dir() -> Path:
+    global _root
+    if _root is None:
+        _root = Path(tempfile.mkdtemp(prefix="ktc-test-cpu-kernels-"))
+        atexit.register(shutil.rmtree, _root, True)
+    return _root
+
+
+def specs_for(name: str) -> list[ExpertKernelSpec]:
+    """x86-amx (never runnable on the test hosts so far) builds only the quantized kernels."""
+    if name == "x86-amx" and not get_target(name).runs_here():
+        return [SPECS["int8"], SPECS["int4"]]
+    return list(SPECS.values())
+
+
+def _build(name: str) -> tuple[Path, dict[str, Any]]:
+    out = _root_dir() / name
+    return out, build_cpu_kernels(specs_for(name), get_target(name), out)
+
+
+def builds(names: list[str]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """(kernel dir, manifest entry) per target name, building the missing ones concurrently."""
+    with _lock:
+        todo = [n for n in names if n not in _builds]
+        if todo:
+            with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+                for n, res in zip(todo, pool.map(_build, todo), strict=True):
+                    _builds[n] = res
+        return {n: _builds[n] for n in names}
+
+
+def reference_moe(x, topk_weights, topk_ids, gate_up, down) -> torch.Tensor:
+    """float64 moe_experts; ids outside [0, E) contribute nothing."""
+    E, two_i, _ = gate_up.shape
+    inter = two_i // 2
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    gu, dn, xd = gate_up.double(), down.double(), x.double()
+    for t in range(x.shape[0]):
+        for k in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, k])
+            if 0 <= e < E:
+                g = gu[e] @ xd[t]
+                h = F.silu(g[:inter]) * g[inter:]
+                y[t] += float(topk_weights[t, k]) * (dn[e] @ h)
+    return y
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return float((a.double() - b.double()).norm() / b.double().norm())

@@ -1,0 +1,200 @@
+"""The TVM-built CPU expert kernels, run on every target this host can execute, against a
+float64 torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ktc.targets as kt
+from ktc.codegen.cpu_experts import pack_expert_weights, unpack_expert_weights
+from ktc.errors import HostError, InputError
+from ktc.runtime.cpu_experts import CpuExpertKernels, check_host, num_threads
+from tests.codegen.cpu_builds import SPECS, builds, reference_moe, rel
+
+RUNNABLE = [n for n in ("x86-avx2", "x86-avx512", "x86-amx") if kt.get(n).runs_here()]
+TARGET_PARAMS = [
+    pytest.param(n, marks=pytest.mark.skipif(n not in RUNNABLE, reason=f"this host cannot run {n} kernels"))
+    for n in ("x86-avx2", "x86-avx512", "x86-amx")
+]
+# quantized formats: vs the dequantized weights, and vs the original ones
+TOL_DEQ = {"float32": 1e-5, "bfloat16": 1e-5, "float16": 1e-5, "int8": 1e-4, "int4": 1e-4}
+TOL_ORIG = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3, "int8": 2e-2, "int4": 0.15}
+
+
+@pytest.fixture(scope="session")
+def loaded():
+    """target name -> CpuExpertKernels (all runnable targets built concurrently, once)."""
+    if not RUNNABLE:
+        return {}
+    return {n: CpuExpertKernels.load(*b) for n, b in builds(RUNNABLE).items()}
+
+
+@pytest.fixture(scope="session")
+def weights():
+    """format -> (original gate_up, down, packed parts, dequantized gate_up, down)."""
+    out = {}
+    gen = torch.Generator().manual_seed(1234)
+    for fmt, spec in SPECS.items():
+        E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size  # noqa: E741
+        # uniform weights: int4 symmetric absmax (scale = max|w|/7) keeps the output within 15%
+        # of the unquantized one (gaussian weights, heavier tails: ~17%, see the report)
+        gu = (torch.rand(E, 2 * I, H, generator=gen) * 2 - 1) * (3 / H) ** 0.5
+        dn = (torch.rand(E, H, I, generator=gen) * 2 - 1) * (3 / I) ** 0.5
+        parts = pack_expert_weights(spec, gu, dn)
+        out[fmt] = (gu, dn, parts, *unpack_expert_weights(spec, parts))
+    return out
+
+
+def _routing(T, K, E, gen, dup_within=False):
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(torch.int32)
+    if dup_within and K > 1:
+        ids[:, 1] = ids[:, 0]          # the same expert twice for one token
+    tw = torch.rand(T, K, generator=gen)
+    return tw / tw.sum(-1, keepdim=True), ids
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+@pytest.mark.parametrize("fmt", list(SPECS))
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_moe_experts_matches_reference(loaded, weights, target, fmt, T):
+    spec = SPECS[fmt]
+    gu, dn, parts, gud, dnd = weights[fmt]
+    gen = torch.Generator().manual_seed(T * 31 + len(fmt))
+    x = torch.randn(T, spec.hidden_size, generator=gen)
+    tw, ids = _routing(T, spec.top_k, spec.num_experts, gen)   # T=17: experts shared by many tokens
+    y = loaded[target].moe_experts(spec.name, x, tw, ids, parts)
+    assert y.shape == (T, spec.hidden_size) and y.dtype == torch.float32
+    assert rel(y, reference_moe(x, tw, ids, gud, dnd)) < TOL_DEQ[fmt]
+    assert rel(y, reference_moe(x, tw, ids, gu, dn)) < TOL_ORIG[fmt]
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+@pytest.mark.parametrize("fmt", ["int8", "int4", "bfloat16"])
+def test_prefill_sized_batches_and_skipped_ids(loaded, weights, target, fmt):
+    """Many tokens per expert (full token blocks and every tail size), an expert repeated
+    within a token, and ids outside [0, E) (skipped: they contribute nothing)."""
+    spec = SPECS[fmt]
+    _, _, parts, gud, dnd = weights[fmt]
+    gen = torch.Generator().manual_seed(7)
+    for T in (5, 40, 64):
+        x = torch.randn(T, spec.hidden_size, generator=gen)
+        tw, ids = _routing(T, spec.top_k, spec.num_experts, gen, dup_within=True)
+        ids[::3, -1] = -1
+        ids[1::5, 0] = spec.num_experts + 3
+        y = loaded[target].moe_experts(spec.name, x, tw, ids, parts)
+        assert rel(y, reference_moe(x, tw, ids, gud, dnd)) < TOL_DEQ[fmt]
+    # a token whose experts all run elsewhere gets exactly zero
+    ids = torch.full((2, spec.top_k), -1, dtype=torch.int32)
+    ids[1] = _routing(1, spec.top_k, spec.num_experts, gen)[1]
+    y = loaded[target].moe_experts(spec.name, torch.randn(2, spec.hidden_size), torch.rand(2, spec.top_k), ids, parts)
+    assert torch.equal(y[0], torch.zeros(spec.hidden_size)) and y[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+def test_kernel_writes_every_output_and_ignores_scratch_contents(loaded, weights, target):
+    """Call the raw kernel with poisoned output and scratch buffers."""
+    fmt = "int8"
+    spec = SPECS[fmt]
+    _, _, parts, gud, dnd = weights[fmt]
+    kernels = loaded[target]
+    fn = kernels._kernels[spec.name]["fn"]
+    gen = torch.Generator().manual_seed(3)
+    T, K, E = 17, spec.top_k, spec.num_experts
+    x = torch.randn(T, spec.hidden_size, generator=gen)
+    tw, ids = _routing(T, K, E, gen)
+    y = torch.full((T, spec.hidden_size), float("nan"))
+    hbuf = torch.full((T * K, spec.intermediate_size), float("nan"))
+    ybuf = torch.full((T * K, spec.hidden_size), float("inf"))
+    iw = torch.randint(-(2**31), 2**31 - 1, (3 * E + 2 + 2 * T * K,), dtype=torch.int32, generator=gen)
+    fn(x, tw, ids, *[parts[n] for n in spec.weight_parts()], y, hbuf, ybuf, iw)
+    assert torch.isfinite(y).all()
+    assert rel(y, reference_moe(x, tw, ids, gud, dnd)) < TOL_DEQ[fmt]
+    # and the wrapper's reused scratch gives the same answer twice
+    a = kernels.moe_experts(spec.name, x, tw, ids, parts)
+    b = kernels.moe_experts(spec.name, x, tw, ids, parts)
+    assert torch.equal(a, b) and torch.allclose(a, y, rtol=0, atol=0)
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t whose data starts 4 bytes past a 64-byte boundary (safetensors
+    hands out tensors at arbitrary offsets)."""
+    flat = t.reshape(-1)
+    pad = max(1, 4 // flat.element_size())
+    base = torch.zeros(flat.numel() + 64, dtype=t.dtype)
+    skip = (-base.data_ptr() // flat.element_size()) % (64 // flat.element_size()) + pad
+    out = base[skip:skip + flat.numel()].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 64 != 0 and out.is_contiguous()
+    return out
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+@pytest.mark.parametrize("fmt", ["int4", "float16"])
+def test_unaligned_tensors(loaded, weights, target, fmt):
+    spec = SPECS[fmt]
+    _, _, parts, gud, dnd = weights[fmt]
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(9, spec.hidden_size, generator=gen)
+    tw, ids = _routing(9, spec.top_k, spec.num_experts, gen)
+    y = loaded[target].moe_experts(spec.name, _misaligned(x), _misaligned(tw), _misaligned(ids),
+                                   {n: _misaligned(t) for n, t in parts.items()})
+    assert rel(y, reference_moe(x, tw, ids, gud, dnd)) < TOL_DEQ[fmt]
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+def test_huge_batches_are_split(loaded, weights, target, monkeypatch):
+    from ktc.runtime import cpu_experts as rt
+
+    spec = SPECS["int8"]
+    parts = weights["int8"][2]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(23, spec.hidden_size, generator=gen)
+    tw, ids = _routing(23, spec.top_k, spec.num_experts, gen)
+    whole = loaded[target].moe_experts(spec.name, x, tw, ids, parts)
+    monkeypatch.setattr(rt, "MAX_INDEX", 5 * spec.top_k * spec.hidden_size)   # 5 tokens a call
+    # same math; only the rounding differs (token blocks of other sizes)
+    assert rel(loaded[target].moe_experts(spec.name, x, tw, ids, parts), whole) < 1e-6
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+def test_bad_inputs_are_input_errors(loaded, weights, target):
+    spec = SPECS["int8"]
+    parts = weights["int8"][2]
+    k = loaded[target]
+    x, tw = torch.randn(2, spec.hidden_size), torch.rand(2, spec.top_k)
+    ids = torch.zeros(2, spec.top_k, dtype=torch.int32)
+    with pytest.raises(InputError):
+        k.moe_experts("no_such_kernel", x, tw, ids, parts)
+    with pytest.raises(InputError):
+        k.moe_experts(spec.name, torch.randn(2, spec.hidden_size + 32), tw, ids, parts)
+    with pytest.raises(InputError):
+        k.moe_experts(spec.name, x, tw[:1], ids, parts)
+    with pytest.raises(InputError):
+        k.moe_experts(spec.name, x, tw, ids, {"gate_up.q": parts["gate_up.q"]})
+    bad = dict(parts, **{"down.q": parts["down.q"][:-1]})
+    with pytest.raises(InputError):
+        k.moe_experts(spec.name, x, tw, ids, bad)
+    assert k.moe_experts(spec.name, x[:0], tw[:0], ids[:0], parts).shape == (0, spec.hidden_size)
+
+
+def test_host_check_names_missing_features():
+    entry = {"target": "x86-future", "required_features": ["avx2", "no_such_feature_x"]}
+    with pytest.raises(HostError) as e:
+        check_host(entry)
+    assert "no_such_feature_x" in e.value.message and "avx2," not in e.value.message
+    assert "--target x86-" in e.value.message and "\n" not in e.value.message
+
+
+def test_thread_count_from_environment(monkeypatch):
+    monkeypatch.delenv("KTC_NUM_THREADS", raising=False)
+    monkeypatch.setenv("TVM_NUM_THREADS", "3")
+    assert num_threads() == 3
+    monkeypatch.setenv("KTC_NUM_THREADS", "5")
+    assert num_threads() == 5
+    monkeypatch.setenv("KTC_NUM_THREADS", "zero")
+    with pytest.raises(InputError):
+        num_threads()
+    monkeypatch.delenv("KTC_NUM_THREADS")
+    monkeypatch.delenv("TVM_NUM_THREADS")
+    assert num_threads() >= 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,8 @@ def read_manifest(path: str | Path) -> Manifest:
     return Manifest(root, data)
 
 
-def verify_files(manifest: Manifest, hashes: bool = True) -> None:
-    """Every listed file exists with its size (and sha256 when `hashes`)."""
+def verify_files(manifest: Manifest, hashes: bool = True, on_file: Callable[[str, int], None] | None = None) -> None:
+    """Every listed file exists with its size (and sha256 when `hashes`); on_file(rel, size) after each."""
     for rel, meta in manifest.files.items():
         path = manifest.path / rel
         if not path.is_file():
@@ -92,6 +93,8 @@ def verify_files(manifest: Manifest, hashes: bool = True) -> None:
         if hashes and sha256_file(path) != meta["sha256"]:
             raise ArtifactError(f"{manifest.path}: {rel} does not match its sha256 (changed or damaged); "
                                 "recompile the artifact")
+        if on_file:
+            on_file(rel, meta["size"])
 
 
 def check_host(manifest: Manifest) -> None:

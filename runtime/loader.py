@@ -44,21 +44,40 @@ def load_weights(manifest: Manifest, on_file: Callable[[str], None] | None = Non
 
 
 def load_artifact(path: str | Path, verify: str = "full", max_batch_size: int = 8,
-                  max_context: int | None = None, on_file: Callable[[str], None] | None = None):
+                  max_context: int | None = None, progress: Callable[[str, str, int, int], None] | None = None):
     """The CompiledModel in the artifact at `path`.
 
     verify: "full" checks every file's sha256 (default), "sizes" only sizes (faster for
-    huge artifacts on trusted disks).
+    huge artifacts on trusted disks). progress(stage, file, bytes_done, bytes_total) is
+    called as files are checked ("verify") and weight shards read ("load").
     """
     if verify not in ("full", "sizes"):
         raise ValueError("verify must be 'full' or 'sizes'")
     manifest = read_manifest(path)
-    verify_files(manifest, hashes=verify == "full")
+    total = sum(meta["size"] for meta in manifest.files.values())
+    done = 0
+
+    def checked(rel: str, size: int) -> None:
+        nonlocal done
+        done += size
+        if progress:
+            progress("verify", rel, done, total)
+
+    verify_files(manifest, hashes=verify == "full", on_file=checked)
     check_host(manifest)
     from ktc.runtime.model import CompiledModel
 
     graph = manifest.graph
-    weights = load_weights(manifest, on_file)
+    shard_total = sum(manifest.files[f]["size"] for f in manifest.weight_files)
+    shard_done = 0
+
+    def loading(rel: str) -> None:
+        nonlocal shard_done
+        if progress:
+            progress("load", rel, shard_done, shard_total)
+        shard_done += manifest.files[rel]["size"]
+
+    weights = load_weights(manifest, loading)
     cpu_kernels = None
     if manifest.cpu:
         from ktc.runtime.cpu_experts import CpuExpertKernels

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ktc.cli.app import app, err, out
 from ktc.errors import InputError, KtcError
@@ -43,7 +44,15 @@ def run_cmd(
         raise InputError("give exactly one of --prompt TEXT or --tokens 1,2,3")
     if max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
-    model = ktc.load(str(artifact), verify=verify)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("checking", total=None)
+
+        def loading(stage: str, rel: str, done: int, total: int) -> None:
+            bar.update(task, description=f"{'checking' if stage == 'verify' else 'loading'} {rel}",
+                       completed=done, total=total)
+
+        model = ktc.load(str(artifact), verify=verify, progress=loading)
     tok = model.tokenizer
     if prompt is not None:
         if tok is None:

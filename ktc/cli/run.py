@@ -75,6 +75,8 @@ def run_cmd(
         new_ids.append(int(step_ids.reshape(-1)[0]))
         if prompt is not None:
             text = tok.decode(new_ids)
+            if text.endswith("\ufffd"):   # a multi-byte character split across tokens: wait for the rest
+                return
             sys.stdout.write(text[len(shown):])
             shown = text
         else:
@@ -86,6 +88,8 @@ def run_cmd(
     model.generate(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, stream=stream)
     total = time.perf_counter() - start
+    if prompt is not None:
+        sys.stdout.write(tok.decode(new_ids)[len(shown):])
     sys.stdout.write("\n")
     n = len(new_ids)
     decode = (total - first[0]) / max(n - 1, 1) if first else 0.0

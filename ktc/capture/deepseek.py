@@ -20,12 +20,10 @@ transformers' modeling_deepseek_v2 / modeling_deepseek_v3, in short:
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from ktc.capture.export import check_act, mlp_spec_weights
-from ktc.capture.importer import expert_source
+from ktc.capture.importer import routed_expert_weight
 from ktc.capture.ops import CaptureAttention, CaptureMoE
 from ktc.errors import KtcError
 
@@ -131,19 +129,6 @@ def moe(block: nn.Module, layer: int, hf_config) -> CaptureMoE:
     return CaptureMoE(block, weights, spec)
 
 
-_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
-_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-
-
 def weight(fqn: str, hf_config, keys):
     """(name, source) of the parameter `fqn` where it is not simply {"load": fqn}."""
-    m = _EXPERTS.fullmatch(fqn)
-    if m is None:
-        return None
-    layer = int(m.group(1))
-    prefix = f"model.layers.{layer}.mlp.experts"
-    return expert_source(
-        layer, "gate_up" if m.group(2) == "gate_up_proj" else "down", int(hf_config.n_routed_experts), keys,
-        lambda e, role: f"{prefix}.{e}.{_PROJ[role]}.weight",
-        {"gate_up": f"{prefix}.gate_up_proj", "down": f"{prefix}.down_proj"},
-    )
+    return routed_expert_weight(fqn, int(hf_config.n_routed_experts), keys)

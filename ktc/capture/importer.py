@@ -12,6 +12,7 @@ Weights are named by `resolve(fqn) -> (name, source)` (per architecture: checkpo
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -290,3 +291,25 @@ def expert_source(layer: int, which: str, num_experts: int, keys, per_expert: Ca
     else:
         parts = [{"load": per_expert(e, "down")} for e in range(num_experts)]
     return name, {"stack": parts}
+
+
+_EXPERT_PARAM = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+_HF_PROJ = {"gate": "gate_proj.weight", "up": "up_proj.weight", "down": "down_proj.weight"}
+
+
+def routed_expert_weight(fqn: str, num_experts: int, keys, per_expert_prefix: str = "mlp.experts",
+                         proj: dict[str, str] = _HF_PROJ) -> tuple[str, dict[str, Any]] | None:
+    """(name, source) for transformers' fused expert parameters (`...mlp.experts.gate_up_proj` /
+    `down_proj`), read from a checkpoint that stores expert e's matrices under
+    `model.layers.L.<per_expert_prefix>.<e>.<proj[role]>`; None for any other parameter."""
+    m = _EXPERT_PARAM.fullmatch(fqn)
+    if m is None:
+        return None
+    layer = int(m.group(1))
+    prefix = f"model.layers.{layer}.{per_expert_prefix}"
+    fused = f"model.layers.{layer}.mlp.experts"
+    return expert_source(
+        layer, "gate_up" if m.group(2) == "gate_up_proj" else "down", num_experts, keys,
+        lambda e, role: f"{prefix}.{e}.{proj[role]}",
+        {"gate_up": f"{fused}.gate_up_proj", "down": f"{fused}.down_proj"},
+    )

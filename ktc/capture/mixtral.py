@@ -13,7 +13,7 @@ import re
 from torch import nn
 
 from ktc.capture.export import check_act
-from ktc.capture.importer import expert_source
+from ktc.capture.importer import routed_expert_weight
 from ktc.capture.ops import CaptureAttention, CaptureMoE
 from ktc.capture.qwen_moe import gqa_attention
 
@@ -55,9 +55,8 @@ def moe(block: nn.Module, layer: int, hf_config) -> CaptureMoE:
     return CaptureMoE(block, weights, spec)
 
 
-_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 _ROUTER = re.compile(r"model\.layers\.(\d+)\.mlp\.gate\.weight")
-_W = {"gate": "w1", "up": "w3", "down": "w2"}
+_W = {"gate": "w1.weight", "up": "w3.weight", "down": "w2.weight"}
 
 
 def weight(fqn: str, hf_config, keys):
@@ -67,14 +66,4 @@ def weight(fqn: str, hf_config, keys):
         legacy = f"model.layers.{m.group(1)}.block_sparse_moe.gate.weight"
         key = fqn if keys is not None and legacy not in keys and fqn in keys else legacy
         return key, {"load": key}
-    m = _EXPERTS.fullmatch(fqn)
-    if m is None:
-        return None
-    layer = int(m.group(1))
-    legacy = f"model.layers.{layer}.block_sparse_moe.experts"
-    fused = f"model.layers.{layer}.mlp.experts"
-    return expert_source(
-        layer, "gate_up" if m.group(2) == "gate_up_proj" else "down", int(hf_config.num_local_experts), keys,
-        lambda e, role: f"{legacy}.{e}.{_W[role]}.weight",
-        {"gate_up": f"{fused}.gate_up_proj", "down": f"{fused}.down_proj"},
-    )
+    return routed_expert_weight(fqn, int(hf_config.num_local_experts), keys, "block_sparse_moe.experts", _W)

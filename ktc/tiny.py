@@ -70,7 +70,18 @@ def make_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, num_layers: i
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = tiny_config(arch, num_layers=num_layers)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = randomize_weights(tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval())
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(out)
+    if tokenizer:
+        write_tiny_tokenizer(out, vocab_size=config.vocab_size)
+    return model
+
+
+def randomize_weights(model):
+    """Fill a transformers model with test weights in place (see make_tiny_model); returns it."""
+    import torch
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -82,10 +93,6 @@ def make_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, num_layers: i
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.05)
-    model = model.to(getattr(torch, dtype))
-    model.save_pretrained(out)
-    if tokenizer:
-        write_tiny_tokenizer(out, vocab_size=config.vocab_size)
     return model
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ktc.ir import Graph, Node, Value, Weight
-from ktc.tiny import tiny_config
+from ktc.tiny import randomize_weights, tiny_config
 
 REF_KERNEL = "torch_reference"
 
@@ -56,19 +56,7 @@ def hf_model(arch: str, seed: int = 0, **overrides):
     for k, v in overrides.items():
         setattr(config, k, v)
     config._attn_implementation = "eager"
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.5 if name.endswith("gate.weight") else 0.08)
-            elif name.endswith("norm.weight") or "layernorm" in name:
-                p.uniform_(0.8, 1.2)
-            else:
-                p.normal_(0.0, 0.02)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.05)
-    return model
+    return randomize_weights(tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval())
 
 
 # -- building graphs by hand ---------------------------------------------------------------

@@ -139,12 +139,17 @@ def compile_model(
         # 3. codegen: one CPU kernel library for every expert kernel the graph names
         progress.phase(f"codegen ({cpu.name})")
         t = time.perf_counter()
-        moe_nodes = [n for n in graph.nodes_of("moe_experts") if n.kernel]
+        moe_nodes = [n for n in graph.nodes_of("moe_experts") if n.kernel and n.device == "cpu"]
         specs = list({expert_kernel_spec(graph, n).name: expert_kernel_spec(graph, n) for n in moe_nodes}.values())
         targets_entry: dict[str, Any] = {}
         if specs:
             entry = build_cpu_kernels(specs, cpu, folder / "kernels" / "cpu")
             targets_entry["cpu"] = {**entry, "dir": "kernels/cpu"}
+        if any(n.device == "cuda" for n in graph.nodes):
+            from ktc.codegen.gpu_artifact import write_gpu_kernels
+
+            progress.phase("codegen (triton)")
+            targets_entry["gpu"] = write_gpu_kernels(graph, folder / "kernels" / "gpu")
         phases["codegen"] = time.perf_counter() - t
 
         # 4. weights: evaluated from the checkpoint one at a time, converted, packed, sharded
@@ -152,6 +157,8 @@ def compile_model(
         t = time.perf_counter()
         writer = ShardWriter(folder / "weights")
         packed_by_node = {n.weights[r]: n for n in moe_nodes for r in ("gate_up", "down")}
+        gpu_packed = {n.weights[r]: graph.weights[n.weights[r]].group_size for n in graph.nodes_of("moe_experts")
+                      for r in ("gate_up", "down") if graph.weights[n.weights[r]].layout == "gpu_w4a16"}
         progress.weights_start(len(graph.weights))
         done: set[str] = set()
         stored_sources: dict[tuple[str, str | None], str] = {}
@@ -173,6 +180,14 @@ def compile_model(
                 for n in (gu_name, dn_name):
                     done.add(n)
                     progress.weight_done(n)
+                continue
+            if name in gpu_packed:
+                from ktc.codegen.gpu.moe import pack_w4a16
+
+                for part, tensor in pack_w4a16(evaluate_source(ckpt, w.source), gpu_packed[name]).items():
+                    writer.add(packed_key(name, part), tensor)
+                done.add(name)
+                progress.weight_done(name)
                 continue
             key = (json.dumps(w.source, sort_keys=True), w.format)
             if key in stored_sources:   # e.g. a tied lm_head: store the tensor once

@@ -4,6 +4,9 @@ A moe_experts node on the CPU gets the TVM expert kernel specialised for its sha
 format; its two weights are marked as packed in that kernel's layout, so the artifact
 writer packs them and the runtime hands them to the kernel untouched. Dense CPU ops run on
 the runtime's built-in implementations and get no kernel name.
+
+Every GPU-placed node gets a Triton kernel from ktc.codegen.gpu and its configs (see
+passes/gpu_kernels.py); int4 GPU experts are marked as packed in the w4a16 layout.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from ktc.ir import Graph, Node
 from ktc.passes.manager import PassContext
 
 CPU_EXPERT_LAYOUT = "cpu_experts"
+GPU_W4A16_LAYOUT = "gpu_w4a16"
 
 
 def expert_kernel_spec(graph: Graph, node: Node) -> ExpertKernelSpec:
@@ -26,6 +30,15 @@ def expert_kernel_spec(graph: Graph, node: Node) -> ExpertKernelSpec:
 
 def kernel_selection(graph: Graph, ctx: PassContext) -> Graph:
     graph = graph.copy()
+    gpu_nodes = [n for n in graph.nodes if n.device not in (None, "cpu")]
+    if gpu_nodes:
+        from ktc.passes.gpu_kernels import select_gpu_kernel
+
+        for node in gpu_nodes:
+            select_gpu_kernel(graph, node)
+            if node.op == "moe_experts" and node.format == "int4":
+                for role in ("gate_up", "down"):
+                    graph.weights[node.weights[role]].layout = GPU_W4A16_LAYOUT
     for node in graph.nodes_of("moe_experts"):
         if node.device != "cpu":
             continue

@@ -3,7 +3,11 @@
 CPU-resident routed experts: int8 or int4, symmetric, group-wise along K (the group is the
 largest of 128/64/32 that divides K of both expert matrices), or the checkpoint's own float
 dtype with --quant none. Everything else keeps the checkpoint dtype (the CPU runtime computes
-dense ops in float32). GPU formats (bf16 / w4a16 / fp8) come with the GPU runtime.
+dense ops in float32).
+
+GPU-resident weights are stored bfloat16 (small float32 tables such as rope's inv_freq stay
+float32); GPU routed experts are bfloat16 with --quant none, or int4 weight-only (w4a16,
+group-wise, symmetric) with --quant int4. int8 experts exist only for the CPU kernels.
 """
 
 from __future__ import annotations
@@ -33,7 +37,12 @@ def quantization(graph: Graph, ctx: PassContext) -> Graph:
     graph = graph.copy()
     for w in graph.weights.values():
         w.format = w.dtype
+        if w.device not in (None, "cpu") and w.dtype in FLOAT_FORMATS and "values" not in w.source:
+            w.format = "bfloat16"
     for node in graph.nodes_of("moe_experts"):
+        if node.device not in (None, "cpu"):
+            _gpu_experts(graph, node, ctx)
+            continue
         weights = [graph.weights[node.weights[r]] for r in ("gate_up", "down")]
         if ctx.quant == "none":
             fmt = weights[0].dtype
@@ -50,3 +59,18 @@ def quantization(graph: Graph, ctx: PassContext) -> Graph:
             w.format = ctx.quant
             w.group_size = group
     return graph
+
+
+def _gpu_experts(graph: Graph, node, ctx: PassContext) -> None:
+    weights = [graph.weights[node.weights[r]] for r in ("gate_up", "down")]
+    if ctx.quant == "none":
+        node.format = "bfloat16"
+        return
+    if ctx.quant != "int4":
+        raise KtcError(f"{node.name}: --quant {ctx.quant} experts run only on the CPU; with --target {node.device} "
+                       "use --quant none (bf16) or --quant int4 (w4a16)")
+    group = expert_group_size(node.attrs["hidden_size"], node.attrs["intermediate_size"])
+    node.format = "int4"
+    for w in weights:
+        w.format = "int4"
+        w.group_size = group

@@ -4,6 +4,7 @@
                              required CPU features, sha256 + size of every other file
     weights/*.safetensors    already quantized and packed in kernel layout (never pickle)
     kernels/cpu/<target>.so  TVM-built CPU kernels (+ TVM's runtime library for its thread pool)
+    kernels/gpu/             Triton kernel sources (src/<family>.py) and configs.json (--target cuda)
     tokenizer/               tokenizer.json and friends, when the model folder had them
 
 Everything here is checked before any kernel runs: the format version, every listed file's
@@ -53,6 +54,10 @@ class Manifest:
         return self.data.get("targets", {}).get("cpu")
 
     @property
+    def gpu(self) -> dict[str, Any] | None:
+        return self.data.get("targets", {}).get("gpu")
+
+    @property
     def weight_files(self) -> list[str]:
         return self.data["weights"]["files"]
 
@@ -98,8 +103,16 @@ def verify_files(manifest: Manifest, hashes: bool = True, on_file: Callable[[str
 
 
 def check_host(manifest: Manifest) -> None:
-    """Refuse an artifact whose CPU kernels need features this host lacks."""
+    """Refuse an artifact whose CPU kernels need features this host lacks, or whose GPU kernels need
+    a CUDA GPU this host does not have."""
     from ktc.targets import host_cpu_features
+
+    if manifest.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HostError(f"{manifest.path} was compiled for --target cuda and this host has no CUDA GPU: "
+                            "recompile it with --target cpu")
 
     cpu = manifest.cpu
     if not cpu:

@@ -88,7 +88,15 @@ def load_artifact(path: str | Path, verify: str = "full", max_batch_size: int = 
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(manifest.path / manifest.data["tokenizer"]))
-    model = CompiledModel(graph, weights, cpu_kernels=cpu_kernels, tokenizer=tokenizer,
-                          max_batch_size=max_batch_size, max_context=max_context)
+    if manifest.gpu:
+        from ktc.runtime.gpu.kernels import load_kernels
+        from ktc.runtime.gpu.model import GpuModel
+
+        kernels = load_kernels(manifest.path / manifest.gpu["dir"] / "src")
+        model = GpuModel(graph, weights, kernels, tokenizer=tokenizer, max_batch_size=max_batch_size,
+                         max_context=max_context)
+    else:
+        model = CompiledModel(graph, weights, cpu_kernels=cpu_kernels, tokenizer=tokenizer,
+                              max_batch_size=max_batch_size, max_context=max_context)
     model.manifest = manifest.data
     return model

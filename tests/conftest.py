@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a CUDA GPU the Triton kernels (ktc.codegen.gpu, the GPU runtime) run in Triton's
+# interpreter; it must be chosen before triton is first imported, which may be in any test.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 COMPILE_SECONDS: dict[str, float] = {}
 

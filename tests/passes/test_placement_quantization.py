@@ -2,7 +2,7 @@ import pytest
 
 from ktc.errors import KtcError
 from ktc.passes.manager import PassContext, PassManager
-from ktc.passes.placement import gpu_resident_bytes, placement
+from ktc.passes.placement import gpu_model_bytes, gpu_resident_bytes, placement
 from ktc.passes.quantization import expert_group_size, quantization
 from tests.passes.graphs import one_layer_moe
 
@@ -13,18 +13,39 @@ def test_cpu_target_places_everything_on_the_cpu():
     assert {w.device for w in g.weights.values()} == {"cpu"}
 
 
-def test_gpu_target_is_refused_with_the_size_it_would_need():
-    g = one_layer_moe()
-    with pytest.raises(KtcError, match="GPU execution is not available"):
-        placement(g, PassContext(target="cuda", gpu_memory_bytes=2**30))
+def test_gpu_target_places_everything_on_the_gpu_when_it_fits():
+    g = placement(one_layer_moe(), PassContext(target="cuda", quant="none"))
+    assert {n.device for n in g.nodes} == {"cuda"}
+    assert {w.device for w in g.weights.values()} == {"cuda"}
     expert = 8 * (2 * 32 * 64 + 64 * 32) * 4
     total = sum(w.numel * 4 for w in g.weights.values())
     assert gpu_resident_bytes(g) == total - expert
 
 
+def test_gpu_target_over_budget_is_refused_with_the_size_it_needs():
+    g = one_layer_moe()
+    need = gpu_model_bytes(g, "none")
+    assert need == sum(w.numel * 2 for w in g.weights.values())        # stored bf16
+    placement(g, PassContext(target="cuda", quant="none", gpu_memory_bytes=need))
+    with pytest.raises(KtcError, match=r"needs 0\.00 GiB of GPU memory.*more than --gpu-memory"):
+        placement(g, PassContext(target="cuda", quant="none", gpu_memory_bytes=need - 1))
+    assert gpu_model_bytes(g, "int4") < need
+
+
+def test_gpu_quantization_is_bf16_with_int4_experts_on_request():
+    g = PassManager([placement, quantization]).run(one_layer_moe(), PassContext(target="cuda", quant="int4"))
+    moe = g.nodes_of("moe_experts")[0]
+    assert moe.format == "int4" and g.weights[moe.weights["gate_up"]].group_size == 32
+    assert g.weights["q"].format == "bfloat16" and g.weights["inv_freq"].format == "float32"
+    with pytest.raises(KtcError, match="run only on the CPU"):
+        PassManager([placement, quantization]).run(one_layer_moe(), PassContext(target="cuda", quant="int8"))
+
+
 def test_placement_rule_that_names_another_device_is_refused():
     with pytest.raises(KtcError, match="placement rule"):
         placement(one_layer_moe(), PassContext(options={"placement_rules": {r"experts$": "cuda"}}))
+    with pytest.raises(KtcError, match="placement rule"):
+        placement(one_layer_moe(), PassContext(target="cuda", options={"placement_rules": {r"experts$": "cpu"}}))
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])

@@ -1,0 +1,356 @@
+"""GPU benchmark of a --target cuda compile of the Qwen3-30B-A3B shape (random bf16 weights).
+
+    python bench/gpu_decode.py [--layers 48] [--out DIR]       (on a machine with an H100/H200)
+
+No 60 GB folder is written: the graph comes from a weights-free capture of the real
+config.json (written here), transformers' own Qwen3-MoE model is built on the GPU with its
+random init, and the compiled model runs on THE SAME tensors (its layout is transformers'
+in-memory one: q/k/v/o, experts gate_up [E, 2I, H] and down [E, H, I]), so one copy of the
+weights serves both and the same-run comparison fits on one 80 GB GPU.
+
+Prints and writes (JSON) in order:
+  1. correctness on a smaller shape (4 layers, real dims): logits of prefill + decode steps of
+     the compiled model vs transformers bf16, both vs transformers float32 on the same weights;
+  2. decode tokens/s at batch 1 after a 1K-token prompt: ktc (CUDA graph) vs transformers eager
+     vs transformers under torch.compile, same run, same weights, static caches;
+  3. prefill tokens/s of a 2K prompt: ktc vs transformers eager;
+  4. per-kernel achieved GB/s (decode shapes) and TFLOP/s (prefill shapes) vs measured ceilings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
+    "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "decoder_sparse_step": 1,
+    "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [],
+    "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+
+DEV = torch.device("cuda")
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def compiled_graph(cfg: dict):
+    """The lowered graph of a --target cuda compile (weights-free capture + the default passes)."""
+    from ktc.capture import capture
+    from ktc.passes.manager import PassContext, PassManager
+    from ktc.passes.pipeline import DEFAULT_PIPELINE
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(cfg))
+        graph = capture(d, weights_free=True)
+    return PassManager(DEFAULT_PIPELINE).run(graph, PassContext(target="cuda", quant="none"))
+
+
+def hf_model(cfg: dict, dtype=torch.bfloat16, seed=0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")},
+                                     model_type=cfg["model_type"])
+    with torch.device(DEV):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def shared_weights(graph, model) -> dict:
+    """graph weight name -> the transformers parameter it is (same storage)."""
+    sd = model.state_dict()
+    out = {}
+    for name, w in graph.weights.items():
+        if "values" in w.source:
+            out[name] = torch.tensor(w.source["values"], dtype=torch.float32, device=DEV)
+            continue
+        key = name + "_proj" if name.endswith((".experts.gate_up", ".experts.down")) else name
+        t = sd[key]
+        assert list(t.shape) == list(w.shape), (name, t.shape, w.shape)
+        out[name] = t
+    return out
+
+
+def ktc_model(graph, weights):
+    from ktc.codegen.gpu import SOURCE_DIR
+    from ktc.runtime.gpu.kernels import load_kernels
+    from ktc.runtime.gpu.model import GpuModel
+
+    return GpuModel(graph, weights, load_kernels(SOURCE_DIR), max_batch_size=1, max_context=8192)
+
+
+def cuda_time(fn, reps: int) -> float:
+    """Seconds per call, events around `reps` back-to-back calls after one warm call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+# -- 1. correctness -------------------------------------------------------------------------
+def check_logits(results: dict) -> None:
+    cfg = dict(QWEN3_30B_A3B, num_hidden_layers=4)
+    graph = compiled_graph(cfg)
+    ref = hf_model(cfg, seed=1)
+    m = ktc_model(graph, shared_weights(graph, ref))
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg["vocab_size"], (1, 100), generator=g)
+    steps = 4
+    with torch.no_grad():
+        ours = [m._prefill(ids, reserve=steps)]
+        toks = [ours[-1].argmax(-1)]
+        for _ in range(steps - 1):
+            ours.append(m.step(toks[-1]).clone())
+            toks.append(ours[-1].argmax(-1))
+        full = torch.cat((ids.to(DEV), torch.stack(toks[:-1], 1)), 1)
+        positions = [ids.shape[1] - 1 + i for i in range(steps)]
+        hf_bf16 = ref(full).logits[0, positions].float()
+        ref32 = ref.float()
+        hf_f32 = ref32(full).logits[0, positions]
+    ours_t = torch.cat(ours, 0).float()
+    out = {"shape": "Qwen3-30B-A3B dims, 4 layers", "tokens": f"prefill 100 + {steps - 1} decode steps",
+           "ktc_vs_hf_bf16": rel(ours_t, hf_bf16), "ktc_vs_hf_fp32": rel(ours_t, hf_f32),
+           "hf_bf16_vs_hf_fp32": rel(hf_bf16, hf_f32),
+           "argmax_agree": float((ours_t.argmax(-1) == hf_bf16.argmax(-1)).float().mean())}
+    results["correctness"] = out
+    log("correctness:", json.dumps(out))
+    m = ref = ref32 = None
+    torch.cuda.empty_cache()
+
+
+# -- 2./3. end-to-end speed -------------------------------------------------------------------
+def hf_decode_fns(model, cfg, ctx: int, steps: int):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ctx + steps + 16)
+    ids = torch.randint(0, cfg["vocab_size"], (1, ctx), device=DEV)
+    state = {}
+
+    def prefill():
+        cache.reset()
+        out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(ctx, device=DEV),
+                    use_cache=True, logits_to_keep=1)
+        state["tok"] = out.logits[:, -1].argmax(-1, keepdim=True)
+        state["pos"] = ctx
+
+    def make_step(fwd):
+        def step():
+            pos = torch.tensor([state["pos"]], device=DEV)
+            out = fwd(input_ids=state["tok"], past_key_values=cache, cache_position=pos, use_cache=True)
+            state["tok"] = out.logits[:, -1].argmax(-1, keepdim=True)
+            state["pos"] += 1
+        return step
+
+    return prefill, make_step
+
+
+def bench_e2e(results: dict, layers: int, ctx: int, steps: int, prefill_len: int, do_compile: bool) -> None:
+    cfg = dict(QWEN3_30B_A3B, num_hidden_layers=layers)
+    t = time.perf_counter()
+    graph = compiled_graph(cfg)
+    model = hf_model(cfg, seed=2)
+    m = ktc_model(graph, shared_weights(graph, model))
+    log(f"built {layers}-layer model in {time.perf_counter() - t:.0f}s; GPU memory "
+        f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+    e2e = {"layers": layers, "context": ctx}
+    results[f"e2e_{layers}"] = e2e
+    save = results["_save"]
+    prompt = torch.randint(0, cfg["vocab_size"], (1, ctx))
+
+    # ktc decode: prefill the 1K prompt, then CUDA-graph steps
+    with torch.no_grad():
+        logits = m._prefill(prompt, reserve=steps * 3 + 8)
+        tok = logits.argmax(-1)
+        state = {"tok": tok}
+
+        def ktc_step():
+            state["tok"] = m.step(state["tok"]).argmax(-1)
+
+        ktc_step()
+        ktc_step()     # captured now
+        e2e["ktc_decode_ms"] = cuda_time(ktc_step, steps) * 1e3
+        log(f"ktc decode: {e2e['ktc_decode_ms']:.2f} ms/token ({1e3 / e2e['ktc_decode_ms']:.0f} tok/s)")
+        save()
+
+        pl = torch.randint(0, cfg["vocab_size"], (1, prefill_len))
+        e2e["ktc_prefill_s"] = cuda_time(lambda: m._prefill(pl, reserve=1), 3)
+        log(f"ktc prefill {prefill_len}: {e2e['ktc_prefill_s'] * 1e3:.1f} ms "
+            f"({prefill_len / e2e['ktc_prefill_s']:.0f} tok/s)")
+    m.reset()
+
+    with torch.no_grad():
+        prefill, make_step = hf_decode_fns(model, cfg, ctx, steps * 2 + 8)
+        prefill()
+        e2e["hf_eager_decode_ms"] = cuda_time(make_step(model), max(5, steps // 5)) * 1e3
+        log(f"transformers eager decode: {e2e['hf_eager_decode_ms']:.1f} ms/token")
+        ids = torch.randint(0, cfg["vocab_size"], (1, prefill_len), device=DEV)
+        e2e["hf_eager_prefill_s"] = cuda_time(
+            lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), 2)
+        log(f"transformers eager prefill {prefill_len}: {e2e['hf_eager_prefill_s'] * 1e3:.1f} ms")
+        save()
+        if do_compile:
+            try:
+                t = time.perf_counter()
+                compiled = torch.compile(model, mode="reduce-overhead", dynamic=False)
+                prefill()
+                step = make_step(compiled)
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                e2e["compile_seconds"] = time.perf_counter() - t
+                e2e["hf_compile_decode_ms"] = cuda_time(step, steps) * 1e3
+                log(f"transformers torch.compile decode: {e2e['hf_compile_decode_ms']:.2f} ms/token "
+                    f"(compiled in {e2e['compile_seconds']:.0f}s)")
+            except Exception as e:  # report, keep the other numbers
+                e2e["hf_compile_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                log("torch.compile failed:", e2e["hf_compile_error"])
+    m = model = None
+    torch.cuda.empty_cache()
+
+
+# -- 4. kernels -------------------------------------------------------------------------------
+def bench_kernels(results: dict) -> None:
+    from triton.testing import do_bench
+
+    from ktc.codegen.gpu import attention, matmul, moe
+
+    h, inter, e, k, v = 2048, 768, 128, 8, 151936
+    rows = []
+    bf = torch.bfloat16
+
+    def add(name, ms, nbytes=0, flops=0):
+        rows.append({"kernel": name, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6 if nbytes else None,
+                     "TFLOP/s": flops / ms / 1e9 if flops else None})
+        log(f"  {name:44s} {ms * 1e3:8.1f} us" + (f" {nbytes / ms / 1e6:7.0f} GB/s" if nbytes else "")
+            + (f" {flops / ms / 1e9:6.0f} TFLOP/s" if flops else ""))
+
+    def bench(fn):
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    # ceilings
+    a = torch.empty(2 * 2**30 // 2, dtype=bf, device=DEV).normal_()
+    b = torch.empty_like(a)
+    add("ceiling: device copy 2 GiB (read+write)", bench(lambda: b.copy_(a)), nbytes=2 * a.numel() * 2)
+    a = b = None
+    x = torch.randn(8192, 8192, dtype=bf, device=DEV)
+    add("ceiling: torch bf16 matmul 8192^3", bench(lambda: x @ x), flops=2 * 8192**3)
+    x = None
+
+    for m_rows, n, kk, what in ((1, 5120, h, "qkv"), (1, h, 4096, "o"), (1, v, h, "lm_head"),
+                                (2048, 5120, h, "qkv"), (2048, h, 4096, "o")):
+        ws = [torch.randn(n, kk, dtype=bf, device=DEV) * 0.02 for _ in range(4 if m_rows == 1 else 1)]
+        xx = torch.randn(m_rows, kk, dtype=bf, device=DEV)
+        it = iter(range(10**9))
+        ms = bench(lambda xx=xx, ws=ws, it=it: matmul.linear(xx, ws[next(it) % len(ws)]))
+        add(f"matmul.linear {what} M={m_rows} N={n} K={kk}", ms, nbytes=n * kk * 2 if m_rows == 1 else 0,
+            flops=2 * m_rows * n * kk if m_rows > 1 else 0)
+
+    w_up = torch.randn(e, 2 * inter, h, dtype=bf, device=DEV) * 0.02
+    w_dn = torch.randn(e, h, inter, dtype=bf, device=DEV) * 0.02
+    for t in (1, 2048):
+        xx = torch.randn(t, h, dtype=bf, device=DEV)
+        ids = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)]).to(torch.int32)
+        tw = torch.rand(t, k, device=DEV)
+        dense = {"gate_up": w_up, "down": w_dn}
+        ms = bench(lambda xx=xx, tw=tw, ids=ids, dense=dense: moe.fused_moe(xx, tw, ids, dense, e, inter))
+        active = len(torch.unique(ids))
+        add(f"moe.fused_moe T={t} (align+up+down+sum)", ms, nbytes=active * 3 * inter * h * 2 if t == 1 else 0,
+            flops=2 * t * k * 3 * inter * h if t > 1 else 0)
+    packed = {f"{r}.{p}": tt for r, w in (("gate_up", w_up), ("down", w_dn))
+              for p, tt in moe.pack_w4a16(w, 128).items()}
+    w_up = w_dn = dense = None
+    xx = torch.randn(1, h, dtype=bf, device=DEV)
+    ids = torch.randperm(e, device=DEV)[:k].to(torch.int32)[None]
+    tw = torch.rand(1, k, device=DEV)
+    ms = bench(lambda: moe.fused_moe(xx, tw, ids, packed, e, inter))
+    add("moe.fused_moe w4a16 T=1", ms, nbytes=k * 3 * inter * h * (0.5 + 4 / 128))
+
+    for ctx_len in (1024, 8192):
+        kc = torch.randn(1, 4, ctx_len + 64, 128, dtype=bf, device=DEV)
+        vc = torch.randn_like(kc)
+        q = torch.randn(1, 32, 128, dtype=bf, device=DEV)
+        pos = torch.tensor([ctx_len - 1], device=DEV)
+        ms = bench(lambda q=q, kc=kc, vc=vc, pos=pos: attention.attention_decode(q, kc, vc, pos, 0.088))
+        add(f"attention.decode ctx={ctx_len}", ms, nbytes=2 * 4 * ctx_len * 128 * 2)
+    s = 2048
+    q = torch.randn(s, 32, 128, dtype=bf, device=DEV)
+    kc = torch.randn(1, 4, s, 128, dtype=bf, device=DEV)
+    vc = torch.randn_like(kc)
+    ms = bench(lambda: attention.attention_prefill(q, kc, vc, 1, s, 0, 0.088))
+    add("attention.prefill S=2048 causal", ms, flops=4 * s * s * 128 * 32 / 2)
+    results["kernels"] = rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--skip", default="", help="comma list of: correctness, e2e, kernels")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    import transformers
+    import triton
+
+    results = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(),
+               "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+               "command": " ".join(sys.argv)}
+    log(json.dumps(results))
+    skip = set(args.skip.split(","))
+    out = Path(args.out) / "gpu_decode.json"
+    results["_save"] = lambda: out.write_text(json.dumps({k: v for k, v in results.items() if k != "_save"},
+                                                         indent=1))
+    for name, fn in (("correctness", lambda: check_logits(results)),
+                     ("kernels", lambda: bench_kernels(results)),
+                     ("e2e", lambda: bench_e2e(results, args.layers, args.context, args.steps, args.prefill,
+                                               not args.no_compile))):
+        if name in skip:
+            continue
+        t = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            results[f"{name}_error"] = f"{type(e).__name__}: {e}"[:1000]
+        log(f"[{name} took {time.perf_counter() - t:.0f}s]")
+        results["_save"]()
+    e2e = results.get(f"e2e_{args.layers}", {})
+    if "ktc_decode_ms" in e2e:
+        log("\nSUMMARY")
+        log(f"decode tok/s: ktc {1e3 / e2e['ktc_decode_ms']:.1f}, eager {1e3 / e2e['hf_eager_decode_ms']:.1f}"
+            + (f", torch.compile {1e3 / e2e['hf_compile_decode_ms']:.1f}" if "hf_compile_decode_ms" in e2e else ""))
+        log(f"prefill {args.prefill} tok/s: ktc {args.prefill / e2e['ktc_prefill_s']:.0f}, "
+            f"eager {args.prefill / e2e['hf_eager_prefill_s']:.0f}")
+
+
+if __name__ == "__main__":
+    main()

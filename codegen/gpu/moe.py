@@ -1,0 +1,233 @@
+"""Fused MoE for GPU-resident experts: grouped GEMMs over token slots sorted by expert.
+
+A token's K routing choices are K "slots" (slot s = token s // K). Three steps:
+  moe_align       one program: count slots per expert, pad each expert's count to BLOCK_M,
+                  and write sorted_slots (each expert's slots in a contiguous, BLOCK_M-aligned
+                  run; padding holds the sentinel num_slots), the expert of every M block and
+                  the padded total. Deterministic (ranks come from a cumulative sum, not atomics)
+                  and all on the device, so it can be captured in a CUDA graph.
+  fused_moe       one grouped GEMM launch per matrix: program (M block, N block) multiplies the
+                  rows of its block (gathered by slot) by its block's expert weights. The gate_up
+                  pass computes the gate and up tiles together and stores silu(gate) * up; the
+                  down pass multiplies each row by its routing weight. Blocks past the padded
+                  total exit at once.
+  moe_sum         y[t] = sum over k of the down pass's rows t*K .. t*K+K-1.
+
+Weights are bf16 / fp16 [E, N, K] (gate_up [E, 2I, H], gate rows first; down [E, H, I]), or
+w4a16: int4 symmetric, group-wise along K (group = BLOCK_K). In each group of G values, byte j
+holds value j in its low nibble and value j + G/2 in its high nibble (two's complement), so a
+program multiplies two contiguous half-groups of activations by the two nibble planes; scales
+are float32 [E, N, K / G].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def moe_align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, total_ptr, num_slots, max_padded, max_blocks,
+                     NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                     CHUNK: tl.constexpr):
+    e = tl.arange(0, BLOCK_E)
+    emask = e < NUM_EXPERTS
+    counts = tl.zeros((BLOCK_E,), tl.int32)
+    for s0 in range(0, num_slots, CHUNK):
+        s = s0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + s, mask=s < num_slots, other=-1)
+        counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    cum = tl.cumsum(padded, axis=0)
+    starts = cum - padded
+    tl.store(total_ptr, tl.sum(padded, axis=0))
+    for p0 in range(0, max_padded, CHUNK):
+        p = p0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ptr + p, tl.zeros((CHUNK,), tl.int32) + num_slots, mask=p < max_padded)
+    for b0 in range(0, max_blocks, CHUNK):
+        blk = b0 + tl.arange(0, CHUNK)
+        owner = tl.sum(((cum[None, :] <= blk[:, None] * BLOCK_M) & emask[None, :]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blk, tl.minimum(owner, NUM_EXPERTS - 1), mask=blk < max_blocks)
+    tl.debug_barrier()
+    running = starts
+    for s0 in range(0, num_slots, CHUNK):
+        s = s0 + tl.arange(0, CHUNK)
+        smask = s < num_slots
+        ids = tl.load(ids_ptr + s, mask=smask, other=-1)
+        eq = (ids[:, None] == e[None, :]).to(tl.int32)
+        before = tl.cumsum(eq, axis=0) - eq
+        dest = tl.sum(eq * (before + running[None, :]), axis=1)
+        tl.store(sorted_ptr + dest, s, mask=smask)
+        running += tl.sum(eq, axis=0)
+
+
+@triton.jit
+def fused_moe_kernel(a_ptr, w_ptr, scale_ptr, c_ptr, sorted_ptr, block_expert_ptr, total_ptr, topk_w_ptr,
+                     N, K, num_slots, a_stride, c_stride, w_estride, w_nstride, s_estride, s_nstride,
+                     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, INT4: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    if pid_m * BLOCK_M >= tl.load(total_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    slots = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    smask = slots < num_slots
+    arow = tl.where(smask, slots // A_DIV, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    wn = tl.where(nmask, offs_n, 0).to(tl.int64)
+    w_base = w_ptr + expert * w_estride
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if INT4:
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs_h = tl.arange(0, HALF)
+        s_base = scale_ptr + expert * s_estride
+        for g in range(0, K // BLOCK_K):
+            a_lo = tl.load(a_ptr + arow[:, None] * a_stride + g * BLOCK_K + offs_h[None, :], mask=smask[:, None],
+                           other=0.0)
+            a_hi = tl.load(a_ptr + arow[:, None] * a_stride + g * BLOCK_K + HALF + offs_h[None, :],
+                           mask=smask[:, None], other=0.0)
+            packed = tl.load(w_base + wn[None, :] * w_nstride + g * HALF + offs_h[:, None])
+            lo = (packed << 4).to(tl.int8, bitcast=True) >> 4
+            hi = packed.to(tl.int8, bitcast=True) >> 4
+            sc = tl.load(s_base + wn * s_nstride + g)[None, :]
+            acc = tl.dot(a_lo, (lo.to(tl.float32) * sc).to(a_lo.dtype), acc)
+            acc = tl.dot(a_hi, (hi.to(tl.float32) * sc).to(a_lo.dtype), acc)
+            if GATED:
+                packed = tl.load(w_base + (wn + N)[None, :] * w_nstride + g * HALF + offs_h[:, None])
+                lo = (packed << 4).to(tl.int8, bitcast=True) >> 4
+                hi = packed.to(tl.int8, bitcast=True) >> 4
+                sc = tl.load(s_base + (wn + N) * s_nstride + g)[None, :]
+                acc_up = tl.dot(a_lo, (lo.to(tl.float32) * sc).to(a_lo.dtype), acc_up)
+                acc_up = tl.dot(a_hi, (hi.to(tl.float32) * sc).to(a_lo.dtype), acc_up)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + offs_k) < K
+            a = tl.load(a_ptr + arow[:, None] * a_stride + k0 + offs_k[None, :], mask=smask[:, None] & kmask[None, :],
+                        other=0.0)
+            w = tl.load(w_base + wn[None, :] * w_nstride + k0 + offs_k[:, None], mask=kmask[:, None], other=0.0)
+            acc = tl.dot(a, w.to(a.dtype), acc)
+            if GATED:
+                wu = tl.load(w_base + (wn + N)[None, :] * w_nstride + k0 + offs_k[:, None], mask=kmask[:, None],
+                             other=0.0)
+                acc_up = tl.dot(a, wu.to(a.dtype), acc_up)
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(topk_w_ptr + slots, mask=smask, other=0.0)[:, None]
+    c_ptrs = c_ptr + tl.where(smask, slots, 0).to(tl.int64)[:, None] * c_stride + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def moe_sum_kernel(c_ptr, y_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hidden
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for k in tl.static_range(TOP_K):
+        acc += tl.load(c_ptr + (t * TOP_K + k) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * hidden + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+KERNELS = {"moe_align_kernel": moe_align_kernel, "fused_moe_kernel": fused_moe_kernel,
+           "moe_sum_kernel": moe_sum_kernel}
+
+
+def default_config(num_slots: int, hidden: int, inter: int, group_size: int | None = None) -> dict:
+    """One config for both passes (they share the alignment, hence BLOCK_M)."""
+    if num_slots <= 64:
+        cfg = {"BLOCK_M": 16, "BLOCK_N_UP": 32, "BLOCK_N_DOWN": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    else:
+        cfg = {"BLOCK_M": 64, "BLOCK_N_UP": 64, "BLOCK_N_DOWN": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    if group_size is not None:
+        cfg["BLOCK_K"] = group_size
+    return cfg
+
+
+def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
+    """An upper bound on the M blocks after alignment (each non-empty expert adds < 1 block of padding)."""
+    return min(num_slots, triton.cdiv(num_slots, block_m) + num_experts)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    slots = ids.numel()
+    blocks = max_blocks(slots, num_experts, block_m)
+    sorted_slots = torch.empty(blocks * block_m, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
+    total = torch.empty(1, dtype=torch.int32, device=ids.device)
+    moe_align_kernel[(1,)](ids, sorted_slots, block_expert, total, slots, blocks * block_m, blocks,
+                           NUM_EXPERTS=num_experts, BLOCK_M=block_m,
+                           BLOCK_E=triton.next_power_of_2(num_experts), CHUNK=64, num_warps=4)
+    return sorted_slots, block_expert, total
+
+
+def _gemm(a, w, scales, c, align, topk_w, n, k, a_div, gated, mul_weight, block_n, cfg):
+    sorted_slots, block_expert, total = align
+    int4 = scales is not None
+    grid = (block_expert.numel() * triton.cdiv(n, block_n),)
+    fused_moe_kernel[grid](
+        a, w, scales if int4 else w, c, sorted_slots, block_expert, total, topk_w,
+        n, k, c.shape[0], a.stride(0), c.stride(0), w.stride(0), w.stride(1),
+        scales.stride(0) if int4 else 0, scales.stride(1) if int4 else 0,
+        A_DIV=a_div, GATED=gated, MUL_WEIGHT=mul_weight, INT4=int4, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: dict,
+              num_experts: int, inter: int, config: dict | None = None) -> torch.Tensor:
+    """x [T, H], topk_* [T, K]; weights {"gate_up", "down"} dense, or {"gate_up.qweight",
+    "gate_up.scales", "down.qweight", "down.scales"} for w4a16. -> y [T, H] in x's dtype."""
+    t, h = x.shape
+    top_k = topk_ids.shape[-1]
+    slots = t * top_k
+    int4 = "gate_up.qweight" in weights
+    group = h // weights["gate_up.scales"].shape[-1] if int4 else None
+    cfg = config or default_config(slots, h, inter, group)
+    align = moe_align(topk_ids, num_experts, cfg["BLOCK_M"])
+    w_up = weights["gate_up.qweight"] if int4 else weights["gate_up"]
+    w_down = weights["down.qweight"] if int4 else weights["down"]
+    s_up = weights["gate_up.scales"] if int4 else None
+    s_down = weights["down.scales"] if int4 else None
+    tw = topk_weights.reshape(-1).to(torch.float32)
+    inter_act = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
+    _gemm(x, w_up, s_up, inter_act, align, tw, inter, h, top_k, True, False, cfg["BLOCK_N_UP"], cfg)
+    out = torch.empty(slots, h, dtype=x.dtype, device=x.device)
+    _gemm(inter_act, w_down, s_down, out, align, tw, h, inter, 1, False, True, cfg["BLOCK_N_DOWN"], cfg)
+    y = torch.empty(t, h, dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(h))
+    moe_sum_kernel[(t, triton.cdiv(h, block))](out, y, h, TOP_K=top_k, BLOCK=block, num_warps=4)
+    return y
+
+
+def pack_w4a16(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """[..., N, K] float -> {"qweight": uint8 [..., N, K/2], "scales": float32 [..., N, K/G]} (layout above)."""
+    k = w.shape[-1]
+    wg = w.detach().to(torch.float32).reshape(*w.shape[:-1], k // group_size, group_size)
+    scales = wg.abs().amax(dim=-1) / 7.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(wg / safe.unsqueeze(-1)).clamp_(-7, 7).to(torch.int16)
+    half = group_size // 2
+    lo, hi = q[..., :half] & 0xF, q[..., half:] & 0xF
+    packed = (lo | (hi << 4)).to(torch.uint8).reshape(*w.shape[:-1], k // 2)
+    return {"qweight": packed.contiguous(), "scales": scales.contiguous()}
+
+
+def unpack_w4a16(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 weight that pack_w4a16's output stands for."""
+    groups = scales.shape[-1]
+    b = qweight.to(torch.int16).reshape(*qweight.shape[:-1], groups, -1)
+    lo = ((b & 0xF) ^ 8) - 8
+    hi = ((b >> 4) ^ 8) - 8
+    q = torch.cat((lo, hi), dim=-1).to(torch.float32)
+    return (q * scales.unsqueeze(-1)).reshape(*qweight.shape[:-1], -1)

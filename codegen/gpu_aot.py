@@ -1,0 +1,187 @@
+"""Ahead-of-time builds of the GPU kernels: every kernel, for a named GPU target, with no GPU.
+
+`aot_specs(shape)` lists each kernel with a signature and the constexprs (block sizes, flags)
+that the runtime would launch it with for a model of that shape; `compile_kernel` builds one
+with triton.compile(ASTSource(...), target=GPUTarget(...)). CI builds them all for cuda sm80,
+sm90 and hip gfx942 so that a syntax or lowering error fails there and not on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+TARGETS = {"sm80": ("cuda", 80, 32), "sm90": ("cuda", 90, 32), "gfx942": ("hip", "gfx942", 64)}
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    family: str
+    kernel: str
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        flags = "-".join(f"{k}{v}" for k, v in self.constexprs.items() if isinstance(v, bool) and v)
+        return f"{self.family}.{self.kernel}" + (f"[{flags}]" if flags else "")
+
+
+def _sig(ptrs: dict[str, str], ints: tuple[str, ...] = (), floats: tuple[str, ...] = (),
+         consts: dict[str, Any] | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    sig = {k: f"*{v}" for k, v in ptrs.items()}
+    sig.update({k: "i32" for k in ints})
+    sig.update({k: "fp32" for k in floats})
+    sig.update({k: "constexpr" for k in (consts or {})})
+    return sig, dict(consts or {})
+
+
+def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: int = 128, experts: int = 128,
+              top_k: int = 8, inter: int = 768, group: int = 128) -> list[AotSpec]:
+    """One spec per kernel and per flag combination the runtime uses, at these model dims."""
+    from ktc.codegen.gpu import attention, matmul, moe, norm, rope
+
+    out: list[AotSpec] = []
+
+    def add(family, kernel, sig_consts, **options):
+        sig, consts = sig_consts
+        ordered = _order(family, kernel, sig)
+        out.append(AotSpec(family, kernel, ordered, consts, options))
+
+    nc = norm.default_config(hidden)
+    for res in (False, True):
+        add("norm", "rms_norm_kernel", _sig(dict(x_ptr="bf16", r_ptr="bf16", w_ptr="bf16", y_ptr="bf16", s_ptr="bf16"),
+                                            ("n_cols", "x_stride", "r_stride"), ("eps",),
+                                            dict(HAS_RESIDUAL=res, BLOCK=nc["BLOCK"])), num_warps=nc["num_warps"])
+    add("embedding", "embedding_kernel", _sig(dict(ids_ptr="i64", table_ptr="bf16", out_ptr="bf16"), ("hidden",),
+                                              consts=dict(BLOCK=1024)))
+    add("activation", "silu_mul_kernel", _sig(dict(gu_ptr="bf16", out_ptr="bf16"), ("inter",), consts=dict(BLOCK=1024)))
+    add("activation", "sigmoid_gate_mul_kernel", _sig(dict(y_ptr="bf16", g_ptr="bf16", out_ptr="bf16"),
+                                                      ("hidden", "g_stride"), consts=dict(BLOCK=1024)))
+    add("activation", "add_kernel", _sig(dict(a_ptr="bf16", b_ptr="bf16", out_ptr="bf16"), ("n",),
+                                         consts=dict(BLOCK=1024)))
+    for m in (1, 2048):
+        cfg = matmul.default_config(m, hidden, hidden)
+        consts = {k: v for k, v in cfg.items() if k.isupper()}
+        for bias in (False, True):
+            add("matmul", "matmul_kernel", _sig(dict(a_ptr="bf16", w_ptr="bf16", bias_ptr="bf16", c_ptr="bf16"),
+                                                ("M", "N", "K", "stride_am", "stride_wn", "stride_cm"),
+                                                consts=dict(HAS_BIAS=bias, **consts)),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    add("rope", "rope_tables_kernel", _sig(dict(pos_ptr="i64", inv_freq_ptr="fp32", cos_ptr="fp32", sin_ptr="fp32"),
+                                           floats=("scaling",), consts=dict(HALF=head_dim // 2, BLOCK=head_dim // 2)),
+        num_warps=1)
+    rc = rope.default_config(head_dim)
+    for has_norm in (False, True):
+        add("rope", "qk_rope_cache_kernel", _sig(
+            dict(qkv_ptr="bf16", cos_ptr="fp32", sin_ptr="fp32", pos_ptr="i64", qn_ptr="bf16", kn_ptr="bf16",
+                 q_ptr="bf16", kc_ptr="bf16", vc_ptr="bf16"),
+            ("seq", "qkv_stride", "cache_heads_stride", "cache_batch_stride"), ("eps",),
+            dict(NUM_HEADS=heads, NUM_KV=kv_heads, HEAD_DIM=head_dim, ROT=head_dim, HAS_NORM=has_norm,
+                 BLOCK_D=rc["BLOCK_D"], BLOCK_HALF=rc["BLOCK_D"] // 2)), num_warps=rc["num_warps"])
+    pc = attention.prefill_config(head_dim)
+    dc = attention.decode_config(head_dim, 1024)
+    for window in (False, True):
+        add("attention", "attention_prefill_kernel", _sig(
+            dict(q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", o_ptr="bf16"),
+            ("seq", "past", "window", "cache_bstride", "cache_hstride"), ("qk_scale",),
+            dict(NUM_HEADS=heads, GROUP=heads // kv_heads, HEAD_DIM=head_dim, HAS_WINDOW=window,
+                 BLOCK_M=pc["BLOCK_M"], BLOCK_N=pc["BLOCK_N"], BLOCK_D=head_dim)),
+            num_warps=pc["num_warps"], num_stages=pc["num_stages"])
+        add("attention", "attention_decode_kernel", _sig(
+            dict(q_ptr="bf16", k_ptr="bf16", v_ptr="bf16", pos_ptr="i64", part_o_ptr="fp32", part_lse_ptr="fp32"),
+            ("window", "chunk", "cache_bstride", "cache_hstride"), ("qk_scale",),
+            dict(NUM_HEADS=heads, GROUP=heads // kv_heads, HEAD_DIM=head_dim, SPLITS=dc["SPLITS"], HAS_WINDOW=window,
+                 BLOCK_G=16, BLOCK_N=dc["BLOCK_N"], BLOCK_D=head_dim)),
+            num_warps=dc["num_warps"], num_stages=dc["num_stages"])
+    add("attention", "attention_combine_kernel", _sig(dict(part_o_ptr="fp32", part_lse_ptr="fp32", o_ptr="bf16"),
+                                                      consts=dict(HEAD_DIM=head_dim, SPLITS=dc["SPLITS"],
+                                                                  BLOCK_S=16, BLOCK_D=head_dim)), num_warps=1)
+    for method, sigmoid, bias in ((0, False, False), (2, True, True)):
+        add("router", "router_topk_kernel", _sig(
+            dict(logits_ptr="fp32", bias_ptr="fp32", w_ptr="fp32", ids_ptr="i32"), ("num_experts",), ("scaling",),
+            dict(TOP_K=top_k, N_GROUP=8 if method else 1, GROUP_SIZE=experts // (8 if method else 1),
+                 TOPK_GROUP=4 if method else 1, SIGMOID=sigmoid, METHOD=method, HAS_BIAS=bias, NORM=True,
+                 BLOCK_G=8 if method else 1, BLOCK_E=experts // (8 if method else 1), BLOCK_K=top_k)), num_warps=4)
+    add("moe", "moe_align_kernel", _sig(dict(ids_ptr="i32", sorted_ptr="i32", block_expert_ptr="i32", total_ptr="i32"),
+                                        ("num_slots", "max_padded", "max_blocks"),
+                                        consts=dict(NUM_EXPERTS=experts, BLOCK_M=16, BLOCK_E=experts, CHUNK=64)))
+    for slots in (top_k, 2048 * top_k):
+        for int4 in (False, True):
+            cfg = moe.default_config(slots, hidden, inter, group if int4 else None)
+            for gated in (True, False):
+                add("moe", "fused_moe_kernel", _sig(
+                    dict(a_ptr="bf16", w_ptr="u8" if int4 else "bf16", scale_ptr="fp32", c_ptr="bf16", sorted_ptr="i32",
+                         block_expert_ptr="i32", total_ptr="i32", topk_w_ptr="fp32"),
+                    ("N", "K", "num_slots", "a_stride", "c_stride", "w_estride", "w_nstride", "s_estride", "s_nstride"),
+                    consts=dict(A_DIV=top_k if gated else 1, GATED=gated, MUL_WEIGHT=not gated, INT4=int4,
+                                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N_UP" if gated else "BLOCK_N_DOWN"],
+                                BLOCK_K=cfg["BLOCK_K"])), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    add("moe", "moe_sum_kernel", _sig(dict(c_ptr="bf16", y_ptr="bf16"), ("hidden",),
+                                      consts=dict(TOP_K=top_k, BLOCK=1024)))
+    add("sampling", "argmax_blocks_kernel", _sig(dict(x_ptr="fp32", val_ptr="fp32", idx_ptr="i32"),
+                                                 ("vocab", "x_stride"), consts=dict(BLOCK=4096)), num_warps=8)
+    add("sampling", "argmax_reduce_kernel", _sig(dict(val_ptr="fp32", idx_ptr="i32", out_ptr="i64"),
+                                                 ("nblk", "vocab"), consts=dict(BLOCK=64)), num_warps=1)
+    return out
+
+
+def _order(family: str, kernel: str, sig: dict[str, str]) -> dict[str, str]:
+    """The signature in the kernel's argument order; KeyError naming an argument left out."""
+    fn = _jit_function(family, kernel)
+    missing = [a for a in fn.arg_names if a not in sig]
+    extra = [a for a in sig if a not in fn.arg_names]
+    if missing or extra:
+        raise KeyError(f"{family}.{kernel}: signature lacks {missing}, has unknown {extra}")
+    return {a: sig[a] for a in fn.arg_names}
+
+
+def _jit_function(family: str, kernel: str):
+    """A JITFunction for the kernel, also when TRITON_INTERPRET=1 made @triton.jit an interpreter object."""
+    from triton.runtime.jit import JITFunction
+
+    k = importlib.import_module(f"ktc.codegen.gpu.{family}").KERNELS[kernel]
+    return k if isinstance(k, JITFunction) else JITFunction(k.fn)
+
+
+def compile_kernel(spec: AotSpec, target: str):
+    """triton.compile the kernel for a TARGETS name; returns the CompiledKernel (asm: ptx/cubin or amdgcn/hsaco)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    backend, arch, warp = TARGETS[target]
+    src = ASTSource(_jit_function(spec.family, spec.kernel), spec.signature, spec.constexprs)
+    return triton.compile(src, target=GPUTarget(backend, arch, warp), options=dict(spec.options))
+
+
+def build_all(targets: tuple[str, ...] = tuple(TARGETS)) -> dict[str, dict[str, Any]]:
+    """Build every spec for every target: {"<spec name>@<target>": {"ok", "error", "wgmma", "seconds"}}."""
+    import time
+
+    results: dict[str, dict[str, Any]] = {}
+    for spec in aot_specs():
+        for target in targets:
+            start = time.perf_counter()
+            key = f"{spec.name}@{target}"
+            try:
+                k = compile_kernel(spec, target)
+                asm = k.asm.get("ptx", "")
+                results[key] = {"ok": True, "family": spec.family, "wgmma": "wgmma" in asm,
+                                "binary": "cubin" in k.asm or "hsaco" in k.asm}
+            except Exception as e:  # reported per kernel; the test names the failing one
+                results[key] = {"ok": False, "family": spec.family, "error": f"{type(e).__name__}: {e}"[:2000]}
+            results[key]["seconds"] = round(time.perf_counter() - start, 3)
+    return results
+
+
+if __name__ == "__main__":
+    import json
+    import os
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("run ahead-of-time builds without TRITON_INTERPRET=1")
+    print(json.dumps(build_all()))

@@ -1,0 +1,80 @@
+"""Which Triton kernels (ktc.codegen.gpu) run a GPU-placed node, and with which configs.
+
+Used by kernel_selection. Every GPU node gets `kernel` = "<family>.<launcher>" (what the
+runtime calls) and attrs["gpu_config"] = {"decode": {...}, "prefill": {...}}: per kernel the
+block sizes / warps / stages for a decode step (one token per sequence) and for a prefill
+(GPU_PREFILL_TOKENS tokens), chosen by the family's own heuristics at this node's shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ktc.ir import Graph, Node
+
+GPU_PREFILL_TOKENS = 2048
+DECODE_CONTEXT = 4096          # the decode attention config assumes a cache of about this many tokens
+
+GPU_KERNELS = {
+    "embedding": "embedding.embedding",
+    "rope": "rope.rope_tables",
+    "rms_norm": "norm.rms_norm",
+    "add_rms_norm": "norm.add_rms_norm",
+    "add": "activation.add",
+    "attention": "attention.gqa",
+    "router": "router.router_topk",
+    "moe_experts": "moe.fused_moe",
+    "mlp": "mlp.swiglu",
+    "linear": "matmul.linear",
+}
+
+
+def _shape(graph: Graph, node: Node, role: str) -> list[int]:
+    return [int(d) for d in graph.weights[node.weights[role]].shape]
+
+
+def gpu_configs(graph: Graph, node: Node) -> dict[str, dict[str, Any]]:
+    from ktc.codegen.gpu import attention, embedding, matmul, moe, norm, rope
+
+    out: dict[str, dict[str, Any]] = {}
+    for phase, m in (("decode", 1), ("prefill", GPU_PREFILL_TOKENS)):
+        cfg: dict[str, Any] = {}
+        if node.op in ("rms_norm", "add_rms_norm"):
+            cfg["norm"] = norm.default_config(_shape(graph, node, "weight")[0])
+        elif node.op == "embedding":
+            cfg["embedding"] = embedding.default_config(_shape(graph, node, "weight")[1])
+        elif node.op == "linear":
+            n, k = _shape(graph, node, "weight")
+            cfg["linear"] = matmul.default_config(m, n, k)
+        elif node.op == "router":
+            e, h = _shape(graph, node, "weight")
+            cfg["logits"] = matmul.default_config(m, e, h)
+        elif node.op == "mlp":
+            inter, h = _shape(graph, node, "down")[1], _shape(graph, node, "down")[0]
+            cfg["gate_up"] = matmul.default_config(m, 2 * inter, h)
+            cfg["down"] = matmul.default_config(m, h, inter)
+        elif node.op == "moe_experts":
+            a = node.attrs
+            group = graph.weights[node.weights["gate_up"]].group_size if node.format == "int4" else None
+            cfg["moe"] = moe.default_config(m * int(a["top_k"]), int(a["hidden_size"]), int(a["intermediate_size"]),
+                                            group)
+        elif node.op == "attention":
+            a = node.attrs
+            h, hkv, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
+            hidden = _shape(graph, node, "q")[1]
+            cfg["qkv"] = matmul.default_config(m, (h + 2 * hkv) * d, hidden)
+            cfg["o"] = matmul.default_config(m, hidden, h * d)
+            cfg["rope"] = rope.default_config(d)
+            if phase == "decode":
+                cfg["attention"] = attention.decode_config(d, DECODE_CONTEXT)
+            else:
+                cfg["attention"] = attention.prefill_config(d)
+        out[phase] = cfg
+    return out
+
+
+def select_gpu_kernel(graph: Graph, node: Node) -> None:
+    node.kernel = GPU_KERNELS[node.op]
+    if node.op == "moe_experts" and node.format == "int4":
+        node.kernel = "moe.fused_moe_w4a16"
+    node.attrs["gpu_config"] = gpu_configs(graph, node)

@@ -1,0 +1,164 @@
+"""GpuModel: a compiled model run wholly on one CUDA GPU, with the API of CompiledModel.
+
+    m = ktc.load("qwen.ktc")                  # an artifact compiled with --target cuda
+    logits = m(input_ids)                     # [batch, seq, vocab] float32 on the CPU
+    out = m.generate(input_ids, max_new_tokens=64)
+
+prefill runs the prompt in one pass (flash attention over the static cache); each decode
+step after the first replays a CUDA graph captured for this batch and cache (token ids and
+positions are copied into static device buffers, the graph's kernels read them there).
+`step(tokens)` is one decode step on device tensors, for benchmarks and servers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ktc.errors import HostError, InputError
+from ktc.ir import Graph
+
+from ..kv_cache import layer_specs
+from ..model import CompiledModel, _token_set
+from ..sampling import check_options, make_generator, sample
+from .executor import GpuExecutor
+from .kv_cache import GpuKVCache
+
+
+class GpuModel(CompiledModel):
+    def __init__(self, graph: Graph, weights: Mapping[str, Any], kernels: Any, tokenizer: Any = None,
+                 max_batch_size: int = 8, max_context: int | None = None, device: str | torch.device = "cuda",
+                 cuda_graphs: bool = True):
+        if not torch.cuda.is_available():
+            raise HostError("this model was compiled for --target cuda and this host has no CUDA GPU "
+                            "(torch.cuda.is_available() is False): recompile it with --target cpu")
+        self.graph = graph
+        self.config = dict(graph.config)
+        self.tokenizer = tokenizer
+        self.cpu_kernels = None
+        self.device = torch.device(device)
+        self.kernels = kernels
+        self.executor = GpuExecutor(graph, weights, kernels, self.device)
+        vocab = self.config.get("vocab_size")
+        self.vocab_size = int(vocab) if vocab is not None else None
+        limit = max_context if max_context is not None else self.config.get("max_position_embeddings")
+        self.max_context = int(limit) if limit else None
+        self.max_batch_size = int(max_batch_size)
+        self._specs = layer_specs(graph)
+        self._cache = self._new_cache()
+        self.cuda_graphs = cuda_graphs
+        self._cuda_graph: dict[str, Any] | None = None
+
+    def _new_cache(self) -> GpuKVCache:
+        return GpuKVCache(self._specs, self.device, self.max_batch_size, self.max_context)
+
+    # -- forward passes on device tensors -------------------------------------------------
+    def _forward(self, ids: torch.Tensor, cache: GpuKVCache, last_only: bool) -> torch.Tensor:
+        b, s = ids.shape
+        cache.reserve(b, cache.length + s)
+        ids_d = ids.to(self.device, non_blocking=True)
+        pos = (cache.length + torch.arange(s, device=self.device)).expand(b, s).contiguous()
+        out = self.executor.run(ids_d, pos, cache, cache.length, last_only)
+        cache.advance(s)
+        return out
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step: `tokens` [batch] (any device) -> logits [batch, vocab] float32 on the GPU."""
+        cache = self._cache
+        b = tokens.shape[0]
+        cache.reserve(b, cache.length + 1)
+        if not self.cuda_graphs:
+            return self._forward(tokens.reshape(b, 1), cache, True)[:, -1]
+        g = self._cuda_graph
+        if g is None or g["batch"] != b or g["generation"] != cache.generation:
+            out = self._forward(tokens.reshape(b, 1), cache, True)[:, -1]   # compiles the decode kernels
+            self._capture(b)
+            return out
+        g["ids"].copy_(tokens.reshape(b, 1), non_blocking=True)
+        g["pos"].fill_(cache.length)
+        g["graph"].replay()
+        cache.advance(1)
+        return g["out"]
+
+    def _capture(self, b: int) -> None:
+        cache = self._cache
+        ids = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        pos = torch.full((b, 1), cache.length, dtype=torch.long, device=self.device)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.executor.run(ids, pos, cache, cache.length, True)[:, -1]
+        self._cuda_graph = {"graph": graph, "ids": ids, "pos": pos, "out": out, "batch": b,
+                       "generation": cache.generation}
+
+    # -- the CompiledModel API ---------------------------------------------------------------
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = self._check_ids(input_ids)
+        self._check_length(ids.shape[1], f"the input ({ids.shape[1]} tokens)")
+        return self._forward(ids, self._new_cache(), False).cpu()
+
+    def reset(self) -> None:
+        self._cache.reset()
+        self._cuda_graph = None
+
+    def prefill(self, input_ids: torch.Tensor, reserve: int = 0) -> torch.Tensor:
+        return self._prefill(input_ids, reserve).cpu()
+
+    def _prefill(self, input_ids: torch.Tensor, reserve: int = 0) -> torch.Tensor:
+        ids = self._check_ids(input_ids)
+        self._check_length(ids.shape[1] + reserve, f"the prompt ({ids.shape[1]} tokens) + {reserve} new tokens")
+        self.reset()
+        self._cache.reserve(ids.shape[0], ids.shape[1] + reserve)
+        return self._forward(ids, self._cache, True)[:, -1]
+
+    def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self._cache.length == 0:
+            raise InputError("decode() needs a prompt first: call prefill()")
+        ids = self._check_ids(token_ids.reshape(-1, 1) if isinstance(token_ids, torch.Tensor) else token_ids,
+                              "token_ids")
+        self._check_length(self._cache.length + 1, f"the sequence ({self._cache.length + 1} tokens)")
+        return self.step(ids[:, 0]).clone().cpu()
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 eos_token_id: int | Iterable[int] | None = None,
+                 stream: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
+        """As CompiledModel.generate; greedy tokens are chosen on the GPU (Triton argmax)."""
+        ids = self._check_ids(input_ids)
+        if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens}")
+        max_new_tokens = int(max_new_tokens)
+        check_options(temperature, top_k, top_p)
+        batch, seq = ids.shape
+        self._check_length(seq + max_new_tokens, f"prompt ({seq} tokens) + max_new_tokens ({max_new_tokens})")
+        if max_new_tokens == 0:
+            return ids.clone()
+        eos = _token_set(eos_token_id if eos_token_id is not None else self.config.get("eos_token_id"))
+        eos_t = torch.tensor(eos, dtype=torch.long)
+        pad = self.config.get("pad_token_id")
+        pad = int(pad) if pad is not None else (eos[0] if eos else 0)
+        generator = make_generator(seed)
+
+        logits = self._prefill(ids, reserve=max_new_tokens)
+        finished = torch.zeros(batch, dtype=torch.bool)
+        new: list[torch.Tensor] = []
+        for i in range(max_new_tokens):
+            if temperature == 0.0:
+                token_d = self.kernels.sampling.argmax(logits)
+                token = token_d.cpu()
+            else:
+                token = sample(logits.cpu(), temperature, top_k, top_p, generator)
+                token_d = token.to(self.device)
+            if eos:
+                token = torch.where(finished, torch.full_like(token, pad), token)
+                finished |= torch.isin(token, eos_t)
+                token_d = token.to(self.device)
+            new.append(token)
+            if stream is not None:
+                stream(token)
+            if i == max_new_tokens - 1 or bool(finished.all()):
+                break
+            logits = self.step(token_d)
+        return torch.cat((ids, torch.stack(new, dim=1)), dim=1)

@@ -1,0 +1,217 @@
+"""The IR ops on the GPU: each runs a node with the artifact's Triton kernels.
+
+Same contract as runtime.ops (see runtime/ops/base.py): `prepare(node, weights) -> weights`
+once at load (checks attrs, concatenates weights so that a step launches fewer kernels), and
+`run(node, inputs, weights, ctx) -> outputs`. Activations are bf16 [batch, seq, ...]; cos/sin
+and router weights float32, router ids int32. Every op is Triton kernels only: attention is
+one q/k/v GEMM, a kernel that norms + ropes q/k and writes k/v into the cache, the flash
+attention kernel (prefill) or split-KV decode kernel, and the o GEMM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ktc.errors import ArtifactError
+from ktc.ir import Node
+
+DECODE_TOKENS = 16      # steps with at most this many tokens use the node's "decode" configs
+
+
+@dataclass
+class GpuRunContext:
+    kernels: Any                 # namespace of kernel family modules (runtime.gpu.kernels)
+    cache: Any                   # runtime.gpu.kv_cache.GpuKVCache
+    positions: torch.Tensor      # [batch, seq] int64 on the device
+    batch: int
+    seq: int
+    past: int                    # tokens already cached (host copy; decode kernels read positions instead)
+
+    @property
+    def phase(self) -> str:
+        return "decode" if self.batch * self.seq <= DECODE_TOKENS else "prefill"
+
+
+@dataclass(frozen=True)
+class GpuOp:
+    run: Callable[[Node, list[torch.Tensor], dict[str, Any], GpuRunContext], tuple[torch.Tensor, ...]]
+    prepare: Callable[[Node, dict[str, Any]], dict[str, Any]] | None = None
+
+
+def _cfg(node: Node, ctx: GpuRunContext, key: str) -> dict | None:
+    return node.attrs.get("gpu_config", {}).get(ctx.phase, {}).get(key)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+# -- simple ops ------------------------------------------------------------------------
+def _embedding(node, inputs, w, ctx):
+    return (ctx.kernels.embedding.embedding(inputs[0], w["weight"], _cfg(node, ctx, "embedding")),)
+
+
+def _rope(node, inputs, w, ctx):
+    cos, sin = ctx.kernels.rope.rope_tables(inputs[0], w["inv_freq"], float(node.attrs["scaling"]))
+    return cos, sin
+
+
+def _rms_norm(node, inputs, w, ctx):
+    return (ctx.kernels.norm.rms_norm(inputs[0], w["weight"], float(node.attrs["eps"]), _cfg(node, ctx, "norm")),)
+
+
+def _add_rms_norm(node, inputs, w, ctx):
+    return ctx.kernels.norm.add_rms_norm(inputs[0], inputs[1], w["weight"], float(node.attrs["eps"]),
+                                         _cfg(node, ctx, "norm"))
+
+
+def _add(node, inputs, w, ctx):
+    return (ctx.kernels.activation.add(inputs[0], inputs[1]),)
+
+
+def _linear(node, inputs, w, ctx):
+    x = inputs[0]
+    y = ctx.kernels.matmul.linear(_rows(x), w["weight"], w.get("bias"), _cfg(node, ctx, "linear"))
+    return (y.view(*x.shape[:-1], -1),)
+
+
+# -- mlp -------------------------------------------------------------------------------
+def _prepare_mlp(node, w):
+    if node.attrs.get("act", "silu") != "silu":
+        raise ArtifactError(f"node {node.name}: activation {node.attrs['act']!r} has no GPU kernel")
+    w = dict(w)
+    if "gate_up" not in w:
+        w["gate_up"] = torch.cat((w.pop("gate"), w.pop("up")), dim=0).contiguous()
+    return w
+
+
+def _mlp(node, inputs, w, ctx):
+    x = inputs[0]
+    k = ctx.kernels
+    x2 = _rows(x)
+    gu = k.matmul.linear(x2, w["gate_up"], None, _cfg(node, ctx, "gate_up"))
+    y = k.matmul.linear(k.activation.silu_mul(gu), w["down"], None, _cfg(node, ctx, "down"))
+    if "output_gate" in w:
+        y = k.activation.sigmoid_gate_mul(y, k.matmul.linear(x2, w["output_gate"]))
+    return (y.view(x.shape),)
+
+
+# -- attention -------------------------------------------------------------------------
+def _prepare_attention(node, w):
+    a = node.attrs
+    if a.get("kind") != "gqa":
+        raise ArtifactError(f"node {node.name}: {a.get('kind')} attention has no GPU kernels in this runtime")
+    for r in ("q", "k", "v", "o"):
+        if r not in w:
+            raise ArtifactError(f"node {node.name}: gqa attention needs weight {r!r}")
+    out = {"qkv": torch.cat((w["q"], w["k"], w["v"]), dim=0).contiguous(), "o": w["o"], "o_bias": w.get("o_bias")}
+    if any(f"{r}_bias" in w for r in "qkv"):
+        out["qkv_bias"] = torch.cat([w[f"{r}_bias"] if f"{r}_bias" in w else
+                                     torch.zeros(w[r].shape[0], dtype=w[r].dtype, device=w[r].device)
+                                     for r in "qkv"]).contiguous()
+    if "q_norm" in w or "k_norm" in w:
+        one = torch.ones(int(a["head_dim"]), dtype=w["q"].dtype, device=w["q"].device)
+        out["q_norm"], out["k_norm"] = w.get("q_norm", one), w.get("k_norm", one)
+    return out
+
+
+def _attention(node, inputs, w, ctx):
+    x, cos, sin = inputs
+    a = node.attrs
+    k = ctx.kernels
+    h, hkv, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
+    b, s = ctx.batch, ctx.seq
+    qkv = k.matmul.linear(_rows(x), w["qkv"], w.get("qkv_bias"), _cfg(node, ctx, "qkv"))
+    k_cache, v_cache = ctx.cache.layer(int(a["layer"]))
+    q = k.rope.qk_rope_cache(qkv, cos.reshape(b * s, -1), sin.reshape(b * s, -1), ctx.positions, k_cache, v_cache,
+                             h, hkv, d, s, w.get("q_norm"), w.get("k_norm"), float(a.get("qk_norm_eps") or 1e-6),
+                             _cfg(node, ctx, "rope"))
+    window = a.get("sliding_window") or None
+    scale = float(a["scaling"])
+    if s == 1:
+        cfg = _cfg(node, ctx, "attention")
+        if cfg is not None:
+            cfg = {**cfg, "SPLITS": k.attention.decode_config(d, k_cache.shape[2])["SPLITS"]}
+        o = k.attention.attention_decode(q, k_cache, v_cache, ctx.positions, scale, window, cfg)
+    else:
+        cfg = node.attrs.get("gpu_config", {}).get("prefill", {}).get("attention")
+        o = k.attention.attention_prefill(q, k_cache, v_cache, b, s, ctx.past, scale, window, cfg)
+    y = k.matmul.linear(o.view(b * s, h * d), w["o"], w.get("o_bias"), _cfg(node, ctx, "o"))
+    return (y.view(b, s, -1),)
+
+
+# -- routing and experts -----------------------------------------------------------------
+def _prepare_router(node, w):
+    from ktc.runtime.ops.router import _prepare
+
+    _prepare(node, {})
+    w = dict(w)
+    if "bias" in w:
+        w["bias"] = w["bias"].float().contiguous()
+    return w
+
+
+def _router(node, inputs, w, ctx):
+    x = inputs[0]
+    k = ctx.kernels
+    logits = k.matmul.linear(_rows(x), w["weight"], None, _cfg(node, ctx, "logits"), out_dtype=torch.float32)
+    tw, ids = k.router.router_topk(logits, node.attrs, w.get("bias"))
+    top_k = tw.shape[-1]
+    return tw.view(*x.shape[:-1], top_k), ids.view(*x.shape[:-1], top_k)
+
+
+def _prepare_moe(node, w):
+    if node.attrs.get("act", "silu") != "silu":
+        raise ArtifactError(f"node {node.name}: expert activation {node.attrs['act']!r} has no GPU kernel")
+    out = {}
+    for role in ("gate_up", "down"):
+        t = w[role]
+        if isinstance(t, dict):
+            if set(t) != {"qweight", "scales"}:
+                raise ArtifactError(f"node {node.name}: {role} is packed as {sorted(t)}, not w4a16")
+            out[f"{role}.qweight"], out[f"{role}.scales"] = t["qweight"], t["scales"]
+        else:
+            out[role] = t
+    return out
+
+
+def _moe(node, inputs, w, ctx):
+    x, tw, ids = inputs
+    a = node.attrs
+    y = ctx.kernels.moe.fused_moe(_rows(x), tw.reshape(-1, tw.shape[-1]), ids.reshape(-1, ids.shape[-1]), w,
+                                  int(a["num_experts"]), int(a["intermediate_size"]), _cfg(node, ctx, "moe"))
+    return (y.view(x.shape),)
+
+
+def _require(*attrs):
+    def prepare(node, w):
+        missing = [x for x in attrs if node.attrs.get(x) is None]
+        if missing:
+            raise ArtifactError(f"node {node.name}: {node.op} needs attr(s) {', '.join(missing)}")
+        return w
+    return prepare
+
+
+GPU_OPS: dict[str, GpuOp] = {
+    "embedding": GpuOp(_embedding),
+    "rope": GpuOp(_rope, _require("scaling")),
+    "rms_norm": GpuOp(_rms_norm, _require("eps")),
+    "add_rms_norm": GpuOp(_add_rms_norm, _require("eps")),
+    "add": GpuOp(_add),
+    "attention": GpuOp(_attention, _prepare_attention),
+    "router": GpuOp(_router, _prepare_router),
+    "moe_experts": GpuOp(_moe, _prepare_moe),
+    "mlp": GpuOp(_mlp, _prepare_mlp),
+    "linear": GpuOp(_linear),
+}
+
+
+def get(op: str) -> GpuOp:
+    try:
+        return GPU_OPS[op]
+    except KeyError:
+        raise ArtifactError(f"op {op!r} has no GPU implementation (the GPU runs: {', '.join(GPU_OPS)})") from None

@@ -1,0 +1,43 @@
+"""Every GPU kernel builds ahead of time for cuda sm80, sm90 and hip gfx942 (no GPU needed).
+
+The builds run in one subprocess without TRITON_INTERPRET (the interpreter replaces
+triton.language's builders, so nothing compiles in a process that uses it), once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ktc.codegen.gpu import FAMILIES
+from ktc.codegen.gpu_aot import TARGETS
+
+
+@pytest.fixture(scope="session")
+def aot_results() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-m", "ktc.codegen.gpu_aot"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_builds(aot_results, family, target):
+    mine = {k: v for k, v in aot_results.items() if v["family"] == family and k.endswith(f"@{target}")}
+    assert mine, f"no kernel of {family} was built"
+    failed = {k: v["error"] for k, v in mine.items() if not v["ok"]}
+    assert not failed, failed
+    assert all(v["binary"] for v in mine.values())
+
+
+def test_sm90_prefill_gemms_use_wgmma(aot_results):
+    """Hopper's warpgroup MMA is what the large-tile products must lower to on sm90."""
+    big = [k for k in aot_results if k.startswith("matmul.matmul_kernel") and k.endswith("@sm90")]
+    assert any(aot_results[k]["wgmma"] for k in big), {k: aot_results[k] for k in big}

@@ -85,7 +85,7 @@ def compile_model(
     output: str | Path,
     target: str = "cpu",
     cpu_target: str | None = None,
-    quant: str = "int8",
+    quant: str | None = None,
     force: bool = False,
     gpu_memory: str | int | None = None,
     dump_ir: str | Path | None = None,
@@ -104,9 +104,11 @@ def compile_model(
     start = time.perf_counter()
     phases: dict[str, float] = {}
     model_dir, output = Path(model_dir), Path(output)
+    device, cpu = _resolve_targets(target, cpu_target)
+    if quant is None:   # CPU experts default to int8; GPU experts to the checkpoint's dtype (bf16)
+        quant = "int8" if device == "cpu" else "none"
     if quant not in QUANT_CHOICES:
         raise KtcError(f"--quant {quant!r} is not one of {', '.join(QUANT_CHOICES)}")
-    device, cpu = _resolve_targets(target, cpu_target)
     if output.exists() and not force:
         raise KtcError(f"{output} already exists: choose another -o path or pass --force to replace it")
 

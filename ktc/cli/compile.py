@@ -35,7 +35,8 @@ def compile_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="Artifact folder to write (e.g. qwen.ktc)"),
     target: str = typer.Option("cpu", help="cpu (this host's best CPU target), x86-avx2, x86-avx512, x86-amx, cuda"),
     cpu_target: str = typer.Option(None, help="CPU kernel target when --target is cuda (default: this host's)"),
-    quant: str = typer.Option("int8", help="CPU expert weights: int8, int4 (group-wise) or none (checkpoint dtype)"),
+    quant: str = typer.Option(None, help="Expert weights: int8, int4 (group-wise) or none (checkpoint dtype); "
+                              "default int8 on the CPU, none (bf16) on cuda"),
     gpu_memory: str = typer.Option(None, help="GPU memory budget, e.g. 24GiB (GPU targets)"),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
     dump_ir: Path = typer.Option(None, help="Write the IR after each pass into this folder"),

@@ -21,5 +21,9 @@ def targets_cmd() -> None:
         here = "[green]yes[/]" + (" (default)" if best and best.name == t.name else "") if t.runs_here() else (
             f"[red]no[/] (lacks {', '.join(missing)})" if missing else "[red]no[/] (not x86-64)")
         table.add_row(t.name, here, " ".join(t.required_features), t.description)
-    table.add_row("cuda", "[yellow]not yet[/]", "NVIDIA GPU", "Triton GPU kernels (coming)")
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    table.add_row("cuda", f"[green]yes[/] ({gpu})" if gpu else "[red]no[/] (no CUDA GPU visible)", "NVIDIA GPU",
+                  "Triton GPU kernels, whole model on one GPU (GQA models)")
     out.print(table)

@@ -11,19 +11,24 @@ target cannot select, and because a crash there must not take the compiler down.
     entry = build_cpu_kernels([spec], ktc.targets.get("x86-avx2"), out_dir)   # -> manifest
     # runtime: ktc.runtime.cpu_experts.CpuExpertKernels.load(out_dir, entry)
 
-Kernel ABI ("abi": 1) of the function `entry["kernels"][name]["functions"]["moe_experts"]`:
+Kernel ABI ("abi": 2) of the function `entry["kernels"][name]["functions"]["moe_experts"]`:
     f(x [T,H] f32, topk_weights [T,K] f32, topk_ids [T,K] i32, *weights (in
-      entry["kernels"][name]["weights"] order), y [T,H] f32, hbuf [T*K, I] f32,
-      ybuf [T*K, H] f32, iwork [3E + 2 + 2*T*K] i32)
-T is symbolic. hbuf/ybuf/iwork are scratch the caller provides (contents irrelevant).
-Pairs whose expert id is outside [0, E) are skipped (contribute nothing): a caller may mark
-experts that run elsewhere (the GPU) with -1.
+      entry["kernels"][name]["weights"] order), y [T,H] f32, *scratch (in
+      entry["kernels"][name]["scratch"] order), nthreads i32)
+T is symbolic. Scratch buffer i is 1-D, of dtype scratch[i]["dtype"] and
+scratch[i]["fixed"] + scratch[i]["per_token"] * T elements; the caller provides them
+(contents irrelevant). nthreads: the number of tasks the cost-balanced phases are split
+into (the thread pool's size). Pairs whose expert id is outside [0, E) are skipped
+(contribute nothing): a caller may mark experts that run elsewhere (the GPU) with -1.
 
 Weight layout (`pack_expert_weights`): gate_up [E, 2I, H] and down [E, H, I] as given
 (row-major, K last); int8/int4 are symmetric group-wise along K with float32 scales
-[E, rows, K / group]; int4 packs two values per byte along K, in blocks of 32 values where
-byte j holds value j (low nibble) and value j + 16 (high nibble) - ktc.quantize.pack_int4
-applied to K permuted inside each block - so one 16-byte load yields 32 consecutive values.
+[E, rows, K / group] (int4: MSE-optimal clipping, ktc.quantize), plus `comp` [E, rows]
+float32 = c * sum_g scale[row, g] * sum_{k in g} q[row, k] (c = 128 * 257 for int8, 128 for
+int4): the integer-dot prefill path feeds activations as u8 = q + 128 and removes the offset
+with it. int4 packs two values per byte along K, in blocks of 32 values where byte j holds
+value j (low nibble) and value j + 16 (high nibble) - ktc.quantize.pack_int4 applied to K
+permuted inside each block - so one 16-byte load yields 32 consecutive values.
 """
 
 from __future__ import annotations
@@ -46,22 +51,45 @@ from ktc.errors import KtcError
 from ktc.quantize import dequantize_symmetric, pack_int4, quantize_symmetric, unpack_int4
 from ktc.targets import CpuTarget
 
-ABI_VERSION = 1
+ABI_VERSION = 2
+PREFILL_PAIRS_PER_EXPERT = 4   # int-dot prefill path from this many (token, expert) pairs per expert
 FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
 QUANTIZED = ("int8", "int4")
 K_STEP = 32  # H and I must be multiples (see tir_experts.KS)
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Micro-kernel shapes per target (see tir_experts.KernelConfig). x86-amx uses the AVX512
-# "fma" path for now: AMX tile kernels are a separate piece of work.
+# Micro-kernel shapes per target (see tir_experts.KernelConfig): decode on the FMA
+# micro-kernels everywhere; int8/int4 prefill on VNNI (x86-avx512) or AMX tiles (x86-amx).
 TARGET_CONFIGS: dict[str, dict[str, Any]] = {
     "x86-avx2": {"variant": "fma", "vl": 8, "tile_rows": 4, "block_rows": 1, "block_tokens": 4,
                  "decode_rows": 2},
-    "x86-avx512": {"variant": "fma", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
+    "x86-avx512": {"variant": "vnni", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
                    "decode_rows": 2},
-    "x86-amx": {"variant": "fma", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
+    "x86-amx": {"variant": "amx", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
                 "decode_rows": 2},
 }
+ACT_LEVELS = {"int8": 2, "int4": 1}   # activation quantization levels of the int-dot path
+
+
+def scratch_parts(H: int, I: int, E: int, K: int, fmt: str, intdot: bool) -> list[dict[str, Any]]:  # noqa: E741
+    """The kernel's scratch buffers (ABI 2): name, dtype, fixed + per_token * T elements.
+    Column blocks of the int-dot path: at most E + T * ceil(K * levels / 16) (see tir_intdot)."""
+    lv = ACT_LEVELS.get(fmt, 1)
+    nb_per = -(-K * lv // 16)
+    nb_fix = E
+    km = max(H, I)
+    parts = [
+        {"name": "hbuf", "dtype": "float32", "fixed": 0, "per_token": K * I},
+        {"name": "ybuf", "dtype": "float32", "fixed": 0, "per_token": K * H},
+        {"name": "iwork", "dtype": "int32", "fixed": 3 * E + 2 + E + 1 + nb_fix, "per_token": 2 * K + nb_per},
+    ]
+    if intdot:
+        parts += [{"name": "act", "dtype": "uint8", "fixed": nb_fix * 16 * km, "per_token": nb_per * 16 * km},
+                  {"name": "asc", "dtype": "float32", "fixed": nb_fix * 16, "per_token": nb_per * 16}]
+    else:
+        parts += [{"name": "act", "dtype": "uint8", "fixed": 1, "per_token": 0},
+                  {"name": "asc", "dtype": "float32", "fixed": 1, "per_token": 0}]
+    return parts
 
 
 class SpecError(KtcError, ValueError):
@@ -127,7 +155,9 @@ class ExpertKernelSpec:
         else:
             gq, dq, qdt = (E, 2 * I, H // 2), (E, H, I // 2), torch.uint8
         return {"gate_up.q": (gq, qdt), "gate_up.scales": ((E, 2 * I, H // g), torch.float32),
-                "down.q": (dq, qdt), "down.scales": ((E, H, I // g), torch.float32)}
+                "gate_up.comp": ((E, 2 * I), torch.float32),
+                "down.q": (dq, qdt), "down.scales": ((E, H, I // g), torch.float32),
+                "down.comp": ((E, H), torch.float32)}
 
 
 # ---- weight packing -------------------------------------------------------------------------
@@ -151,10 +181,14 @@ def _pack_one(spec: ExpertKernelSpec, w: Tensor, role: str) -> dict[str, Tensor]
         return {f"{role}.w": w.detach().to(_TORCH_DTYPES[spec.format]).contiguous()}
     assert spec.group_size is not None
     bits = 8 if spec.format == "int8" else 4
-    q, s = quantize_symmetric(w, bits, spec.group_size)
+    g = spec.group_size
+    q, s = quantize_symmetric(w, bits, g)
+    c = 128.0 * 257.0 if ACT_LEVELS[spec.format] == 2 else 128.0
+    qsum = q.reshape(*q.shape[:-1], -1, g).sum(-1, dtype=torch.int32).to(torch.float64)
+    comp = (c * (qsum * s.to(torch.float64)).sum(-1)).to(torch.float32)
     if bits == 4:
         q = pack_int4(_int4_kernel_order(q))
-    return {f"{role}.q": q.contiguous(), f"{role}.scales": s.contiguous()}
+    return {f"{role}.q": q.contiguous(), f"{role}.scales": s.contiguous(), f"{role}.comp": comp.contiguous()}
 
 
 def pack_expert_weights(spec: ExpertKernelSpec, gate_up: Tensor, down: Tensor) -> dict[str, Tensor]:
@@ -212,13 +246,15 @@ def _disassemble(lib: Path) -> str | None:
     return None
 
 
-def missing_instructions(text: str, target: CpuTarget) -> list[str]:
-    """The target's expected instruction mnemonics (substrings) absent from disassembly `text`."""
-    return [m for m in target.expected_instructions if m not in text]
+def missing_instructions(text: str, target: CpuTarget, quantized: bool = False) -> list[str]:
+    """The target's expected instruction mnemonics (substrings) absent from disassembly `text`
+    (with `quantized`, also those of its int8/int4 kernels)."""
+    want = list(target.expected_instructions) + (list(target.quant_instructions) if quantized else [])
+    return [m for m in want if m not in text]
 
 
 def build_cpu_kernels(specs: list[ExpertKernelSpec], target: CpuTarget, out_dir: Path,
-                      timeout: float | None = 1800) -> dict[str, Any]:
+                      timeout: float | None = 1800, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build every spec into ONE shared library out_dir/<target>.so (TVM, in a subprocess),
     check that it holds the target's expected instructions, ship libtvm_runtime.so next to it,
     and return the manifest entry (JSON-able)."""
@@ -229,7 +265,7 @@ def build_cpu_kernels(specs: list[ExpertKernelSpec], target: CpuTarget, out_dir:
         uniq.setdefault(s.name, s)
     if not uniq:
         raise KtcError("build_cpu_kernels: no kernels to build")
-    cfg = kernel_config(target)
+    cfg = dict(config) if config is not None else kernel_config(target)
     lib_name = f"{target.name}.so"
     with tempfile.TemporaryDirectory(prefix="ktc-cpu-build-") as tmp:
         req = Path(tmp) / "request.json"
@@ -254,7 +290,8 @@ def build_cpu_kernels(specs: list[ExpertKernelSpec], target: CpuTarget, out_dir:
         text = _disassemble(Path(tmp) / lib_name)
         if text is None:
             text = Path(result["asm"]).read_text()
-        missing = missing_instructions(text, target)
+        quantized = cfg.get("variant", "fma") in ("vnni", "amx") and any(s.quantized for s in uniq.values())
+        missing = missing_instructions(text, target, quantized)
         if missing:
             raise KtcError(f"the {target.name} CPU kernels lack the expected instructions "
                            f"{', '.join(missing)}: the TVM target {json.dumps(target.tvm_target)} "
@@ -274,7 +311,9 @@ def build_cpu_kernels(specs: list[ExpertKernelSpec], target: CpuTarget, out_dir:
         "config": cfg,
         "kernels": {
             name: {"spec": s.to_dict(), "functions": {"moe_experts": result["symbols"][name]},
-                   "weights": list(s.weight_parts())}
+                   "weights": list(s.weight_parts()),
+                   "scratch": scratch_parts(s.hidden_size, s.intermediate_size, s.num_experts, s.top_k, s.format,
+                                            s.quantized and cfg.get("variant", "fma") != "fma")}
             for name, s in uniq.items()
         },
     }

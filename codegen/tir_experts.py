@@ -7,7 +7,7 @@ One PrimFunc per ExpertKernelSpec computes, for a symbolic number of tokens n,
 
     y[t] = sum_k w[t,k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])),   e = ids[t,k]
 
-in four steps inside the one function (ABI v1; argument order in cpu_experts):
+in four steps inside the one function (ABI v2; argument order in cpu_experts):
 
 1. serial: a counting sort of the n*K (token, k) pairs by expert into the int32 workspace:
    the active experts ("segments"), each with the contiguous list of its pairs. Pairs whose
@@ -35,7 +35,12 @@ promotes; larger ones, or scope "local", become heap workspace here). Two shapes
     group, `decode_rows` rows at a time.
 The accumulators are reduced across lanes with a shuffle tree (transpose-and-add: VL vectors
 of VL lanes -> one vector of VL sums in log2(VL) steps) rather than lane by lane.
-Other variants (VNNI int8 dot products, AMX tiles) would be more `KernelConfig.variant`s.
+Variants "vnni", "amx" (and "amx-emu", the AMX code with its tile instructions emulated by
+loops, for testing on hosts without AMX) add, for int8/int4, an integer-dot-product prefill
+path (codegen/tir_intdot.py) taken when a call carries at least PREFILL_PAIRS_PER_EXPERT
+(token, expert) pairs per expert on average: activations quantized on the fly, VNNI
+vpdpbusd or AMX tdpbsud. Decode (fewer pairs) stays on the FMA micro-kernels: it is memory
+bound, and their float32 activations are exact.
 
 Int4 layout (see cpu_experts.pack_expert_weights): along K, blocks of 32 values are 16 bytes;
 byte j of a block holds value j (low nibble) and value j + 16 (high nibble), two's complement.
@@ -48,6 +53,9 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ktc.codegen.cpu_experts import PREFILL_PAIRS_PER_EXPERT, scratch_parts
+from ktc.codegen.tir_intdot import make_prefill_body
+
 KS = 32  # elements of K per inner step (one int4 block); H and I must be multiples
 
 QUANTIZED = ("int8", "int4")
@@ -57,7 +65,7 @@ QUANTIZED = ("int8", "int4")
 class KernelConfig:
     """How a target's micro-kernels are shaped."""
 
-    variant: str = "fma"     # dequantize-to-f32 + FMA; later "vnni", "amx"
+    variant: str = "fma"     # "fma" | "vnni" | "amx" | "amx-emu" (see the module docstring)
     vl: int = 8              # float32 lanes per vector register (8: AVX2, 16: AVX512)
     tile_rows: int = 4       # rows per parallel work item (gate/up: row pairs)
     block_rows: int = 1      # gate/up row pairs per token-block micro-kernel (down: twice that)
@@ -65,7 +73,7 @@ class KernelConfig:
     decode_rows: int = 2     # gate/up row pairs per single-token micro-kernel (down: twice)
 
     def __post_init__(self) -> None:
-        if self.variant != "fma":
+        if self.variant not in ("fma", "vnni", "amx", "amx-emu"):
             raise ValueError(f"unknown kernel variant {self.variant!r}")
         if KS % self.vl or 16 % self.vl or self.vl < 4:
             raise ValueError(f"vl must be 4, 8 or 16, got {self.vl}")
@@ -76,12 +84,6 @@ class KernelConfig:
             raise ValueError("block_tokens must be a power of two >= 2")
         if 2 * self.block_rows * self.block_tokens * self.vl * 4 > 2 * 1020:
             raise ValueError("accumulators of a token block exceed two 1 KiB stack buffers")
-
-
-def iwork_size(num_experts: int, pairs):
-    """int32 workspace elements: counts/cursors [E], segment experts [E], segment starts
-    [E + 1], segment count [1], sorted pairs [P], pair positions [P]."""
-    return 3 * num_experts + 2 + 2 * pairs
 
 
 def _vload(buf, start, lanes):
@@ -361,8 +363,34 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                 dn_tokens(dq, ds, hbuf, ybuf, e64, p0, cnt, h0, tok, res, nb * BT, BT, rem)
 
     # ---- the whole layer -----------------------------------------------------------------------
+    intdot = quant and cfg.variant != "fma"
+    if intdot:
+        prefill_body = make_prefill_body(
+            H=H, I=I, E=E, K=K, G=G, fmt=fmt, variant=cfg.variant, O_SEGEXP=O_SEGEXP, O_SEGSTART=O_SEGSTART,
+            O_NSEG=O_NSEG, O_SORTED=O_SORTED, silu=lambda v: v / (T.float32(1) + fast_exp(T.float32(0) - v)))
+
     @T.macro
-    def moe_body(x, tw, ids, gq, gs, dq, ds, y, hbuf, ybuf, iw, n):
+    def fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw):
+        S = T.Bind(iw[O_NSEG])
+        # 2. h = silu(gate x) * (up x), per (segment, tile of intermediate rows)
+        for w in T.parallel(S * NT1):
+            s = T.Bind(w // NT1)
+            p0 = T.Bind(iw[O_SEGSTART + s])
+            tok = T.alloc_buffer((BT,), "int32", **ALLOC)
+            res = T.alloc_buffer((RES,), "float32", **ALLOC)
+            gu_item(x, gq, gs, iw, hbuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
+                    iw[O_SEGSTART + s + 1] - p0, (w % NT1) * TR, tok, res)
+        # 3. yp = down h, per (segment, tile of hidden rows)
+        for w in T.parallel(S * NT2):
+            s = T.Bind(w // NT2)
+            p0 = T.Bind(iw[O_SEGSTART + s])
+            tok = T.alloc_buffer((BT,), "int32", **ALLOC)
+            res = T.alloc_buffer((RES,), "float32", **ALLOC)
+            dn_item(dq, ds, hbuf, ybuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
+                    iw[O_SEGSTART + s + 1] - p0, (w % NT2) * TR, tok, res)
+
+    @T.macro
+    def moe_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, ybuf, iw, act, asc, n, nthr, gqf, dqf):
         # 1. counting sort of the (token, k) pairs by expert
         for e in range(E):
             iw[e] = 0
@@ -389,23 +417,14 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                 iw[O_SORTED + n * K + p] = pos
             else:
                 iw[O_SORTED + n * K + p] = -1
-        S = T.Bind(iw[O_NSEG])
-        # 2. h = silu(gate x) * (up x), per (segment, tile of intermediate rows)
-        for w in T.parallel(S * NT1):
-            s = T.Bind(w // NT1)
-            p0 = T.Bind(iw[O_SEGSTART + s])
-            tok = T.alloc_buffer((BT,), "int32", **ALLOC)
-            res = T.alloc_buffer((RES,), "float32", **ALLOC)
-            gu_item(x, gq, gs, iw, hbuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
-                    iw[O_SEGSTART + s + 1] - p0, (w % NT1) * TR, tok, res)
-        # 3. yp = down h, per (segment, tile of hidden rows)
-        for w in T.parallel(S * NT2):
-            s = T.Bind(w // NT2)
-            p0 = T.Bind(iw[O_SEGSTART + s])
-            tok = T.alloc_buffer((BT,), "int32", **ALLOC)
-            res = T.alloc_buffer((RES,), "float32", **ALLOC)
-            dn_item(dq, ds, hbuf, ybuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
-                    iw[O_SEGSTART + s + 1] - p0, (w % NT2) * TR, tok, res)
+        if intdot:
+            if n * K >= PREFILL_PAIRS_PER_EXPERT * E:
+                prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, O_SORTED + 2 * n * K,
+                             O_SORTED + 2 * n * K + E + 1, gqf, dqf)
+            else:
+                fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw)
+        else:
+            fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw)
         # 4. y[t] = sum_k w[t, k] * yp[pair(t, k)]
         for w in T.parallel(n * NHC):
             t = T.Bind(w // NHC)
@@ -434,15 +453,19 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
     i64 = T.int64
     gu_shape = (i64(E), i64(2 * I), i64(gq_k))
     dn_shape = (i64(E), i64(H), i64(dq_k))
+    sp = {d["name"]: d for d in scratch_parts(H, I, E, K, fmt, intdot)}
+
+    def ssize(name, n):
+        return sp[name]["fixed"] + sp[name]["per_token"] * n
 
     if quant:
         gs_shape = (i64(E), i64(2 * I), i64(H // G))
         ds_shape = (i64(E), i64(H), i64(I // G))
 
         @T.prim_func
-        def moe(x_h: T.handle, tw_h: T.handle, ids_h: T.handle, gq_h: T.handle, gs_h: T.handle,
-                dq_h: T.handle, ds_h: T.handle, y_h: T.handle, hb_h: T.handle, yb_h: T.handle,
-                iw_h: T.handle):
+        def moe(x_h: T.handle, tw_h: T.handle, ids_h: T.handle, gq_h: T.handle, gs_h: T.handle, gc_h: T.handle,
+                dq_h: T.handle, ds_h: T.handle, dc_h: T.handle, y_h: T.handle, hb_h: T.handle, yb_h: T.handle,
+                iw_h: T.handle, act_h: T.handle, asc_h: T.handle, nthr: T.int32):
             T.func_attr({"global_symbol": symbol, "tir.noalias": True})
             n = T.int32()
             x = T.match_buffer(x_h, (n, H), "float32", align=4)
@@ -450,17 +473,26 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
             ids = T.match_buffer(ids_h, (n, K), "int32", align=4)
             gq = T.match_buffer(gq_h, gu_shape, wdt, align=WALIGN)
             gs = T.match_buffer(gs_h, gs_shape, "float32", align=4)
+            gc = T.match_buffer(gc_h, (i64(E), i64(2 * I)), "float32", align=4)
             dq = T.match_buffer(dq_h, dn_shape, wdt, align=WALIGN)
             ds = T.match_buffer(ds_h, ds_shape, "float32", align=4)
+            dc = T.match_buffer(dc_h, (i64(E), i64(H)), "float32", align=4)
             y = T.match_buffer(y_h, (n, H), "float32", align=4)
-            hbuf = T.match_buffer(hb_h, (n * K, I), "float32", align=4)
-            ybuf = T.match_buffer(yb_h, (n * K, H), "float32", align=4)
-            iw = T.match_buffer(iw_h, (3 * E + 2 + 2 * n * K,), "int32", align=4)
-            moe_body(x, tw, ids, gq, gs, dq, ds, y, hbuf, ybuf, iw, n)
+            hb1 = T.match_buffer(hb_h, (ssize("hbuf", n),), "float32", align=4)
+            yb1 = T.match_buffer(yb_h, (ssize("ybuf", n),), "float32", align=4)
+            iw = T.match_buffer(iw_h, (ssize("iwork", n),), "int32", align=4)
+            act = T.match_buffer(act_h, (ssize("act", n),), "uint8", align=1)
+            asc = T.match_buffer(asc_h, (ssize("asc", n),), "float32", align=4)
+            hbuf = T.decl_buffer((n * K, I), "float32", data=hb1.data)
+            ybuf = T.decl_buffer((n * K, H), "float32", data=yb1.data)
+            gqf = T.decl_buffer((i64(E * 2 * I * gq_k),), wdt, data=gq.data)
+            dqf = T.decl_buffer((i64(E * H * dq_k),), wdt, data=dq.data)
+            moe_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, ybuf, iw, act, asc, n, nthr, gqf, dqf)
     else:
         @T.prim_func
         def moe(x_h: T.handle, tw_h: T.handle, ids_h: T.handle, gq_h: T.handle, dq_h: T.handle,
-                y_h: T.handle, hb_h: T.handle, yb_h: T.handle, iw_h: T.handle):
+                y_h: T.handle, hb_h: T.handle, yb_h: T.handle, iw_h: T.handle, act_h: T.handle, asc_h: T.handle,
+                nthr: T.int32):
             T.func_attr({"global_symbol": symbol, "tir.noalias": True})
             n = T.int32()
             x = T.match_buffer(x_h, (n, H), "float32", align=4)
@@ -469,9 +501,13 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
             gq = T.match_buffer(gq_h, gu_shape, wdt, align=WALIGN)
             dq = T.match_buffer(dq_h, dn_shape, wdt, align=WALIGN)
             y = T.match_buffer(y_h, (n, H), "float32", align=4)
-            hbuf = T.match_buffer(hb_h, (n * K, I), "float32", align=4)
-            ybuf = T.match_buffer(yb_h, (n * K, H), "float32", align=4)
-            iw = T.match_buffer(iw_h, (3 * E + 2 + 2 * n * K,), "int32", align=4)
-            moe_body(x, tw, ids, gq, None, dq, None, y, hbuf, ybuf, iw, n)
+            hb1 = T.match_buffer(hb_h, (ssize("hbuf", n),), "float32", align=4)
+            yb1 = T.match_buffer(yb_h, (ssize("ybuf", n),), "float32", align=4)
+            iw = T.match_buffer(iw_h, (ssize("iwork", n),), "int32", align=4)
+            act = T.match_buffer(act_h, (ssize("act", n),), "uint8", align=1)
+            asc = T.match_buffer(asc_h, (ssize("asc", n),), "float32", align=4)
+            hbuf = T.decl_buffer((n * K, I), "float32", data=hb1.data)
+            ybuf = T.decl_buffer((n * K, H), "float32", data=yb1.data)
+            moe_body(x, tw, ids, gq, None, None, dq, None, None, y, hbuf, ybuf, iw, act, asc, n, nthr, None, None)
 
     return moe

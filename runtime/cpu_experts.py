@@ -12,7 +12,9 @@ and then dies with SIGILL when called. Kernels with parallel loops call TVM's th
 which lives in libtvm_runtime.so; the artifact ships it ("runtime_libs") and it is loaded
 with RTLD_GLOBAL before the kernel library (the copy already in the process, if any, is
 reused). Threads: KTC_NUM_THREADS, else TVM_NUM_THREADS, else every core this process may
-run on (TVM's own default would be half of them); read when the pool first starts.
+run on (TVM's own default would be half of them); read when the pool first starts. Kernels
+built for AMX need the tile state, which Linux hands out per process on request
+(arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)): `load` asks before anything runs.
 """
 
 from __future__ import annotations
@@ -31,10 +33,31 @@ from torch import Tensor
 from ktc.errors import ArtifactError, HostError, InputError
 from ktc.targets import best_host_cpu_target, host_cpu_features
 
-SUPPORTED_ABI = 1
+SUPPORTED_ABI = 2
 MAX_INDEX = 2**31 - 1   # the kernels index their scratch with 32-bit ints
 _runtime_libs: dict[str, ctypes.CDLL] = {}
 _lib_lock = threading.Lock()
+_SYS_ARCH_PRCTL = 158          # x86-64
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+_amx_granted = False
+_DTYPES = {"float32": torch.float32, "int32": torch.int32, "uint8": torch.uint8}
+
+
+def request_amx_permission() -> None:
+    """Ask Linux for the AMX tile data state for this process (once); HostError if refused.
+    Without it the first tile instruction kills the process (SIGILL)."""
+    global _amx_granted
+    if _amx_granted:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.syscall(ctypes.c_long(_SYS_ARCH_PRCTL), ctypes.c_long(_ARCH_REQ_XCOMP_PERM),
+                      ctypes.c_ulong(_XFEATURE_XTILEDATA))
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise HostError(f"Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: {os.strerror(err)}); "
+                        f"recompile with --target x86-avx512")
+    _amx_granted = True
 
 
 def num_threads() -> int:
@@ -110,7 +133,7 @@ def check_host(entry: dict[str, Any]) -> None:
 
 class _Scratch(threading.local):
     def __init__(self) -> None:
-        self.bufs: dict[tuple, tuple[int, Tensor, Tensor, Tensor]] = {}
+        self.bufs: dict[tuple, tuple[int, list[Tensor]]] = {}
 
 
 class CpuExpertKernels:
@@ -131,6 +154,8 @@ class CpuExpertKernels:
             self._kernels[name] = {
                 "fn": fn, "H": int(spec["hidden_size"]), "I": int(spec["intermediate_size"]),
                 "E": int(spec["num_experts"]), "K": int(spec["top_k"]), "weights": list(k["weights"]),
+                "scratch": [(d["name"], _DTYPES[d["dtype"]], int(d["fixed"]), int(d["per_token"]))
+                            for d in k["scratch"]],
             }
         self._scratch = _Scratch()
 
@@ -142,6 +167,8 @@ class CpuExpertKernels:
             raise ArtifactError(f"CPU kernels use ABI {abi}, this runtime knows {SUPPORTED_ABI}; "
                                 f"recompile the model with this ktc")
         check_host(entry)   # before anything is loaded: never run code this CPU cannot execute
+        if "amx_tile" in entry.get("required_features", []):
+            request_amx_permission()
         lib = kernel_dir / entry["lib"]
         if not lib.is_file():
             raise ArtifactError(f"CPU kernel library {lib} is missing")
@@ -158,17 +185,14 @@ class CpuExpertKernels:
     def kernel_names(self) -> list[str]:
         return list(self._kernels)
 
-    def _scratch_for(self, k: dict[str, Any], T: int) -> tuple[Tensor, Tensor, Tensor]:
-        key = (k["H"], k["I"], k["E"], k["K"])
+    def _scratch_for(self, k: dict[str, Any], T: int) -> list[Tensor]:
+        key = tuple(k["scratch"])
         cur = self._scratch.bufs.get(key)
         if cur is None or cur[0] < T:
             cap = max(T, 2 * cur[0] if cur else 1)
-            P = cap * k["K"]
-            cur = (cap, torch.empty(P, k["I"]), torch.empty(P, k["H"]),
-                   torch.empty(3 * k["E"] + 2 + 2 * P, dtype=torch.int32))
+            cur = (cap, [torch.empty(fixed + per * cap, dtype=dt) for _, dt, fixed, per in k["scratch"]])
             self._scratch.bufs[key] = cur
-        P = T * k["K"]
-        return cur[1][:P], cur[2][:P], cur[3][: 3 * k["E"] + 2 + 2 * P]
+        return [buf[: fixed + per * T] for buf, (_, _, fixed, per) in zip(cur[1], k["scratch"], strict=True)]
 
     def moe_experts(self, kernel_name: str, x: Tensor, topk_weights: Tensor, topk_ids: Tensor,
                     packed: dict[str, Tensor]) -> Tensor:
@@ -204,12 +228,15 @@ class CpuExpertKernels:
                 raise InputError(f"{kernel_name}: packed weights lack part {n!r}")
             weights.append(t)
         # the kernel indexes its [T*K, H] scratch with 32-bit ints: split huge batches
-        step = max(1, MAX_INDEX // (K * max(H, k["I"])))
+        per_token = max(per for _, _, _, per in k["scratch"])
+        step = max(1, min(MAX_INDEX // (K * max(H, k["I"])), (MAX_INDEX - max(f for _, _, f, _ in k["scratch"]))
+                          // max(1, per_token)))
+        nthr = num_threads()
         for t0 in range(0, T, step):
             t1 = min(T, t0 + step)
-            hbuf, ybuf, iw = self._scratch_for(k, t1 - t0)
+            scratch = self._scratch_for(k, t1 - t0)
             try:
-                k["fn"](x[t0:t1], tw[t0:t1], ids[t0:t1], *weights, y[t0:t1], hbuf, ybuf, iw)
+                k["fn"](x[t0:t1], tw[t0:t1], ids[t0:t1], *weights, y[t0:t1], *scratch, nthr)
             except (TypeError, ValueError) as e:
                 raise InputError(f"{kernel_name}: {str(e).splitlines()[0]}") from None
         return y

@@ -26,6 +26,7 @@ class CpuTarget:
     required_features: tuple[str, ...]          # /proc/cpuinfo flag names
     tvm_target: dict[str, Any] = field(default_factory=dict)   # JSON dict for tvm.target.Target
     expected_instructions: tuple[str, ...] = ()  # mnemonics the built object must contain
+    quant_instructions: tuple[str, ...] = ()     # ... and, when it holds int8/int4 kernels, these
     kind: str = "cpu"
 
     def missing_features(self, host: frozenset[str] | None = None) -> list[str]:

@@ -1,9 +1,9 @@
 """x86-64 with AMX tiles (int8, bf16): Sapphire Rapids and newer Xeons.
 
-For now the routed-expert kernels of this target are the AVX512 dequantize-and-FMA ones,
-compiled for Sapphire Rapids (codegen/cpu_experts.py TARGET_CONFIGS): AMX tile kernels are a
-separate piece of work. When they land, add the tile instructions (tdpbssd / tileloadd) to
-expected_instructions.
+Routed-expert kernels: decode on the AVX512 dequantize-and-FMA micro-kernels (memory bound),
+int8/int4 prefill on AMX-INT8 tiles (tdpbsud: int8 weights x u8 activations quantized on the
+fly), see codegen/tir_intdot.py. The runtime asks Linux for the tile state
+(arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)) before the first call.
 """
 
 from ktc.targets import CpuTarget
@@ -17,4 +17,5 @@ TARGET = CpuTarget(
                 "mattr": ["+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni", "+amx-int8", "+amx-tile",
                           "+amx-bf16"]},
     expected_instructions=("zmm", "vfmadd"),
+    quant_instructions=("tdpbsud", "ldtilecfg", "tileloadd", "tilestored", "tilerelease"),
 )

@@ -1,4 +1,8 @@
-"""x86-64 with AVX512 (F, BW, VL) and AVX512-VNNI: Skylake-SP/Cascade Lake and newer, Zen 4."""
+"""x86-64 with AVX512 (F, BW, VL) and AVX512-VNNI: Skylake-SP/Cascade Lake and newer, Zen 4.
+
+Routed-expert kernels: decode on the dequantize-and-FMA micro-kernels, int8/int4 prefill on
+VNNI integer dot products (vpdpbusd), see codegen/tir_intdot.py.
+"""
 
 from ktc.targets import CpuTarget
 
@@ -9,4 +13,5 @@ TARGET = CpuTarget(
     tvm_target={"kind": "llvm", "mcpu": "cascadelake",
                 "mattr": ["+avx2", "+fma", "+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni"]},
     expected_instructions=("zmm", "vfmadd"),
+    quant_instructions=("vpdpbusd",),
 )

@@ -18,8 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ktc.codegen.cpu_experts import ExpertKernelSpec, build_cpu_kernels
+from ktc.codegen.cpu_experts import TARGET_CONFIGS, ExpertKernelSpec, build_cpu_kernels
 from ktc.targets import get as get_target
+
+# "x86-amx-emu": the x86-amx kernels with every tile instruction emulated by plain loops,
+# built for x86-avx512: runs the AMX code path (layouts, tile loops, epilogues) on hosts
+# without AMX; only the tile instructions themselves are not exercised.
+EMU = "x86-amx-emu"
 
 # one kernel per format; odd little shapes (multiples of 32), several group sizes
 SPECS = {
@@ -44,15 +49,21 @@ def _root_dir() -> Path:
 
 
 def specs_for(name: str) -> list[ExpertKernelSpec]:
-    """x86-amx (never runnable on the test hosts so far) builds only the quantized kernels."""
-    if name == "x86-amx" and not get_target(name).runs_here():
+    """x86-amx (never runnable on the test hosts so far) and the emulated AMX build only the
+    quantized kernels."""
+    if name == EMU or (name == "x86-amx" and not get_target(name).runs_here()):
         return [SPECS["int8"], SPECS["int4"]]
     return list(SPECS.values())
 
 
+def target_for(name: str):
+    return get_target("x86-avx512" if name == EMU else name)
+
+
 def _build(name: str) -> tuple[Path, dict[str, Any]]:
     out = _root_dir() / name
-    return out, build_cpu_kernels(specs_for(name), get_target(name), out)
+    config = dict(TARGET_CONFIGS["x86-amx"], variant="amx-emu") if name == EMU else None
+    return out, build_cpu_kernels(specs_for(name), target_for(name), out, config=config)
 
 
 def builds(names: list[str]) -> dict[str, tuple[Path, dict[str, Any]]]:

@@ -118,18 +118,45 @@ def test_build_contains_the_targets_instructions(all_builds, name):
     assert (out / "libtvm_runtime.so").is_file()
     json.dumps(entry)   # JSON-able
     text = _disasm(out / entry["lib"])
-    assert not missing_instructions(text, target)
-    assert "vfmadd" in text                      # dequantize-and-FMA kernels
+    assert not missing_instructions(text, target, quantized=True)
+    assert "vfmadd" in text                      # dequantize-and-FMA kernels (decode)
     if name == "x86-avx2":
         assert "ymm" in text and "zmm" not in text
+        assert "vpdpbusd" not in text and "tdp" not in text
     else:
-        assert "zmm" in text                     # 512-bit vectors (x86-amx: the AVX512 path for now)
+        assert "zmm" in text                     # 512-bit vectors
+    if name == "x86-avx512":
+        assert "vpdpbusd" in text                # int8/int4 prefill: VNNI dot products
+    if name == "x86-amx":                        # int8/int4 prefill: AMX tiles
+        for m in ("ldtilecfg", "tileloadd", "tdpbsud", "tilestored", "tilerelease"):
+            assert m in text, m
+    for k in entry["kernels"].values():
+        assert [d["name"] for d in k["scratch"]] == ["hbuf", "ybuf", "iwork", "act", "asc"]
 
 
 def test_missing_instructions_are_reported():
     t = kt.get("x86-avx512")
     assert missing_instructions("vfmadd231ps %ymm1, %ymm2, %ymm3", t) == ["zmm"]
     assert missing_instructions("vfmadd231ps %zmm1, %zmm2, %zmm3", t) == []
+    assert missing_instructions("vfmadd231ps %zmm1, %zmm2, %zmm3", t, quantized=True) == ["vpdpbusd"]
+    amx = kt.get("x86-amx")
+    assert "tdpbsud" in missing_instructions("vfmadd231ps %zmm1, %zmm2, %zmm3", amx, quantized=True)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_compensation_part(fmt):
+    """comp[row] = c * sum_g scale[row, g] * sum_{k in g} q[row, k], c = 128 * 257 (int8) / 128 (int4)."""
+    spec = SPECS[fmt]
+    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size  # noqa: E741
+    torch.manual_seed(1)
+    gu, dn = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    parts = pack_expert_weights(spec, gu, dn)
+    gud, dnd = unpack_expert_weights(spec, parts)
+    c = 128.0 * 257.0 if fmt == "int8" else 128.0
+    for role, deq in (("gate_up", gud), ("down", dnd)):
+        # sum_g scale * sum q = sum_k deq[k] (up to rounding)
+        ref = c * deq.double().sum(-1)
+        torch.testing.assert_close(parts[f"{role}.comp"].double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 def test_build_failure_is_one_line_ktc_error(tmp_path):

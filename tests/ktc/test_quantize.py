@@ -30,7 +30,7 @@ def weights_and_group(draw):
 @SETTINGS
 def test_round_trip_error_is_at_most_half_a_step(wg, bits):
     w, group = wg
-    q, scales = quantize_symmetric(w, bits, group)
+    q, scales = quantize_symmetric(w, bits, group, clip=False)
     qmax = 2 ** (bits - 1) - 1
     assert q.dtype == torch.int8 and q.shape == w.shape
     assert scales.dtype == torch.float32 and scales.shape == (*w.shape[:-1], w.shape[-1] // group)
@@ -44,6 +44,40 @@ def test_round_trip_error_is_at_most_half_a_step(wg, bits):
     # each group's largest magnitude is represented exactly at +-qmax
     amax = w.reshape(*w.shape[:-1], -1, group).abs().amax(-1)
     torch.testing.assert_close(scales, amax / qmax, rtol=0, atol=0)
+
+
+@given(weights_and_group(), st.sampled_from([8, 4]))
+@SETTINGS
+def test_clip_search_bounds(wg, bits):
+    """MSE-clipped groups: every element within max(scale / 2, max|w| - qmax * scale) of w, the
+    scale between 0.6 and 1 times the absmax one, and the group's squared error never above
+    the absmax quantization's."""
+    w, group = wg
+    q, scales = quantize_symmetric(w, bits, group, clip=True)
+    qmax = 2 ** (bits - 1) - 1
+    assert int(q.abs().max()) <= qmax
+    deq = dequantize_symmetric(q, scales, group)
+    wg_ = w.reshape(*w.shape[:-1], -1, group)
+    amax = wg_.abs().amax(-1)
+    assert bool((scales <= amax / qmax * (1 + 1e-6)).all()) and bool((scales >= 0.6 * amax / qmax * (1 - 1e-6)).all())
+    bound = torch.maximum(scales / 2, amax - qmax * scales).repeat_interleave(group, dim=-1)
+    assert bool(((w - deq).abs() <= bound * (1 + 1e-5) + w.abs() * 1e-6).all())
+    qa, sa = quantize_symmetric(w, bits, group, clip=False)
+    err = (w.double() - deq.double()).reshape(wg_.shape).square().sum(-1)
+    err_abs = (w.double() - dequantize_symmetric(qa, sa, group).double()).reshape(wg_.shape).square().sum(-1)
+    assert bool((err <= err_abs * (1 + 1e-5) + 1e-30).all())
+
+
+def test_int4_defaults_to_clip_search_and_lowers_the_error():
+    torch.manual_seed(0)
+    w = torch.randn(64, 1024)
+    q, s = quantize_symmetric(w, 4, 128)
+    qa, sa = quantize_symmetric(w, 4, 128, clip=False)
+    e_clip = float((dequantize_symmetric(q, s, 128) - w).norm() / w.norm())
+    e_abs = float((dequantize_symmetric(qa, sa, 128) - w).norm() / w.norm())
+    assert e_clip < 0.95 * e_abs and e_clip < 0.11
+    q8, s8 = quantize_symmetric(w, 8, 128)             # int8 stays absmax
+    torch.testing.assert_close(s8, w.reshape(64, 8, 128).abs().amax(-1) / 127, rtol=0, atol=0)
 
 
 @given(st.lists(st.integers(1, 3), min_size=0, max_size=2), st.integers(1, 40), st.data())
@@ -62,7 +96,7 @@ def test_pack_unpack_int4_is_exact(lead, half_k, data):
 def test_zero_groups_get_zero_scale():
     w = torch.zeros(2, 64)
     w[1, 32:] = torch.linspace(-1, 1, 32)
-    q, s = quantize_symmetric(w, 4, 32)
+    q, s = quantize_symmetric(w, 4, 32, clip=False)
     assert s.tolist() == [[0.0, 0.0], [0.0, pytest.approx(1 / 7)]]
     assert int(q[:, :32].abs().sum()) == 0 and int(q[1, 32:].abs().max()) == 7
 

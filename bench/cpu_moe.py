@@ -1,0 +1,379 @@
+"""CPU MoE layer benchmark: ktc's TVM-built expert kernels against kt-kernel, same machine, same run.
+
+Two steps, because the machine that measures (the lent GPU host's AMX Xeon) has no TVM:
+
+    # here (TVM installed): cross-compile the kernels of every benchmarked spec for x86-amx
+    # and x86-avx512 into DIR, with libtvm_runtime.so and a manifest
+    python bench/cpu_moe.py build --out .carry/kernels
+
+    # there: measure (kt-kernel and apache-tvm-ffi unpacked into .carry/site)
+    PYTHONPATH=.carry/site python3 bench/cpu_moe.py run --kernels .carry/kernels --out $OUT
+
+One MoE layer, random Gaussian weights (randn / sqrt(K), generated there from a fixed seed, in
+bf16 so both sides quantize the same values), shapes of Qwen3-30B-A3B (H2048 I768 E128 top8)
+and DeepSeek-V2-Lite (H2048 I1408 E64 top6); int8 and int4; decode batch 1 and 8 and prefill
+512 tokens. Every call gets a fresh random routing (64 pre-drawn, cycled), so the experts it
+reads are mostly not in cache. Medians of per-call wall times after warm-up. Beside each
+figure: GB/s (weight bytes of the experts the call touches / time), TFLOP/s (2 * pairs * 3 *
+H * I / time) and the relative error of the layer output against a float32 torch reference
+on the same (bf16) weights. kt-kernel runs in a subprocess (its queue thread busy-waits, it
+must not share the machine with our timings) with 15 threads, KTMoEWrapper method
+AMXINT8 / AMXINT4, all experts on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "deepseek-v2-lite": (2048, 1408, 64, 6)}
+# (label, format, group) of our kernels; int8 needs group 32 for <= 1e-2 on Gaussian weights
+OURS = [("int8-g32", "int8", 32), ("int8-g128", "int8", 128), ("int4-g128", "int4", 128)]
+KT_METHOD = {"int8": "AMXINT8", "int4": "AMXINT4"}
+REGIMES = [("decode-1", 1), ("decode-8", 8), ("prefill-512", 512)]
+TARGETS = ("x86-amx", "x86-avx512")
+
+
+def _import_ktc():
+    """Import ktc from this checkout, installed or not (its subpackages live in sibling folders)."""
+    try:
+        import ktc.runtime.cpu_experts  # noqa: F401
+        return
+    except ImportError:
+        pass
+    sys.path.insert(0, str(ROOT))
+    import ktc
+    for sub in ("targets", "runtime"):
+        spec = importlib.util.spec_from_file_location(f"ktc.{sub}", ROOT / sub / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / sub)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[f"ktc.{sub}"] = mod
+        spec.loader.exec_module(mod)
+        setattr(ktc, sub, mod)
+
+
+# ---- build (here) ---------------------------------------------------------------------------
+
+def cmd_build(args) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ktc.codegen.cpu_experts import ExpertKernelSpec, build_cpu_kernels
+    from ktc.targets import get
+
+    specs = [ExpertKernelSpec(H, I, E, K, fmt, g) for (H, I, E, K) in SHAPES.values() for _, fmt, g in OURS]  # noqa: E741
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def one(t):
+        t0 = time.time()
+        entry = build_cpu_kernels(specs, get(t), out / t)
+        print(f"built {t} in {time.time() - t0:.0f} s", flush=True)
+        return t, entry
+
+    with ThreadPoolExecutor(len(TARGETS)) as pool:
+        manifest = dict(pool.map(one, TARGETS))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+# ---- shared helpers (run) -----------------------------------------------------------------------
+
+def make_weights(H, I, E, seed):  # noqa: E741
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(torch.bfloat16)
+    down = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(torch.bfloat16)
+    return gate_up, down
+
+
+def routings(T, E, K, n, seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :K].to(torch.int32)
+        tw = torch.rand(T, K, generator=g)
+        out.append((ids, tw / tw.sum(-1, keepdim=True)))
+    return out
+
+
+def reference(x, ids, tw, gate_up, down):
+    """float32 torch reference of the routed experts."""
+    import torch
+    import torch.nn.functional as F
+
+    T, H = x.shape
+    I = down.shape[2]  # noqa: E741
+    y = torch.zeros(T, H)
+    for e in torch.unique(ids).tolist():
+        rows, ks = (ids == e).nonzero(as_tuple=True)
+        g = x[rows] @ gate_up[e].float().T
+        h = F.silu(g[:, :I]) * g[:, I:]
+        y.index_add_(0, rows, (h @ down[e].float().T) * tw[rows, ks].unsqueeze(1))
+    return y
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def time_calls(fn, inputs, warmup, iters):
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    ts = []
+    for i in range(iters):
+        args = inputs[(warmup + i) % len(inputs)]
+        t0 = time.perf_counter()
+        fn(*args)
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def iters_for(T):
+    return (10, 60) if T <= 8 else (3, 12)
+
+
+def expert_bytes(H, I, fmt, g):  # noqa: E741
+    n = 3 * H * I
+    return (n if fmt == "int8" else n // 2) + 4 * n // g + 4 * 3 * I   # values + scales + comp
+
+
+# ---- ours (run) -------------------------------------------------------------------------------
+
+def _pack(spec_dict, gate_up, down):
+    """pack_expert_weights without importing the compiler package (same code, loaded by path)."""
+    spec_mod = _load_codegen_cpu_experts()
+    spec = spec_mod.ExpertKernelSpec.from_dict(spec_dict)
+    return spec_mod.pack_expert_weights(spec, gate_up, down)
+
+
+def _load_codegen_cpu_experts():
+    try:
+        from ktc.codegen import cpu_experts
+        return cpu_experts
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("ktc.codegen.cpu_experts", ROOT / "codegen" / "cpu_experts.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["ktc.codegen.cpu_experts"] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+def measure_ours(args) -> list[dict]:
+    import torch
+
+    _import_ktc()
+    from ktc.runtime.cpu_experts import CpuExpertKernels
+
+    kdir = Path(args.kernels)
+    manifest = json.loads((kdir / "manifest.json").read_text())
+    from ktc.errors import HostError
+
+    loaded = {}
+    for t in TARGETS:
+        if args.target and t != args.target:
+            continue
+        try:
+            loaded[t] = CpuExpertKernels.load(kdir / t, manifest[t])
+        except HostError as e:
+            print(f"skipping {t}: {e.message}", flush=True)
+    rows = []
+    for sname in args.shapes:
+        H, I, E, K = SHAPES[sname]  # noqa: E741
+        gate_up, down = make_weights(H, I, E, args.seed)
+        for label, fmt, g in OURS:
+            if args.formats and label not in args.formats:
+                continue
+            name = f"moe_experts_{fmt}_h{H}_i{I}_e{E}_k{K}_g{g}"
+            entry = next(iter(manifest.values()))["kernels"][name]
+            t0 = time.time()
+            parts = _pack(entry["spec"], gate_up, down)
+            print(f"packed {name} in {time.time() - t0:.1f} s", flush=True)
+            for rname, T in REGIMES:
+                if args.regimes and rname not in args.regimes:
+                    continue
+                gen = torch.Generator().manual_seed(args.seed + T)
+                xs = [torch.randn(T, H, generator=gen) for _ in range(4)]
+                rts = routings(T, E, K, 64 if T <= 8 else 4, args.seed + 7 * T)
+                inputs = [(xs[i % 4], rts[i][1], rts[i][0]) for i in range(len(rts))]
+                x, tw, ids = inputs[0]
+                ref = reference(x, ids, tw, gate_up, down)
+                for t, kern in loaded.items():
+                    def fn(x, tw, ids, kern=kern, name=name, parts=parts):
+                        return kern.moe_experts(name, x, tw, ids, parts)
+                    err = rel(fn(x, tw, ids), ref)
+                    med = time_calls(fn, inputs, *iters_for(T))
+                    rows.append(dict(shape=sname, impl=f"ktc {t}", fmt=label, regime=rname, T=T, ms=med * 1e3,
+                                     err=err, **_rates(H, I, E, K, T, med, expert_bytes(H, I, fmt, g), rts)))
+                    print(json.dumps(rows[-1]), flush=True)
+            parts = None
+    return rows
+
+
+def _rates(H, I, E, K, T, sec, bytes_per_expert, rts):  # noqa: E741
+    import torch
+
+    touched = sum(len(torch.unique(ids)) for ids, _ in rts) / len(rts)
+    return dict(gbs=touched * bytes_per_expert / sec / 1e9, tflops=2 * T * K * 3 * H * I / sec / 1e12,
+                tok_s=T / sec)
+
+
+# ---- kt-kernel (run, subprocess) ----------------------------------------------------------------
+
+def measure_kt(args) -> list[dict]:
+    import torch
+    from kt_kernel import KTMoEWrapper
+
+    rows = []
+    for sname in args.shapes:
+        H, I, E, K = SHAPES[sname]  # noqa: E741
+        gate_up, down = make_weights(H, I, E, args.seed)
+        gate, up = gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous()
+        for fmt in ("int8", "int4"):
+            if args.formats and not any(f.startswith(fmt) for f in args.formats):
+                continue
+            method = KT_METHOD[fmt]
+            t0 = time.time()
+            with tempfile.TemporaryDirectory() as wdir:
+                w = KTMoEWrapper(layer_idx=0, num_experts=E, num_experts_per_tok=K, hidden_size=H,
+                                 moe_intermediate_size=I, gpu_experts_mask=None, cpuinfer_threads=args.kt_threads,
+                                 threadpool_count=1, weight_path=wdir, chunked_prefill_size=1024, method=method)
+                w.load_weights_from_tensors(gate, up, down, torch.arange(E, dtype=torch.int64))
+                print(f"kt {method} {sname} loaded in {time.time() - t0:.1f} s", flush=True)
+                cpu_infer, moe = w.cpu_infer, w.moe
+                for rname, T in REGIMES:
+                    if args.regimes and rname not in args.regimes:
+                        continue
+                    gen = torch.Generator().manual_seed(args.seed + T)
+                    xs = [torch.randn(T, H, generator=gen) for _ in range(4)]
+                    rts = routings(T, E, K, 64 if T <= 8 else 4, args.seed + 7 * T)
+                    bsz = torch.tensor([T], dtype=torch.int32)
+                    xb = [x.to(torch.bfloat16).contiguous() for x in xs]
+                    ids64 = [ids.to(torch.int64).contiguous() for ids, _ in rts]
+                    tws = [tw.to(torch.float32).contiguous() for _, tw in rts]
+                    out = torch.empty(T, H, dtype=torch.bfloat16)
+
+                    def fn(i, bsz=bsz, xb=xb, ids64=ids64, tws=tws, out=out, K=K, cpu_infer=cpu_infer, moe=moe):
+                        cpu_infer.submit(moe.forward_task(bsz.data_ptr(), K, ids64[i].data_ptr(), tws[i].data_ptr(),
+                                                          xb[i % 4].data_ptr(), out.data_ptr(), False))
+                        cpu_infer.sync()
+                        return out
+
+                    x0 = xb[0].float()
+                    ref = reference(x0, rts[0][0], rts[0][1], gate_up, down)
+                    err = rel(fn(0).float(), ref)
+                    med = time_calls(fn, [(i,) for i in range(len(rts))], *iters_for(T))
+                    nbytes = 3 * H * I if fmt == "int8" else 3 * H * I // 2
+                    rows.append(dict(shape=sname, impl=f"kt-kernel {method}", fmt=fmt, regime=rname, T=T,
+                                     ms=med * 1e3, err=err, **_rates(H, I, E, K, T, med, nbytes, rts)))
+                    print(json.dumps(rows[-1]), flush=True)
+                w = moe = None
+    return rows
+
+
+# ---- run (there) ------------------------------------------------------------------------------------
+
+def stream_read_gbs() -> float:
+    """Read bandwidth estimate: torch float32 sum over 2 GiB (all of torch's threads)."""
+    import torch
+
+    a = torch.ones(1 << 29, dtype=torch.float32)
+    a.sum()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a.sum()
+    return 3 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9
+
+
+def table(rows) -> str:
+    kt = {(r["shape"], r["fmt"][:4], r["regime"]): r for r in rows if r["impl"].startswith("kt-kernel")}
+    lines = ["| shape | regime | impl | format | ms | tok/s | GB/s | TFLOP/s | rel err | vs kt |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        k = kt.get((r["shape"], r["fmt"][:4], r["regime"]))
+        if r["regime"].startswith("prefill"):
+            vs = f"{r['tok_s'] / k['tok_s']:.2f}x tok/s" if k and k is not r else ""
+        else:
+            vs = f"{r['ms'] / k['ms']:.2f}x latency" if k and k is not r else ""
+        lines.append(f"| {r['shape']} | {r['regime']} | {r['impl']} | {r['fmt']} | {r['ms']:.3f} | {r['tok_s']:.0f} "
+                     f"| {r['gbs']:.1f} | {r['tflops']:.2f} | {r['err']:.2e} | {vs} |")
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.kt_only:
+        (out / "kt.json").write_text(json.dumps(measure_kt(args)))
+        return
+    if args.target:
+        (out / f"{args.target}.json").write_text(json.dumps(measure_ours(args)))
+        return
+    info = {"cpu": subprocess.run(["lscpu"], capture_output=True, text=True).stdout}
+    print(info["cpu"], flush=True)
+    info["read_gbs"] = stream_read_gbs()
+    print(f"torch float32 sum read bandwidth: {info['read_gbs']:.1f} GB/s", flush=True)
+    rows = []
+    # one subprocess each: kt-kernel's queue thread busy-waits, and a crash of one side must
+    # not lose the other's figures
+    jobs = ([] if args.no_kt else [("kt", ["--kt-only", "--kt-threads", str(args.kt_threads)])])
+    jobs += [(t, ["--target", t]) for t in args.targets]
+    for name, extra in jobs:
+        cmd = [sys.executable, __file__, "run", "--out", str(out), "--kernels", args.kernels, "--shapes",
+               *args.shapes, "--seed", str(args.seed), *extra]
+        if args.formats:
+            cmd += ["--formats", *args.formats]
+        if args.regimes:
+            cmd += ["--regimes", *args.regimes]
+        t0 = time.time()
+        try:
+            r = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=args.job_timeout)
+            code = r.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        print(f"{name}: exit {code} after {time.time() - t0:.0f} s", flush=True)
+        f = out / f"{name}.json"
+        if code == 0 and f.exists():
+            rows += json.loads(f.read_text())
+    rows.sort(key=lambda r: (r["shape"], [x for x, _ in REGIMES].index(r["regime"]), r["fmt"][:4],
+                             not r["impl"].startswith("kt-kernel"), r["impl"], r["fmt"]))
+    (out / "results.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    text = table(rows)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--kernels", default=str(ROOT / ".carry" / "kernels"))
+    r.add_argument("--out", required=True)
+    r.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    r.add_argument("--formats", nargs="*", default=None, help="subset of " + ", ".join(x for x, _, _ in OURS))
+    r.add_argument("--regimes", nargs="*", default=None, help="subset of " + ", ".join(x for x, _ in REGIMES))
+    r.add_argument("--targets", nargs="*", default=list(TARGETS))
+    r.add_argument("--kt-threads", type=int, default=15)
+    r.add_argument("--job-timeout", type=float, default=300)
+    r.add_argument("--kt-only", action="store_true")
+    r.add_argument("--target", choices=TARGETS, default=None, help="measure only this target's kernels")
+    r.add_argument("--no-kt", action="store_true")
+    r.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    (cmd_build if args.cmd == "build" else cmd_run)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Integer-dot-product prefill path of the quantized `moe_experts` kernels (TIR, TVMScript).
+
+Imported only by the build subprocess, through codegen/tir_experts.py, which calls
+`make_prefill_body` for int8 / int4 specs when the target's variant is "vnni" (AVX512-VNNI,
+vpdpbusd), "amx" (AMX-INT8 tiles, tdpbsud) or "amx-emu" (the AMX code with every tile
+instruction replaced by plain TIR loops of the same semantics: how the AMX path is tested on
+hosts without AMX). The decode regime stays on the dequantize-and-FMA micro-kernels (memory
+bound, exact activations); this path runs when a call carries enough (token, expert) pairs
+per expert (cpu_experts.PREFILL_PAIRS_PER_EXPERT) for a weight tile to serve many tokens.
+
+The layer, for the segments (experts) the counting sort found, in five parallel phases:
+
+1. quantize + gather the input rows of each segment into column blocks `act`: a block is 16
+   columns x Kd bytes in VNNI order (k / 4, column, k % 4): the layout of an AMX B tile and of
+   a vpdpbusd source. Activations are quantized per token, symmetric, u8 = q + 128, in
+   `levels` levels: int8 weights use 2 (x ~ s * (q1 + q2 / 256), ~15 bits: the activations
+   add no error that matters), int4 weights 1 (their own error dominates). With 2 levels a
+   block holds 8 pairs: columns 0-7 level 1, 8-15 level 2 of the same pairs.
+2. gate/up: per (segment, 16 intermediate rows): C = W . act as int32 per quantization group,
+   then f32 += C * scale[row, group]; at the end (f32 - comp[row]) * column scale, and
+   h = silu(gate) * up into hbuf.
+3. quantize + gather h (hbuf rows of the segment) like 1.
+4. down: per (segment, 32 hidden rows), the same micro-kernel into ybuf.
+5. (tir_experts) y[t] = sum_k w[t, k] ybuf[pair(t, k)].
+
+`comp[row]` (a packed weight part) is 128 * sum_g scale[row, g] * sum_{k in g} q[row, k]
+(times 257 with 2 levels): the +128 of the unsigned activations, removed once per row.
+
+Work is split over `nthr` tasks (one per thread) by cost, not by count: items (segment,
+row tile) cost the segment's number of column blocks, and task t takes the items whose
+cost prefix starts in [t * total / nthr, (t + 1) * total / nthr), so no thread waits long
+at the phase's end for one that got the big experts.
+
+Micro-kernels, per item, for each pair of column blocks and each group:
+- amx: tiles 4, 5 = two 16-row weight tiles (K step KT = min(group, 64) bytes, read straight
+  from the row-major int8 weights, or from the item's unpacked int4 rows); 6, 7 = two column
+  blocks; 0-3 = the four 16 x 16 int32 products (tdpbsud: signed weights x unsigned
+  activations); stored to `cbuf` and folded into the f32 accumulators after each group.
+- vnni: 8 rows at a time, one zmm accumulator per row: vpdpbusd(acc, act block row (64
+  bytes = 16 columns x 4 k), 4 weight bytes broadcast).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+NCOL = 16           # columns per activation block
+RT = 16             # rows per weight tile
+ITEM_ROWS = 32      # weight rows per work item (2 tiles)
+VNNI_RB = 8         # rows per vnni register block
+ALLOC = {"scope": "global", "annotations": {"disable_lower_builtin": True}}
+
+
+def _ramp(buf, start, lanes):
+    return tirx.BufferLoad(buf, [tirx.Ramp(start, tirx.const(1, "int32"), lanes)])
+
+
+def levels_for(fmt: str) -> int:
+    """Activation quantization levels of a weight format (see the module docstring)."""
+    return 2 if fmt == "int8" else 1
+
+
+def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NSEG, O_SORTED, silu):  # noqa: E741
+    """The macro `prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum,
+    o_bseg, gqf, dqf)` running phases 1-4 (iw already holds the sorted segments; gqf / dqf are
+    flat int8 views of the weights, or None for int4)."""
+    L = levels_for(fmt)
+    PPB = NCOL // L           # pairs per column block
+    KT = min(G, 64)           # AMX K step (bytes)
+    NR1 = I // RT             # gate/up items per segment (16 gate + 16 up rows each)
+    NR2 = H // ITEM_ROWS      # down items per segment
+    assert I % RT == 0 and H % ITEM_ROWS == 0 and G % KT == 0 and KT % 4 == 0
+    int4 = fmt == "int4"
+    emu = variant == "amx-emu"
+    amx = variant in ("amx", "amx-emu")
+
+    def i64(v):
+        return T.Cast("int64", v)
+
+    def wrow(r0a, r0b, q):
+        """Weight row of item row q (rows 0-15: tile a from r0a, 16-31: tile b from r0b)."""
+        if isinstance(q, int):
+            return r0a + q if q < RT else r0b + q - RT
+        return T.if_then_else(q < RT, r0a + q, r0b + q - RT)
+
+    def woff(e, nrows, kd, r0a, r0b, q, k):
+        """Offset of weight (item row q, k) in the flat int8 weights, or in the unpacked rows."""
+        if int4:
+            return i64(q * kd + k)
+        return (i64(e) * nrows + i64(wrow(r0a, r0b, q))) * kd + i64(k)
+
+    # ---- phase 1 / 3: quantize + gather rows into column blocks -------------------------
+    @T.macro
+    def quant_rows(src, kd, b, jj, row, act, asc):
+        """src[row, 0:kd] -> column jj (and jj + PPB) of block b."""
+        accv = T.alloc_buffer((16,), "float32", **ALLOC)
+        amax = T.alloc_buffer((1,), "float32", **ALLOC)
+        tmp = T.alloc_buffer((L * kd,), "uint8", **ALLOC)
+        for v in T.vectorized(16):
+            accv[v] = T.float32(0)
+        for k16 in range(kd // 16):
+            for v in T.vectorized(16):
+                accv[v] = T.max(accv[v], T.abs(src[row, k16 * 16 + v]))
+        amax[0] = T.float32(1e-30)
+        for v in range(16):
+            amax[0] = T.max(amax[0], accv[v])
+        inv = T.Bind(T.float32(127) / amax[0])
+        if L == 2:
+            asc[b * NCOL + jj] = amax[0] / T.float32(127 * 256)
+        else:
+            asc[b * NCOL + jj] = amax[0] / T.float32(127)
+        for k16 in range(kd // 16):
+            for v in T.vectorized(16):
+                tmp[k16 * 16 + v] = T.Cast("uint8", T.Cast("int32", T.max(T.min(
+                    T.nearbyint(src[row, k16 * 16 + v] * inv), T.float32(127)), T.float32(-127))) + 128)
+            if L == 2:
+                for v in T.vectorized(16):
+                    tmp[kd + k16 * 16 + v] = T.Cast("uint8", T.Cast("int32", T.max(T.min(T.nearbyint(
+                        (src[row, k16 * 16 + v] * inv - T.Cast("float32", T.Cast("int32", tmp[k16 * 16 + v]) - 128))
+                        * T.float32(256)), T.float32(127)), T.float32(-128))) + 128)
+        base = T.Bind(i64(b) * (NCOL * kd))
+        for k4 in range(kd // 4):
+            for v in T.vectorized(4):
+                act[base + i64(k4 * 64 + jj * 4 + v)] = tmp[k4 * 4 + v]
+            if L == 2:
+                for v in T.vectorized(4):
+                    act[base + i64(k4 * 64 + (jj + PPB) * 4 + v)] = tmp[kd + k4 * 4 + v]
+
+    @T.macro
+    def quant_phase(src, kd, from_x, iw, act, asc, o_cum, o_bseg):
+        nb_tot = T.Bind(iw[o_cum + iw[O_NSEG]])
+        for b in T.parallel(nb_tot):
+            s = T.Bind(iw[o_bseg + b])
+            lb = T.Bind(b - iw[o_cum + s])
+            p0 = T.Bind(iw[O_SEGSTART + s])
+            cnt = T.Bind(iw[O_SEGSTART + s + 1] - p0)
+            for jj in range(PPB):
+                if lb * PPB + jj < cnt:
+                    if from_x:
+                        quant_rows(src, kd, b, jj, iw[O_SORTED + p0 + lb * PPB + jj] // K, act, asc)
+                    else:
+                        quant_rows(src, kd, b, jj, p0 + lb * PPB + jj, act, asc)
+
+    # ---- int4: unpack the item's 32 weight rows to int8 ----------------------------------
+    @T.macro
+    def unpack_rows(wq, e, r0a, r0b, kd, wsc):
+        for q in T.unroll(ITEM_ROWS):
+            for blk in range(kd // 32):
+                for v in T.vectorized(16):
+                    wsc[q * kd + blk * 32 + v] = T.reinterpret("int8", T.bitwise_xor(T.bitwise_and(
+                        wq[i64(e), i64(wrow(r0a, r0b, q)), i64(blk * 16 + v)], T.uint8(15)), T.uint8(8))) - T.int8(8)
+                for v in T.vectorized(16):
+                    wsc[q * kd + blk * 32 + 16 + v] = T.reinterpret("int8", T.bitwise_xor(T.shift_right(
+                        wq[i64(e), i64(wrow(r0a, r0b, q)), i64(blk * 16 + v)], T.uint8(4)), T.uint8(8))) - T.int8(8)
+
+    # ---- tile operations: real AMX, or emulated with plain loops -------------------------
+    if not emu:
+        @T.macro
+        def tl_config(cfg):
+            for i in range(64):
+                cfg[i] = T.uint8(0)
+            cfg[0] = T.uint8(1)
+            for t in range(4):            # C tiles: 16 rows x 64 bytes
+                cfg[16 + 2 * t] = T.uint8(64)
+                cfg[48 + t] = T.uint8(16)
+            for t in range(4, 6):         # weight tiles: 16 rows x KT bytes
+                cfg[16 + 2 * t] = T.uint8(KT)
+                cfg[48 + t] = T.uint8(16)
+            for t in range(6, 8):         # activation tiles: KT / 4 rows x 64 bytes
+                cfg[16 + 2 * t] = T.uint8(64)
+                cfg[48 + t] = T.uint8(KT // 4)
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+
+        @T.macro
+        def tl_release():
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
+
+        @T.macro
+        def tl_zero(c, creg):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(c)))
+
+        @T.macro
+        def tl_load(t, buf, off, stride, treg):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(t), T.address_of(buf[off]),
+                                          T.int64(stride)))
+
+        @T.macro
+        def tl_dp(c, a, bt, treg, creg):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbsud", T.int8(c), T.int8(a), T.int8(bt)))
+
+        @T.macro
+        def tl_store(c, cbuf, creg):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(c), T.address_of(cbuf[c * 256]),
+                                          T.int64(64)))
+    else:
+        @T.macro
+        def tl_config(cfg):
+            cfg[0] = T.uint8(1)
+
+        @T.macro
+        def tl_release():
+            T.evaluate(0)
+
+        @T.macro
+        def tl_zero(c, creg):
+            for i in range(256):
+                creg[c * 256 + i] = 0
+
+        @T.macro
+        def tl_load(t, buf, off, stride, treg):
+            if t < 6:
+                for m in range(16):
+                    for cc in range(KT):
+                        treg[(t - 4) * 1024 + m * 64 + cc] = T.reinterpret("uint8", buf[off + i64(m * stride + cc)])
+            else:
+                for m in range(KT // 4):
+                    for cc in range(64):
+                        treg[(t - 4) * 1024 + m * 64 + cc] = buf[off + i64(m * stride + cc)]
+
+        @T.macro
+        def tl_dp(c, a, bt, treg, creg):
+            for m in range(16):
+                for nn in range(16):
+                    for k in range(KT):
+                        creg[c * 256 + m * 16 + nn] = creg[c * 256 + m * 16 + nn] + T.Cast(
+                            "int32", T.reinterpret("int8", treg[(a - 4) * 1024 + m * 64 + k])) * T.Cast(
+                            "int32", treg[(bt - 4) * 1024 + (k // 4) * 64 + nn * 4 + k % 4])
+
+        @T.macro
+        def tl_store(c, cbuf, creg):
+            for i in range(256):
+                cbuf[c * 256 + i] = creg[c * 256 + i]
+
+    # ---- fold the int32 products of one group into the f32 accumulators ------------------
+    # facc[(q * 2 + cbi) * 16 + col]: item row q, column block cbi (of the pair), column col
+    @T.macro
+    def fold(src, so, facc, q, cbi, sc):
+        if L == 2:
+            for v in T.vectorized(8):
+                facc[(q * 2 + cbi) * 16 + v] = facc[(q * 2 + cbi) * 16 + v] + T.Cast(
+                    "float32", T.shift_left(src[so + v], 8) + src[so + 8 + v]) * sc
+        else:
+            for v in T.vectorized(16):
+                facc[(q * 2 + cbi) * 16 + v] = facc[(q * 2 + cbi) * 16 + v] + T.Cast("float32", src[so + v]) * sc
+
+    @T.macro
+    def fold_tile(c, cbuf, facc, ws, e, r0a, r0b, g):
+        for m in range(16):
+            fold(cbuf, c * 256 + m * 16, facc, (c % 2) * RT + m, c // 2,
+                 ws[i64(e), i64(wrow(r0a, r0b, (c % 2) * RT + m)), i64(g)])
+
+    @T.macro
+    def group_amx(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg):
+        tl_zero(0, creg)
+        tl_zero(1, creg)
+        if two:
+            tl_zero(2, creg)
+            tl_zero(3, creg)
+        for ks in range(G // KT):
+            tl_load(4, wbuf, woff(e, nrows, kd, r0a, r0b, 0, g * G + ks * KT), kd, treg)
+            tl_load(5, wbuf, woff(e, nrows, kd, r0a, r0b, RT, g * G + ks * KT), kd, treg)
+            tl_load(6, act, i64(cb0) * (NCOL * kd) + i64((g * G + ks * KT) // 4 * 64), 64, treg)
+            tl_dp(0, 4, 6, treg, creg)
+            tl_dp(1, 5, 6, treg, creg)
+            if two:
+                tl_load(7, act, i64(cb0 + 1) * (NCOL * kd) + i64((g * G + ks * KT) // 4 * 64), 64, treg)
+                tl_dp(2, 4, 7, treg, creg)
+                tl_dp(3, 5, 7, treg, creg)
+        tl_store(0, cbuf, creg)
+        tl_store(1, cbuf, creg)
+        fold_tile(0, cbuf, facc, ws, e, r0a, r0b, g)
+        fold_tile(1, cbuf, facc, ws, e, r0a, r0b, g)
+        if two:
+            tl_store(2, cbuf, creg)
+            tl_store(3, cbuf, creg)
+            fold_tile(2, cbuf, facc, ws, e, r0a, r0b, g)
+            fold_tile(3, cbuf, facc, ws, e, r0a, r0b, g)
+
+    @T.macro
+    def group_vnni(wbuf, nrows, kd, act, cb, cbi, g, ws, e, r0a, r0b, facc):
+        acc = T.alloc_buffer((VNNI_RB * 16,), "int32", **ALLOC)
+        for rb in T.unroll(ITEM_ROWS // VNNI_RB):
+            for r in T.unroll(VNNI_RB):
+                for v in T.vectorized(16):
+                    acc[r * 16 + v] = 0
+            for k4 in range(G // 4):
+                av = T.Bind(_ramp(act, i64(cb) * (NCOL * kd) + i64((g * G) // 4 * 64 + k4 * 64), 64))
+                for r in T.unroll(VNNI_RB):
+                    acc[T.Ramp(r * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                        "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[T.Ramp(r * 16, 1, 16)], av,
+                        T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", _ramp(
+                            wbuf, woff(e, nrows, kd, r0a, r0b, rb * VNNI_RB + r, g * G + k4 * 4), 4)), 16)))
+            for r in T.unroll(VNNI_RB):
+                fold(acc, r * 16, facc, rb * VNNI_RB + r, cbi,
+                     ws[i64(e), i64(wrow(r0a, r0b, rb * VNNI_RB + r)), i64(g)])
+
+    @T.macro
+    def products(wbuf, nrows, kd, act, cb0, two, ws, e, r0a, r0b, facc, cbuf, treg, creg):
+        for i in range(ITEM_ROWS * 2 * 16):
+            facc[i] = T.float32(0)
+        for g in range(kd // G):
+            if amx:
+                group_amx(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg)
+            else:
+                group_vnni(wbuf, nrows, kd, act, cb0, 0, g, ws, e, r0a, r0b, facc)
+                if two:
+                    group_vnni(wbuf, nrows, kd, act, cb0 + 1, 1, g, ws, e, r0a, r0b, facc)
+
+    # ---- phases 2 and 4: one work item --------------------------------------------------
+    @T.macro
+    def gu_item(s, r, gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc):
+        e = T.Bind(iw[O_SEGEXP + s])
+        p0 = T.Bind(iw[O_SEGSTART + s])
+        cnt = T.Bind(iw[O_SEGSTART + s + 1] - p0)
+        b0 = T.Bind(iw[o_cum + s])
+        nb = T.Bind(iw[o_cum + s + 1] - b0)
+        i0 = T.Bind(r * RT)
+        if int4:
+            unpack_rows(gq, e, i0, I + i0, H, wsc)
+        for cbp in range((nb + 1) // 2):
+            if int4:
+                products(wsc, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
+                         creg)
+            else:
+                products(gqf, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
+                         creg)
+            for cbi in range(2):
+                for jj in range(PPB):
+                    if 2 * cbp + cbi < nb and (2 * cbp + cbi) * PPB + jj < cnt:
+                        colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
+                        for q in range(RT):
+                            gv = T.Bind((facc[(q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
+                            uv = T.Bind((facc[((q + RT) * 2 + cbi) * 16 + jj] - gc[i64(e), i64(I + i0 + q)]) * colsc)
+                            hbuf[p0 + (2 * cbp + cbi) * PPB + jj, i0 + q] = silu(gv) * uv
+
+    @T.macro
+    def dn_item(s, r, dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc):
+        e = T.Bind(iw[O_SEGEXP + s])
+        p0 = T.Bind(iw[O_SEGSTART + s])
+        cnt = T.Bind(iw[O_SEGSTART + s + 1] - p0)
+        b0 = T.Bind(iw[o_cum + s])
+        nb = T.Bind(iw[o_cum + s + 1] - b0)
+        h0 = T.Bind(r * ITEM_ROWS)
+        if int4:
+            unpack_rows(dq, e, h0, h0 + RT, I, wsc)
+        for cbp in range((nb + 1) // 2):
+            if int4:
+                products(wsc, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg)
+            else:
+                products(dqf, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg)
+            for cbi in range(2):
+                for jj in range(PPB):
+                    if 2 * cbp + cbi < nb and (2 * cbp + cbi) * PPB + jj < cnt:
+                        colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
+                        for q in range(ITEM_ROWS):
+                            ybuf[p0 + (2 * cbp + cbi) * PPB + jj, h0 + q] = (
+                                facc[(q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
+
+    @T.macro
+    def task_range(iw, o_cum, nr, nthr, tsk, lohi):
+        """lohi[0:2] = this task's [lo, hi) of the cost axis (segment column blocks x items)."""
+        lohi[0] = T.Cast("int32", i64(tsk) * i64(iw[o_cum + iw[O_NSEG]] * nr) // i64(nthr))
+        lohi[1] = T.Cast("int32", (i64(tsk) + 1) * i64(iw[o_cum + iw[O_NSEG]] * nr) // i64(nthr))
+
+    @T.macro
+    def prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum, o_bseg, gqf, dqf):
+        # block bookkeeping: cum[s] = first column block of segment s, bseg[b] = its segment
+        iw[o_cum] = 0
+        for s in range(iw[O_NSEG]):
+            for b in range(((iw[O_SEGSTART + s + 1] - iw[O_SEGSTART + s]) * L + NCOL - 1) // NCOL):
+                iw[o_bseg + iw[o_cum + s] + b] = s
+            iw[o_cum + s + 1] = iw[o_cum + s] + ((iw[O_SEGSTART + s + 1] - iw[O_SEGSTART + s]) * L + NCOL - 1) // NCOL
+        # 1. quantize x per pair into column blocks
+        quant_phase(x, H, True, iw, act, asc, o_cum, o_bseg)
+        # 2. gate/up, items (segment, 16 intermediate rows) split by cost
+        for tsk in T.parallel(nthr):
+            cfg = T.alloc_buffer((64,), "uint8", **ALLOC)
+            treg = T.alloc_buffer((4096 if emu else 1,), "uint8", **ALLOC)
+            creg = T.alloc_buffer((1024 if emu else 1,), "int32", **ALLOC)
+            cbuf = T.alloc_buffer((1024,), "int32", **ALLOC)
+            facc = T.alloc_buffer((ITEM_ROWS * 2 * 16,), "float32", **ALLOC)
+            wsc = T.alloc_buffer((ITEM_ROWS * H if int4 else 1,), "int8", **ALLOC)
+            lohi = T.alloc_buffer((2,), "int32", **ALLOC)
+            task_range(iw, o_cum, NR1, nthr, tsk, lohi)
+            if amx:
+                tl_config(cfg)
+            for s in range(iw[O_NSEG]):
+                if iw[o_cum + s] * NR1 < lohi[1] and iw[o_cum + s + 1] * NR1 > lohi[0]:
+                    for r in range(T.max(0, (lohi[0] - iw[o_cum + s] * NR1 + (iw[o_cum + s + 1] - iw[o_cum + s]) - 1)
+                                         // (iw[o_cum + s + 1] - iw[o_cum + s])),
+                                   T.min(NR1, (lohi[1] - iw[o_cum + s] * NR1 + (iw[o_cum + s + 1] - iw[o_cum + s])
+                                               - 1) // (iw[o_cum + s + 1] - iw[o_cum + s]))):
+                        gu_item(s, r, gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc)
+            if amx:
+                tl_release()
+        # 3. quantize h
+        quant_phase(hbuf, I, False, iw, act, asc, o_cum, o_bseg)
+        # 4. down, items (segment, 32 hidden rows) split by cost
+        for tsk in T.parallel(nthr):
+            cfg = T.alloc_buffer((64,), "uint8", **ALLOC)
+            treg = T.alloc_buffer((4096 if emu else 1,), "uint8", **ALLOC)
+            creg = T.alloc_buffer((1024 if emu else 1,), "int32", **ALLOC)
+            cbuf = T.alloc_buffer((1024,), "int32", **ALLOC)
+            facc = T.alloc_buffer((ITEM_ROWS * 2 * 16,), "float32", **ALLOC)
+            wsc = T.alloc_buffer((ITEM_ROWS * I if int4 else 1,), "int8", **ALLOC)
+            lohi = T.alloc_buffer((2,), "int32", **ALLOC)
+            task_range(iw, o_cum, NR2, nthr, tsk, lohi)
+            if amx:
+                tl_config(cfg)
+            for s in range(iw[O_NSEG]):
+                if iw[o_cum + s] * NR2 < lohi[1] and iw[o_cum + s + 1] * NR2 > lohi[0]:
+                    for r in range(T.max(0, (lohi[0] - iw[o_cum + s] * NR2 + (iw[o_cum + s + 1] - iw[o_cum + s]) - 1)
+                                         // (iw[o_cum + s + 1] - iw[o_cum + s])),
+                                   T.min(NR2, (lohi[1] - iw[o_cum + s] * NR2 + (iw[o_cum + s + 1] - iw[o_cum + s])
+                                               - 1) // (iw[o_cum + s + 1] - iw[o_cum + s]))):
+                        dn_item(s, r, dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc)
+            if amx:
+                tl_release()
+
+    return prefill_body

@@ -235,6 +235,7 @@ def bench_e2e(results: dict, layers: int, ctx: int, steps: int, prefill_len: int
 
 # -- 4. kernels -------------------------------------------------------------------------------
 def bench_kernels(results: dict) -> None:
+    import triton
     from triton.testing import do_bench
 
     from ktc.codegen.gpu import attention, matmul, moe
@@ -270,16 +271,104 @@ def bench_kernels(results: dict) -> None:
         add(f"matmul.linear {what} M={m_rows} N={n} K={kk}", ms, nbytes=n * kk * 2 if m_rows == 1 else 0,
             flops=2 * m_rows * n * kk if m_rows > 1 else 0)
 
+    def graph_bench(fns):
+        """Median us of one call when `fns` (different inputs each) are replayed back to back in a CUDA graph:
+        what a decode step inside ktc's graph pays (no Python launch cost)."""
+        for f in fns:
+            f()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for f in fns:
+                f()
+        return bench(g.replay) / len(fns)
+
+    from ktc.codegen.gpu import router
+
+    gate = torch.randn(e, h, dtype=bf, device=DEV) * 0.02
+    rattrs = {"scoring": "softmax", "topk_method": "greedy", "top_k": k, "norm_topk_prob": True}
+    xs = [torch.randn(1, h, dtype=bf, device=DEV) for _ in range(32)]
+    ms = graph_bench([lambda x=x: router.router_topk(matmul.linear(x, gate, out_dtype=torch.float32), rattrs)
+                      for x in xs])
+    add("router logits GEMM + top-k (2 launches) T=1, in graph", ms, nbytes=e * h * 2)
+    ms = graph_bench([lambda x=x: router.router_fused(x, gate, rattrs) for x in xs])
+    add("router.router_fused (1 launch) T=1, in graph", ms, nbytes=e * h * 2)
+
     w_up = torch.randn(e, 2 * inter, h, dtype=bf, device=DEV) * 0.02
     w_dn = torch.randn(e, h, inter, dtype=bf, device=DEV) * 0.02
+    dense = {"gate_up": w_up, "down": w_dn}
+    sets = [(torch.randn(1, h, dtype=bf, device=DEV), torch.rand(1, k, device=DEV),
+             torch.randperm(e, device=DEV)[:k].to(torch.int32)[None]) for _ in range(16)]
+    nb = k * 3 * inter * h * 2
+    gemv_default = moe.GEMV_TOKENS
+    for label, gemv, cfg in (("align+up+down+sum, 4 launches (before)", 0, None),
+                             ("GEMV up + GEMV down with sum, 2 launches (default)", gemv_default, None),
+                             ("mixed: tensor-core up + GEMV down", gemv_default, {"DECODE": "mixed"}),
+                             ("dot: tensor-core up + down_sum K=256", gemv_default,
+                              {"DECODE": "dot", "DOWN_SUM_K": 256, "down_sum_stages": 3}),
+                             ("GEMV N_DOWN=4 K_DOWN=512", gemv_default, {"GEMV_N_DOWN": 4, "GEMV_K_DOWN": 512}),
+                             ("GEMV N_UP=32", gemv_default, {"GEMV_N_UP": 32})):
+        moe.GEMV_TOKENS = gemv
+        full = None if cfg is None else {**moe.default_config(k, h, inter), **cfg}
+        ms = graph_bench([lambda xx=xx, tw=tw, ids=ids, full=full: moe.fused_moe(xx, tw, ids, dense, e, inter, full)
+                          for xx, tw, ids in sets])
+        add(f"moe.fused_moe T=1 {label}, in graph", ms, nbytes=nb)
+    moe.GEMV_TOKENS = gemv_default
+
+    t = 2048
+    xx = torch.randn(t, h, dtype=bf, device=DEV)
+    ids = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)]).to(torch.int32)
+    tw = torch.rand(t, k, device=DEV)
+    base = moe.default_config(t * k, h, inter)
+    sweep = [dict(BLOCK_M=64, BLOCK_N_UP=64, BLOCK_N_DOWN=128, BLOCK_K=64, num_warps=4, num_stages=3),
+             dict(BLOCK_M=64, BLOCK_N_UP=64, BLOCK_N_DOWN=128, BLOCK_K=64, num_warps=8, num_stages=3),
+             dict(BLOCK_M=128, BLOCK_N_UP=64, BLOCK_N_DOWN=128, BLOCK_K=64, num_warps=8, num_stages=3),
+             dict(BLOCK_M=64, BLOCK_N_UP=128, BLOCK_N_DOWN=128, BLOCK_K=64, num_warps=8, num_stages=3),
+             dict(BLOCK_M=64, BLOCK_N_UP=64, BLOCK_N_DOWN=128, BLOCK_K=64, num_warps=4, num_stages=4),
+             dict(BLOCK_M=128, BLOCK_N_UP=128, BLOCK_N_DOWN=128, BLOCK_K=64, num_warps=8, num_stages=3),
+             dict(BLOCK_M=64, BLOCK_N_UP=64, BLOCK_N_DOWN=64, BLOCK_K=128, num_warps=4, num_stages=3),
+             dict(BLOCK_M=128, BLOCK_N_UP=64, BLOCK_N_DOWN=256, BLOCK_K=64, num_warps=8, num_stages=3)]
+    inter_act = torch.randn(t * k, inter, dtype=bf, device=DEV)
+    out = torch.empty(t * k, h, dtype=bf, device=DEV)
+    twf = tw.reshape(-1)
+    for cfg in (base, sweep[2]):
+        align = moe.moe_align(ids, e, cfg["BLOCK_M"])
+        add(f"moe gate_up pass alone T=2048 BM={cfg['BLOCK_M']}", bench(lambda cfg=cfg, align=align: moe._gemm(
+            xx, w_up, None, inter_act, align, twf, inter, h, k, True, False, cfg["BLOCK_N_UP"], cfg)),
+            flops=2 * t * k * 2 * inter * h)
+        add(f"moe down pass alone T=2048 BM={cfg['BLOCK_M']}", bench(lambda cfg=cfg, align=align: moe._gemm(
+            inter_act, w_dn, None, out, align, twf, h, inter, 1, False, True, cfg["BLOCK_N_DOWN"], cfg)),
+            flops=2 * t * k * inter * h)
+        add(f"moe_align alone T=2048 BM={cfg['BLOCK_M']}", bench(lambda cfg=cfg: moe.moe_align(ids, e, cfg["BLOCK_M"])))
+    slots, bm = t * k, base["BLOCK_M"]
+    chunk = max(256, triton.next_power_of_2(triton.cdiv(slots, 128)))
+    chunks, blocks = triton.cdiv(slots, chunk), moe.max_blocks(slots, e, bm)
+    counts = torch.empty(chunks, e, dtype=torch.int32, device=DEV)
+    offsets, flat = torch.empty_like(counts), ids.reshape(-1)
+    srt, bexp, tot = (torch.empty(blocks * bm, dtype=torch.int32, device=DEV),
+                      torch.empty(blocks, dtype=torch.int32, device=DEV), torch.empty(1, dtype=torch.int32, device=DEV))
+    add("  moe_count_kernel", graph_bench([lambda: moe.moe_count_kernel[(chunks,)](
+        flat, counts, slots, BLOCK_E=e, CHUNK=chunk, SUB=64, num_warps=4)] * 8))
+    add("  moe_offsets_kernel", graph_bench([lambda: moe.moe_offsets_kernel[(1,)](
+        counts, offsets, srt, bexp, tot, slots, chunks, blocks * bm, blocks, NUM_EXPERTS=e, BLOCK_M=bm, BLOCK_E=e,
+        BLOCK_P=triton.next_power_of_2(chunks), CHUNK=64, FILL=1024, num_warps=8)] * 8))
+    add("  moe_scatter_kernel", graph_bench([lambda: moe.moe_scatter_kernel[(chunks,)](
+        flat, offsets, srt, slots, BLOCK_E=e, CHUNK=chunk, SUB=64, num_warps=4)] * 8))
+    for cfg in [base] + [c for c in sweep if c != {kk: base[kk] for kk in c}]:
+        try:
+            ms = bench(lambda cfg=cfg: moe.fused_moe(xx, tw, ids, dense, e, inter, cfg))
+        except Exception as ex:  # a config that does not fit (shared memory) is skipped
+            log(f"  moe sweep {cfg}: {type(ex).__name__}")
+            continue
+        add("moe.fused_moe T=2048 " + ("default " if cfg is base else "")
+            + " ".join(f"{kk.replace('BLOCK_', '')}={v}" for kk, v in cfg.items()), ms, flops=2 * t * k * 3 * inter * h)
     for t in (1, 2048):
         xx = torch.randn(t, h, dtype=bf, device=DEV)
         ids = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)]).to(torch.int32)
         tw = torch.rand(t, k, device=DEV)
-        dense = {"gate_up": w_up, "down": w_dn}
         ms = bench(lambda xx=xx, tw=tw, ids=ids, dense=dense: moe.fused_moe(xx, tw, ids, dense, e, inter))
         active = len(torch.unique(ids))
-        add(f"moe.fused_moe T={t} (align+up+down+sum)", ms, nbytes=active * 3 * inter * h * 2 if t == 1 else 0,
+        add(f"moe.fused_moe T={t} (default path)", ms, nbytes=active * 3 * inter * h * 2 if t == 1 else 0,
             flops=2 * t * k * 3 * inter * h if t > 1 else 0)
     packed = {f"{r}.{p}": tt for r, w in (("gate_up", w_up), ("down", w_dn))
               for p, tt in moe.pack_w4a16(w, 128).items()}

@@ -41,7 +41,7 @@ def _sig(ptrs: dict[str, str], ints: tuple[str, ...] = (), floats: tuple[str, ..
 def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: int = 128, experts: int = 128,
               top_k: int = 8, inter: int = 768, group: int = 128) -> list[AotSpec]:
     """One spec per kernel and per flag combination the runtime uses, at these model dims."""
-    from ktc.codegen.gpu import attention, matmul, moe, norm, rope
+    from ktc.codegen.gpu import attention, matmul, moe, norm, rope, router
 
     out: list[AotSpec] = []
 
@@ -105,6 +105,37 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
             dict(TOP_K=top_k, N_GROUP=8 if method else 1, GROUP_SIZE=experts // (8 if method else 1),
                  TOPK_GROUP=4 if method else 1, SIGMOID=sigmoid, METHOD=method, HAS_BIAS=bias, NORM=True,
                  BLOCK_G=8 if method else 1, BLOCK_E=experts // (8 if method else 1), BLOCK_K=top_k)), num_warps=4)
+        fc = router.fused_config(experts, hidden)
+        add("router", "router_fused_kernel", _sig(
+            dict(x_ptr="bf16", gate_ptr="bf16", logits_ptr="fp32", count_ptr="i32", bias_ptr="fp32", w_ptr="fp32",
+                 ids_ptr="i32"), ("hidden", "num_experts", "x_stride"), ("scaling",),
+            dict(TOP_K=top_k, N_GROUP=8 if method else 1, GROUP_SIZE=experts // (8 if method else 1),
+                 TOPK_GROUP=4 if method else 1, SIGMOID=sigmoid, METHOD=method, HAS_BIAS=bias, NORM=True,
+                 BLOCK_G=8 if method else 1, BLOCK_E=experts // (8 if method else 1), BLOCK_K=top_k,
+                 ROWS=fc["ROWS"], BLOCK_H=fc["BLOCK_H"])), num_warps=fc["num_warps"])
+    gc = moe.gemv_config(hidden, inter)
+    add("moe", "moe_gemv_up_kernel", _sig(dict(x_ptr="bf16", w_ptr="bf16", ids_ptr="i32", out_ptr="bf16"),
+                                          ("N", "K", "x_stride", "w_estride", "w_nstride"),
+                                          consts=dict(TOP_K=top_k, BLOCK_N=gc["GEMV_N_UP"], BLOCK_K=gc["GEMV_K_UP"])),
+        num_warps=gc["gemv_warps"])
+    add("moe", "moe_gemv_down_kernel", _sig(dict(a_ptr="bf16", w_ptr="bf16", ids_ptr="i32", topk_w_ptr="fp32",
+                                                 y_ptr="bf16"), ("N", "K", "y_stride", "w_estride", "w_nstride"),
+                                            consts=dict(TOP_K=top_k, BLOCK_N=gc["GEMV_N_DOWN"],
+                                                        BLOCK_K=gc["GEMV_K_DOWN"])), num_warps=gc["gemv_warps"])
+    add("moe", "moe_down_sum_kernel", _sig(dict(a_ptr="bf16", w_ptr="bf16", ids_ptr="i32", topk_w_ptr="fp32",
+                                                y_ptr="bf16"), ("N", "K", "y_stride", "w_estride", "w_nstride"),
+                                           consts=dict(TOP_K=top_k, BLOCK_M=16, BLOCK_N=gc["DOWN_SUM_N"],
+                                                       BLOCK_K=gc["DOWN_SUM_K"])),
+        num_warps=gc["down_sum_warps"], num_stages=gc["down_sum_stages"])
+    add("moe", "moe_count_kernel", _sig(dict(ids_ptr="i32", counts_ptr="i32"), ("num_slots",),
+                                        consts=dict(BLOCK_E=experts, CHUNK=256, SUB=64)))
+    add("moe", "moe_offsets_kernel", _sig(dict(counts_ptr="i32", offsets_ptr="i32", sorted_ptr="i32",
+                                               block_expert_ptr="i32", total_ptr="i32"),
+                                          ("num_slots", "num_chunks", "max_padded", "max_blocks"),
+                                          consts=dict(NUM_EXPERTS=experts, BLOCK_M=64, BLOCK_E=experts, BLOCK_P=64,
+                                                      CHUNK=64, FILL=1024)), num_warps=8)
+    add("moe", "moe_scatter_kernel", _sig(dict(ids_ptr="i32", offsets_ptr="i32", sorted_ptr="i32"), ("num_slots",),
+                                          consts=dict(BLOCK_E=experts, CHUNK=256, SUB=64)))
     add("moe", "moe_align_kernel", _sig(dict(ids_ptr="i32", sorted_ptr="i32", block_expert_ptr="i32", total_ptr="i32"),
                                         ("num_slots", "max_padded", "max_blocks"),
                                         consts=dict(NUM_EXPERTS=experts, BLOCK_M=16, BLOCK_E=experts, CHUNK=64)))

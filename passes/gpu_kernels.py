@@ -34,7 +34,7 @@ def _shape(graph: Graph, node: Node, role: str) -> list[int]:
 
 
 def gpu_configs(graph: Graph, node: Node) -> dict[str, dict[str, Any]]:
-    from ktc.codegen.gpu import attention, embedding, matmul, moe, norm, rope
+    from ktc.codegen.gpu import attention, embedding, matmul, moe, norm, rope, router
 
     out: dict[str, dict[str, Any]] = {}
     for phase, m in (("decode", 1), ("prefill", GPU_PREFILL_TOKENS)):
@@ -49,6 +49,8 @@ def gpu_configs(graph: Graph, node: Node) -> dict[str, dict[str, Any]]:
         elif node.op == "router":
             e, h = _shape(graph, node, "weight")
             cfg["logits"] = matmul.default_config(m, e, h)
+            if phase == "decode":
+                cfg["fused"] = router.fused_config(e, h)
         elif node.op == "mlp":
             inter, h = _shape(graph, node, "down")[1], _shape(graph, node, "down")[0]
             cfg["gate_up"] = matmul.default_config(m, 2 * inter, h)

@@ -1,17 +1,28 @@
 """Fused MoE for GPU-resident experts: grouped GEMMs over token slots sorted by expert.
 
 A token's K routing choices are K "slots" (slot s = token s // K). Three steps:
-  moe_align       one program: count slots per expert, pad each expert's count to BLOCK_M,
+  moe_align       count slots per expert, pad each expert's count to BLOCK_M,
                   and write sorted_slots (each expert's slots in a contiguous, BLOCK_M-aligned
                   run; padding holds the sentinel num_slots), the expert of every M block and
                   the padded total. Deterministic (ranks come from a cumulative sum, not atomics)
-                  and all on the device, so it can be captured in a CUDA graph.
+                  and all on the device, so it can be captured in a CUDA graph. One program for a few
+                  slots; past PARALLEL_ALIGN_SLOTS three launches (per-chunk counts, offsets,
+                  scatter), so that a prefill's alignment is not one serial loop (561 us at 16K slots).
   fused_moe       one grouped GEMM launch per matrix: program (M block, N block) multiplies the
                   rows of its block (gathered by slot) by its block's expert weights. The gate_up
                   pass computes the gate and up tiles together and stores silu(gate) * up; the
                   down pass multiplies each row by its routing weight. Blocks past the padded
                   total exit at once.
   moe_sum         y[t] = sum over k of the down pass's rows t*K .. t*K+K-1.
+
+Decode (at most GEMV_TOKENS tokens, dense weights) skips the alignment and the sum, two launches
+(config DECODE): "gemv" = moe_gemv_up (program = slot, N block: silu(gate) * up) and
+moe_gemv_down (program = token, N block: loops over the token's K experts in order and sums
+weight * (down row . act) in float32 before one store); "dot" = the gate_up grouped GEMM on a
+constant alignment with one slot per M block (block_expert is topk_ids itself) and
+moe_down_sum, the same ordered sum on tensor cores; "mixed" (default) = that gate_up + moe_gemv_down.
+Either way the weighted sum is folded into the down projection and stays deterministic (no
+atomics).
 
 Weights are bf16 / fp16 [E, N, K] (gate_up [E, 2I, H], gate rows first; down [E, H, I]), or
 w4a16: int4 symmetric, group-wise along K (group = BLOCK_K). In each group of G values, byte j
@@ -53,6 +64,62 @@ def moe_align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, total_ptr, num_slots
     running = starts
     for s0 in range(0, num_slots, CHUNK):
         s = s0 + tl.arange(0, CHUNK)
+        smask = s < num_slots
+        ids = tl.load(ids_ptr + s, mask=smask, other=-1)
+        eq = (ids[:, None] == e[None, :]).to(tl.int32)
+        before = tl.cumsum(eq, axis=0) - eq
+        dest = tl.sum(eq * (before + running[None, :]), axis=1)
+        tl.store(sorted_ptr + dest, s, mask=smask)
+        running += tl.sum(eq, axis=0)
+
+
+@triton.jit
+def moe_count_kernel(ids_ptr, counts_ptr, num_slots, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr):
+    """Parallel alignment, step 1 of 3: program p counts the slots of chunk p per expert."""
+    p = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    counts = tl.zeros((BLOCK_E,), tl.int32)
+    for sub in tl.static_range(0, CHUNK, SUB):
+        s = p * CHUNK + sub + tl.arange(0, SUB)
+        ids = tl.load(ids_ptr + s, mask=s < num_slots, other=-1)
+        counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    tl.store(counts_ptr + p * BLOCK_E + e, counts)
+
+
+@triton.jit
+def moe_offsets_kernel(counts_ptr, offsets_ptr, sorted_ptr, block_expert_ptr, total_ptr, num_slots, num_chunks,
+                       max_padded, max_blocks, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr):
+    """Step 2 (one program): per-expert padded starts, each chunk's first destination per expert,
+    the padded total, the expert of every M block, and the sentinel fill of sorted_slots."""
+    pp = tl.arange(0, BLOCK_P)[:, None]
+    e = tl.arange(0, BLOCK_E)
+    emask = e < NUM_EXPERTS
+    c = tl.load(counts_ptr + pp * BLOCK_E + e[None, :], mask=pp < num_chunks, other=0)
+    counts = tl.sum(c, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    cum = tl.cumsum(padded, axis=0)
+    starts = cum - padded
+    tl.store(total_ptr, tl.sum(padded, axis=0))
+    tl.store(offsets_ptr + pp * BLOCK_E + e[None, :], starts[None, :] + tl.cumsum(c, axis=0) - c, mask=pp < num_chunks)
+    for p0 in range(0, max_padded, FILL):
+        q = p0 + tl.arange(0, FILL)
+        tl.store(sorted_ptr + q, tl.zeros((FILL,), tl.int32) + num_slots, mask=q < max_padded)
+    for b0 in range(0, max_blocks, CHUNK):
+        blk = b0 + tl.arange(0, CHUNK)
+        owner = tl.sum(((cum[None, :] <= blk[:, None] * BLOCK_M) & emask[None, :]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blk, tl.minimum(owner, NUM_EXPERTS - 1), mask=blk < max_blocks)
+
+
+@triton.jit
+def moe_scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, num_slots, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+                       SUB: tl.constexpr):
+    """Step 3: program p writes the slots of chunk p to their sorted places (rank = slot order)."""
+    p = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    running = tl.load(offsets_ptr + p * BLOCK_E + e)
+    for sub in tl.static_range(0, CHUNK, SUB):
+        s = p * CHUNK + sub + tl.arange(0, SUB)
         smask = s < num_slots
         ids = tl.load(ids_ptr + s, mask=smask, other=-1)
         eq = (ids[:, None] == e[None, :]).to(tl.int32)
@@ -136,8 +203,101 @@ def moe_sum_kernel(c_ptr, y_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexp
     tl.store(y_ptr + t * hidden + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-KERNELS = {"moe_align_kernel": moe_align_kernel, "fused_moe_kernel": fused_moe_kernel,
-           "moe_sum_kernel": moe_sum_kernel}
+@triton.jit
+def moe_gemv_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, x_stride, w_estride, w_nstride,
+                       TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    slot = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    wn = tl.where(nmask, offs_n, 0).to(tl.int64)
+    expert = tl.load(ids_ptr + slot).to(tl.int64)
+    x_row = x_ptr + (slot // TOP_K) * x_stride
+    w_base = w_ptr + expert * w_estride
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_g = tl.zeros((BLOCK_N,), tl.float32)
+    acc_u = tl.zeros((BLOCK_N,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < K
+        xv = tl.load(x_row + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
+        wg = tl.load(w_base + wn[:, None] * w_nstride + kk[None, :], mask=kmask[None, :], other=0.0)
+        wu = tl.load(w_base + (wn + N)[:, None] * w_nstride + kk[None, :], mask=kmask[None, :], other=0.0)
+        acc_g += tl.sum(wg.to(tl.float32) * xv, axis=1)
+        acc_u += tl.sum(wu.to(tl.float32) * xv, axis=1)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(out_ptr + slot * N + offs_n, act.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def moe_gemv_down_kernel(a_ptr, w_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K, y_stride, w_estride, w_nstride,
+                         TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    wn = tl.where(nmask, offs_n, 0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for j in range(0, TOP_K):
+        slot = t * TOP_K + j
+        expert = tl.load(ids_ptr + slot).to(tl.int64)
+        weight = tl.load(topk_w_ptr + slot)
+        w_base = w_ptr + expert * w_estride
+        part = tl.zeros((BLOCK_N,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            kmask = kk < K
+            av = tl.load(a_ptr + slot * K + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
+            w = tl.load(w_base + wn[:, None] * w_nstride + kk[None, :], mask=kmask[None, :], other=0.0)
+            part += tl.sum(w.to(tl.float32) * av, axis=1)
+        acc += weight * part
+    tl.store(y_ptr + t * y_stride + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def moe_down_sum_kernel(a_ptr, w_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K, y_stride, w_estride, w_nstride,
+                        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[t, n block] = sum over the token's K experts, in order, of (weight * act row) @ down^T: one
+    pipelined tensor-core loop over (expert, k) with the token's row as row 0 of an M tile."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    wn = tl.where(nmask, offs_n, 0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    kiters = tl.cdiv(K, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for it in range(0, TOP_K * kiters):
+        j = it // kiters
+        k0 = (it - j * kiters) * BLOCK_K
+        slot = t * TOP_K + j
+        expert = tl.load(ids_ptr + slot).to(tl.int64)
+        weight = tl.load(topk_w_ptr + slot)
+        kk = k0 + offs_k
+        kmask = kk < K
+        a = tl.load(a_ptr + slot * K + offs_m[:, None] * 0 + kk[None, :], mask=(offs_m[:, None] == 0) & kmask[None, :],
+                    other=0.0)
+        a = (a.to(tl.float32) * weight).to(a_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + expert * w_estride + wn[None, :] * w_nstride + kk[:, None], mask=kmask[:, None], other=0.0)
+        acc = tl.dot(a, w.to(a.dtype), acc)
+    y = tl.sum(acc, axis=0)
+    tl.store(y_ptr + t * y_stride + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+KERNELS = {"moe_align_kernel": moe_align_kernel, "moe_count_kernel": moe_count_kernel,
+           "moe_offsets_kernel": moe_offsets_kernel, "moe_scatter_kernel": moe_scatter_kernel,
+           "fused_moe_kernel": fused_moe_kernel,
+           "moe_sum_kernel": moe_sum_kernel, "moe_gemv_up_kernel": moe_gemv_up_kernel,
+           "moe_gemv_down_kernel": moe_gemv_down_kernel, "moe_down_sum_kernel": moe_down_sum_kernel}
+
+GEMV_TOKENS = 4          # dense steps with at most this many tokens take the two-launch decode path
+
+
+def gemv_config(hidden: int, inter: int) -> dict:
+    """Decode (few tokens): DECODE "dot" = the grouped gate_up GEMM on a fixed one-slot-per-block
+    alignment (no align launch) + moe_down_sum; "gemv" = moe_gemv_up + moe_gemv_down."""
+    return {"DECODE": "mixed", "DOWN_SUM_N": 16, "DOWN_SUM_K": 128, "down_sum_warps": 4, "down_sum_stages": 4,
+            "GEMV_N_UP": 16, "GEMV_K_UP": min(512, triton.next_power_of_2(hidden)), "GEMV_N_DOWN": 8,
+            "GEMV_K_DOWN": min(1024, triton.next_power_of_2(inter)), "gemv_warps": 8}
 
 
 def default_config(num_slots: int, hidden: int, inter: int, group_size: int | None = None) -> dict:
@@ -148,7 +308,12 @@ def default_config(num_slots: int, hidden: int, inter: int, group_size: int | No
         cfg = {"BLOCK_M": 64, "BLOCK_N_UP": 64, "BLOCK_N_DOWN": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
     if group_size is not None:
         cfg["BLOCK_K"] = group_size
+    else:
+        cfg.update(gemv_config(hidden, inter))
     return cfg
+
+
+PARALLEL_ALIGN_SLOTS = 512   # more slots than this: the three-launch parallel alignment
 
 
 def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
@@ -166,6 +331,19 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     sorted_slots = torch.empty(blocks * block_m, dtype=torch.int32, device=ids.device)
     block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
     total = torch.empty(1, dtype=torch.int32, device=ids.device)
+    if slots > PARALLEL_ALIGN_SLOTS:
+        block_e = triton.next_power_of_2(num_experts)
+        chunk = max(256, triton.next_power_of_2(triton.cdiv(slots, 128)))
+        chunks = triton.cdiv(slots, chunk)
+        counts = torch.empty(chunks, block_e, dtype=torch.int32, device=ids.device)
+        offsets = torch.empty_like(counts)
+        moe_count_kernel[(chunks,)](ids, counts, slots, BLOCK_E=block_e, CHUNK=chunk, SUB=64, num_warps=4)
+        moe_offsets_kernel[(1,)](counts, offsets, sorted_slots, block_expert, total, slots, chunks, blocks * block_m,
+                                 blocks, NUM_EXPERTS=num_experts, BLOCK_M=block_m, BLOCK_E=block_e,
+                                 BLOCK_P=triton.next_power_of_2(chunks), CHUNK=64, FILL=1024, num_warps=8)
+        moe_scatter_kernel[(chunks,)](ids, offsets, sorted_slots, slots, BLOCK_E=block_e, CHUNK=chunk, SUB=64,
+                                      num_warps=4)
+        return sorted_slots, block_expert, total
     moe_align_kernel[(1,)](ids, sorted_slots, block_expert, total, slots, blocks * block_m, blocks,
                            NUM_EXPERTS=num_experts, BLOCK_M=block_m,
                            BLOCK_E=triton.next_power_of_2(num_experts), CHUNK=64, num_warps=4)
@@ -194,6 +372,8 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
     int4 = "gate_up.qweight" in weights
     group = h // weights["gate_up.scales"].shape[-1] if int4 else None
     cfg = config or default_config(slots, h, inter, group)
+    if not int4 and t <= GEMV_TOKENS:
+        return _fused_moe_decode(x, topk_weights, topk_ids, weights, inter, {**gemv_config(h, inter), **cfg})
     align = moe_align(topk_ids, num_experts, cfg["BLOCK_M"])
     w_up = weights["gate_up.qweight"] if int4 else weights["gate_up"]
     w_down = weights["down.qweight"] if int4 else weights["down"]
@@ -207,6 +387,52 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
     y = torch.empty(t, h, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(h))
     moe_sum_kernel[(t, triton.cdiv(h, block))](out, y, h, TOP_K=top_k, BLOCK=block, num_warps=4)
+    return y
+
+
+_ALIGN_CONST: dict = {}
+
+
+def _slot_blocks(slots: int, block_m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The alignment of `slots` slots with one slot per M block (what moe_align gives when no two slots
+    share an expert, as at decode), as constants: sorted_slots and the padded total."""
+    key = (str(device), slots, block_m)
+    if key not in _ALIGN_CONST:
+        sorted_slots = torch.full((slots, block_m), slots, dtype=torch.int32, device=device)
+        sorted_slots[:, 0] = torch.arange(slots, dtype=torch.int32, device=device)
+        total = torch.full((1,), slots * block_m, dtype=torch.int32, device=device)
+        _ALIGN_CONST[key] = (sorted_slots.reshape(-1), total)
+    return _ALIGN_CONST[key]
+
+
+def _fused_moe_decode(x, topk_weights, topk_ids, weights, inter, cfg):
+    t, h = x.shape
+    top_k = topk_ids.shape[-1]
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    tw = topk_weights.reshape(-1).to(torch.float32)
+    w_up, w_down = weights["gate_up"], weights["down"]
+    mode = cfg["DECODE"]
+    act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
+    if mode in ("dot", "mixed"):
+        sorted_slots, total = _slot_blocks(t * top_k, cfg["BLOCK_M"], x.device)
+        _gemm(x, w_up, None, act, (sorted_slots, ids, total), tw, inter, h, top_k, True, False, cfg["BLOCK_N_UP"],
+              cfg)
+    else:
+        moe_gemv_up_kernel[(t * top_k, triton.cdiv(inter, cfg["GEMV_N_UP"]))](
+            x, w_up, ids, act, inter, h, x.stride(0), w_up.stride(0), w_up.stride(1), TOP_K=top_k,
+            BLOCK_N=cfg["GEMV_N_UP"], BLOCK_K=cfg["GEMV_K_UP"], num_warps=cfg["gemv_warps"])
+    y = torch.empty(t, h, dtype=x.dtype, device=x.device)
+    if mode == "dot":
+        moe_down_sum_kernel[(t, triton.cdiv(h, cfg["DOWN_SUM_N"]))](
+            act, w_down, ids, tw, y, h, inter, y.stride(0), w_down.stride(0), w_down.stride(1), TOP_K=top_k,
+            BLOCK_M=16, BLOCK_N=cfg["DOWN_SUM_N"], BLOCK_K=cfg["DOWN_SUM_K"], num_warps=cfg["down_sum_warps"],
+            num_stages=cfg["down_sum_stages"])
+    else:
+        moe_gemv_down_kernel[(t, triton.cdiv(h, cfg["GEMV_N_DOWN"]))](
+            act, w_down, ids, tw, y, h, inter, y.stride(0), w_down.stride(0), w_down.stride(1), TOP_K=top_k,
+            BLOCK_N=cfg["GEMV_N_DOWN"], BLOCK_K=cfg["GEMV_K_DOWN"], num_warps=cfg["gemv_warps"])
     return y
 
 

@@ -158,6 +158,11 @@ def _prepare_router(node, w):
 def _router(node, inputs, w, ctx):
     x = inputs[0]
     k = ctx.kernels
+    fused = getattr(k.router, "router_fused", None)
+    if fused is not None and ctx.batch * ctx.seq <= k.router.FUSED_TOKENS:
+        tw, ids = fused(_rows(x), w["weight"], node.attrs, w.get("bias"), _cfg(node, ctx, "fused"))
+        top_k = tw.shape[-1]
+        return tw.view(*x.shape[:-1], top_k), ids.view(*x.shape[:-1], top_k)
     logits = k.matmul.linear(_rows(x), w["weight"], None, _cfg(node, ctx, "logits"), out_dtype=torch.float32)
     tw, ids = k.router.router_topk(logits, node.attrs, w.get("bias"))
     top_k = tw.shape[-1]

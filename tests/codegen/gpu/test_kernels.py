@@ -160,6 +160,26 @@ def test_router(attrs, has_bias):
     assert rel(w, ref_w) < 1e-5
 
 
+@pytest.mark.parametrize("attrs,has_bias", [
+    ({"scoring": "softmax", "topk_method": "greedy", "top_k": 3, "norm_topk_prob": True}, False),
+    ({"scoring": "sigmoid", "topk_method": "noaux_tc", "top_k": 4, "n_group": 4, "topk_group": 2,
+      "norm_topk_prob": True, "routed_scaling_factor": 2.5}, True),
+])
+def test_router_fused(attrs, has_bias):
+    """Logits GEMV + top-k in one launch (arrival counter); twice, so the counter's reset is checked."""
+    e, h, t = (20 if attrs["topk_method"] != "greedy" else 24), 40, 3
+    gate = rnd(e, h, seed=30, scale=0.5)
+    bias = rnd(e, seed=31, scale=0.2) if has_bias else None
+    for seed in (32, 33):
+        x = rnd(t, h, seed=seed)
+        cfg = {"ROWS": 4, "BLOCK_H": 16, "num_warps": 4}
+        w, ids = router.router_fused(x, gate, attrs, bias, cfg)
+        ref_w, ref_ids = router_ref((x.double() @ gate.double().T).float(), attrs, bias)
+        assert ids.cpu().long().tolist() == ref_ids.tolist()
+        assert rel(w, ref_w) < 1e-4
+    assert int(router._counter(x.device, t).abs().sum()) == 0
+
+
 def moe_ref(x, tw, ids, gate_up, down):
     y = torch.zeros(x.shape, dtype=torch.float64)
     inter = down.shape[-1]
@@ -171,8 +191,9 @@ def moe_ref(x, tw, ids, gate_up, down):
     return y
 
 
-@pytest.mark.parametrize("tokens,block_m", [(1, 16), (13, 16)])
+@pytest.mark.parametrize("tokens,block_m", [(1, 16), (13, 16), (300, 16), (700, 64)])
 def test_moe_align(tokens, block_m):
+    """300 / 700 tokens (600 / 1400 slots) take the parallel count / offsets / scatter alignment."""
     e, k = 6, 2
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(tokens)]).to(torch.int32).to(DEV)
     sorted_slots, block_expert, total = moe.moe_align(ids, e, block_m)
@@ -189,15 +210,18 @@ def test_moe_align(tokens, block_m):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("tokens", [1, 11])
-def test_fused_moe_dense(dtype, tokens):
+@pytest.mark.parametrize("tokens,decode", [(1, "dot"), (3, "dot"), (3, "gemv"), (2, "mixed"), (11, "gemv")])
+def test_fused_moe_dense(dtype, tokens, decode):
+    """1 and 3 tokens take the two-launch decode path (weighted sum inside the down pass), 11 the grouped GEMM."""
     e, k, h, inter = 5, 2, 32, 48
     x = rnd(tokens, h, dtype=dtype, seed=22)
     gate_up, down = rnd(e, 2 * inter, h, dtype=dtype, seed=23, scale=0.2), rnd(e, h, inter, dtype=dtype, seed=24,
                                                                                 scale=0.2)
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(tokens)]).to(torch.int32).to(DEV)
     tw = torch.rand(tokens, k).to(DEV)
-    cfg = {"BLOCK_M": 16, "BLOCK_N_UP": 16, "BLOCK_N_DOWN": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+    cfg = {"BLOCK_M": 16, "BLOCK_N_UP": 16, "BLOCK_N_DOWN": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1,
+           "GEMV_N_UP": 16, "GEMV_K_UP": 16, "GEMV_N_DOWN": 8, "GEMV_K_DOWN": 32, "gemv_warps": 4,
+           "DECODE": decode, "DOWN_SUM_N": 16, "DOWN_SUM_K": 32, "down_sum_warps": 4, "down_sum_stages": 2}
     y = moe.fused_moe(x, tw, ids, {"gate_up": gate_up, "down": down}, e, inter, config=cfg)
     ref = moe_ref(x.cpu(), tw.cpu(), ids.cpu(), gate_up.cpu(), down.cpu())
     assert rel(y.cpu(), ref) < (DOT32 if dtype == torch.float32 else 3e-3)

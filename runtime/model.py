@@ -139,18 +139,36 @@ class CompiledModel:
         pad = int(pad) if pad is not None else (eos[0] if eos else 0)
         generator = make_generator(seed)
 
-        logits = self.prefill(ids, reserve=max_new_tokens)
+        logits = self._first_logits(ids, reserve=max_new_tokens)
         finished = torch.zeros(batch, dtype=torch.bool)
         new: list[torch.Tensor] = []
         for step in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, top_p, generator)
+            token, token_dev = self._choose_token(logits, temperature, top_k, top_p, generator)
             if eos:
                 token = torch.where(finished, torch.full_like(token, pad), token)
                 finished |= torch.isin(token, eos_t)
+                token_dev = self._to_device(token)
             new.append(token)
             if stream is not None:
                 stream(token)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
-            logits = self.executor.forward(token[:, None], self._cache, last_only=True)[:, -1]
+            logits = self._next_logits(token_dev)
         return torch.cat((ids, torch.stack(new, dim=1)), dim=1)
+
+    # Hooks of the generation loop: where logits live and how a token is chosen. The CPU model
+    # keeps everything on the CPU; the GPU model (runtime/gpu/model.py) keeps logits on the GPU.
+    def _first_logits(self, ids: torch.Tensor, reserve: int) -> torch.Tensor:
+        return self.prefill(ids, reserve=reserve)
+
+    def _choose_token(self, logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                      generator: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids on the CPU, the same on the model's device) for the step."""
+        token = sample(logits, temperature, top_k, top_p, generator)
+        return token, token
+
+    def _to_device(self, token: torch.Tensor) -> torch.Tensor:
+        return token
+
+    def _next_logits(self, token: torch.Tensor) -> torch.Tensor:
+        return self.executor.forward(token[:, None], self._cache, last_only=True)[:, -1]

@@ -12,7 +12,7 @@ positions are copied into static device buffers, the graph's kernels read them t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,8 +21,8 @@ from ktc.errors import HostError, InputError
 from ktc.ir import Graph
 
 from ..kv_cache import layer_specs
-from ..model import CompiledModel, _token_set
-from ..sampling import check_options, make_generator, sample
+from ..model import CompiledModel
+from ..sampling import sample
 from .executor import GpuExecutor
 from .kv_cache import GpuKVCache
 
@@ -121,44 +121,21 @@ class GpuModel(CompiledModel):
         self._check_length(self._cache.length + 1, f"the sequence ({self._cache.length + 1} tokens)")
         return self.step(ids[:, 0]).clone().cpu()
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 eos_token_id: int | Iterable[int] | None = None,
-                 stream: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
-        """As CompiledModel.generate; greedy tokens are chosen on the GPU (Triton argmax)."""
-        ids = self._check_ids(input_ids)
-        if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens}")
-        max_new_tokens = int(max_new_tokens)
-        check_options(temperature, top_k, top_p)
-        batch, seq = ids.shape
-        self._check_length(seq + max_new_tokens, f"prompt ({seq} tokens) + max_new_tokens ({max_new_tokens})")
-        if max_new_tokens == 0:
-            return ids.clone()
-        eos = _token_set(eos_token_id if eos_token_id is not None else self.config.get("eos_token_id"))
-        eos_t = torch.tensor(eos, dtype=torch.long)
-        pad = self.config.get("pad_token_id")
-        pad = int(pad) if pad is not None else (eos[0] if eos else 0)
-        generator = make_generator(seed)
+    # Hooks of CompiledModel.generate: logits stay on the GPU; greedy tokens are chosen there
+    # (Triton argmax), sampled ones on the CPU.
+    def _first_logits(self, ids: torch.Tensor, reserve: int) -> torch.Tensor:
+        return self._prefill(ids, reserve)
 
-        logits = self._prefill(ids, reserve=max_new_tokens)
-        finished = torch.zeros(batch, dtype=torch.bool)
-        new: list[torch.Tensor] = []
-        for i in range(max_new_tokens):
-            if temperature == 0.0:
-                token_d = self.kernels.sampling.argmax(logits)
-                token = token_d.cpu()
-            else:
-                token = sample(logits.cpu(), temperature, top_k, top_p, generator)
-                token_d = token.to(self.device)
-            if eos:
-                token = torch.where(finished, torch.full_like(token, pad), token)
-                finished |= torch.isin(token, eos_t)
-                token_d = token.to(self.device)
-            new.append(token)
-            if stream is not None:
-                stream(token)
-            if i == max_new_tokens - 1 or bool(finished.all()):
-                break
-            logits = self.step(token_d)
-        return torch.cat((ids, torch.stack(new, dim=1)), dim=1)
+    def _choose_token(self, logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                      generator: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if temperature == 0.0:
+            token_dev = self.kernels.sampling.argmax(logits)
+            return token_dev.cpu(), token_dev
+        token = sample(logits.cpu(), temperature, top_k, top_p, generator)
+        return token, token.to(self.device)
+
+    def _to_device(self, token: torch.Tensor) -> torch.Tensor:
+        return token.to(self.device)
+
+    def _next_logits(self, token: torch.Tensor) -> torch.Tensor:
+        return self.step(token)

@@ -21,6 +21,17 @@ from ktc.errors import InputError, KtcError
 from ktc.ir import Graph
 
 
+def check_reserve(cache, batch: int, length: int) -> None:
+    """Refuse a reservation the cache's limits or its current contents do not allow."""
+    if cache.max_batch_size is not None and batch > cache.max_batch_size:
+        raise InputError(f"batch of {batch} is larger than max_batch_size ({cache.max_batch_size})")
+    if cache.max_context is not None and length > cache.max_context:
+        raise InputError(f"{length} tokens do not fit the model context ({cache.max_context} tokens)")
+    if cache.length and batch != cache.batch:
+        raise InputError(f"the cache holds {cache.batch} sequences; a batch of {batch} cannot continue them "
+                         f"(reset first)")
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     kind: str               # "gqa" | "mla"
@@ -68,13 +79,7 @@ class KVCache:
 
     def reserve(self, batch: int, length: int) -> None:
         """Make room for `batch` rows of `length` tokens, keeping what is cached."""
-        if self.max_batch_size is not None and batch > self.max_batch_size:
-            raise InputError(f"batch of {batch} is larger than max_batch_size ({self.max_batch_size})")
-        if self.max_context is not None and length > self.max_context:
-            raise InputError(f"{length} tokens do not fit the model context ({self.max_context} tokens)")
-        if self.length and batch != self.batch:
-            raise InputError(f"the cache holds {self.batch} sequences; a batch of {batch} cannot continue them "
-                             f"(reset first)")
+        check_reserve(self, batch, length)
         if batch == self.batch and length <= self.capacity:
             return
         capacity = max(length, self.capacity)

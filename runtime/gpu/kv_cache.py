@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ktc.errors import InputError, KtcError
+from ktc.errors import KtcError
+from ktc.runtime.kv_cache import check_reserve
 
 
 class GpuKVCache:
@@ -28,13 +29,7 @@ class GpuKVCache:
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def reserve(self, batch: int, length: int) -> None:
-        if self.max_batch_size is not None and batch > self.max_batch_size:
-            raise InputError(f"batch of {batch} is larger than max_batch_size ({self.max_batch_size})")
-        if self.max_context is not None and length > self.max_context:
-            raise InputError(f"{length} tokens do not fit the model context ({self.max_context} tokens)")
-        if self.length and batch != self.batch:
-            raise InputError(f"the cache holds {self.batch} sequences; a batch of {batch} cannot continue them "
-                             f"(reset first)")
+        check_reserve(self, batch, length)
         if batch == self.batch and length <= self.capacity:
             return
         capacity = max(length, self.capacity)

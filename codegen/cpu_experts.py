@@ -59,7 +59,8 @@ K_STEP = 32  # H and I must be multiples (see tir_experts.KS)
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Micro-kernel shapes per target (see tir_experts.KernelConfig): decode on the FMA
-# micro-kernels everywhere; int8/int4 prefill on VNNI (x86-avx512) or AMX tiles (x86-amx).
+# micro-kernels (x86-avx2, and token blocks) or, int8/int4 single tokens on x86-avx512 /
+# x86-amx, on vpdpbusd; int8/int4 prefill on VNNI (x86-avx512) or AMX tiles (x86-amx).
 TARGET_CONFIGS: dict[str, dict[str, Any]] = {
     "x86-avx2": {"variant": "fma", "vl": 8, "tile_rows": 4, "block_rows": 1, "block_tokens": 4,
                  "decode_rows": 2},

@@ -39,8 +39,11 @@ Variants "vnni", "amx" (and "amx-emu", the AMX code with its tile instructions e
 loops, for testing on hosts without AMX) add, for int8/int4, an integer-dot-product prefill
 path (codegen/tir_intdot.py) taken when a call carries at least PREFILL_PAIRS_PER_EXPERT
 (token, expert) pairs per expert on average: activations quantized on the fly, VNNI
-vpdpbusd or AMX tdpbsud. Decode (fewer pairs) stays on the FMA micro-kernels: it is memory
-bound, and their float32 activations are exact.
+vpdpbusd or AMX tdpbsud. Decode (fewer pairs) on these variants: single tokens (decode, and
+the lone tail token of a segment) run gate/up and down on vpdpbusd micro-kernels
+(mk_single_vnni: x quantized once per token, h once per pair in a short parallel phase, int8
+in two u8 levels, int4 in one) where the shapes allow (int8: K a multiple of 64; int4: of 128,
+group >= 64); token blocks of 2-8 stay on the FMA micro-kernels (float32 activations).
 
 Int4 layout (see cpu_experts.pack_expert_weights): along K, blocks of 32 values are 16 bytes;
 byte j of a block holds value j (low nibble) and value j + 16 (high nibble), two's complement.
@@ -282,6 +285,140 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                                                                + wv[v] * inp[row_in, kb * KS + c * VL + v])
             emit_hsums([(acc, nrr * nr)], res)
 
+    # ---- decode on VNNI: one token's gate/up and down with vpdpbusd -------------------------
+    # x[t] is quantized once per call (dquant) into act, scale asc[t], and after gate/up each
+    # h row (pair p) at act[n * L * H + p * L * I:], scale asc[n + p], as the prefill path
+    # does: int8 in two u8 levels (~15 bits, level 2 KD bytes after level 1), int4 in one, in
+    # the nibble order of the packed weights (within 128
+    # values: blocks of 32 -> low halves at 0-63, high halves at 64-127, 16 per block), so
+    # that 64 packed bytes give two 64-byte vpdpbusd operands with one and + one shift-and.
+    # Per row and 64 weight bytes: int8 one load, two vpdpbusd (one per level); int4 one load,
+    # xor/and/shift/and/sub/sub, two vpdpbusd; the int32 lane sums are folded into float32
+    # (times the group scale, per lane where a vector spans two groups) every FU values; at
+    # the end (sum - comp[row]) * asc. A few instructions per 64 weights instead of ~12
+    # (int8) / ~20 (int4) with convert + FMA.
+    I8D = fmt == "int8"
+    L_D = 2 if I8D else 1
+    VB = 64 if I8D else 128                 # values per 64-byte weight vector
+    FU = max(G, VB)
+    DVNNI = (quant and cfg.variant != "fma" and VL == 16 and (I8D or G >= 64)
+             and (G % VB == 0 or 2 * G == VB))
+    DV_GU = DVNNI and H % FU == 0          # gate/up (K = H) on vpdpbusd
+    DV_DN = DVNNI and I % FU == 0          # down (K = I) on vpdpbusd
+
+    def perm4(k16):
+        """int4: act position of x[k16 * 16 : k16 * 16 + 16] (see above)."""
+        return (k16 // 8) * 128 + (k16 % 2) * 64 + ((k16 % 8) // 2) * 16
+
+    @T.macro
+    def dquant(src, row, KD, aoff, act, asc, sidx):
+        """src[row, 0:KD] -> act[aoff:] (int8: two levels; int4: one, nibble order), scale asc[sidx]."""
+        accv = T.alloc_buffer((16,), "float32", **ALLOC)
+        amax = T.alloc_buffer((1,), "float32", **ALLOC)
+        for v in T.vectorized(16):
+            accv[v] = T.float32(0)
+        for k16 in range(KD // 16):
+            for v in T.vectorized(16):
+                accv[v] = T.max(accv[v], T.abs(src[row, k16 * 16 + v]))
+        amax[0] = T.float32(1e-30)
+        for v in range(16):
+            amax[0] = T.max(amax[0], accv[v])
+        inv = T.Bind(T.float32(127) / amax[0])
+        if I8D:
+            asc[sidx] = amax[0] / T.float32(127 * 256)
+            for k16 in range(KD // 16):
+                for v in T.vectorized(16):
+                    act[cast64(aoff + k16 * 16 + v)] = T.Cast("uint8", T.Cast("int32", T.max(T.min(
+                        T.nearbyint(src[row, k16 * 16 + v] * inv), T.float32(127)), T.float32(-127))) + 128)
+                for v in T.vectorized(16):
+                    act[cast64(aoff + KD + k16 * 16 + v)] = T.Cast("uint8", T.Cast("int32", T.max(T.min(
+                        T.nearbyint((src[row, k16 * 16 + v] * inv - T.Cast(
+                            "float32", T.Cast("int32", act[cast64(aoff + k16 * 16 + v)]) - 128))
+                            * T.float32(256)), T.float32(127)), T.float32(-128))) + 128)
+        else:
+            asc[sidx] = amax[0] / T.float32(127)
+            for k16 in range(KD // 16):
+                for v in T.vectorized(16):
+                    act[cast64(aoff + perm4(k16) + v)] = T.Cast("uint8", T.Cast("int32", T.max(T.min(
+                        T.nearbyint(src[row, k16 * 16 + v] * inv), T.float32(127)), T.float32(-127))) + 128)
+
+    def vdp(acc_vec, a, w):
+        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc_vec, a, w)
+
+    # rows rr * stride + base + r (rr < nrr, r < nr) of an (E, NROWS, KD) weight; res as mk_single
+    @T.macro
+    def mk_single_vnni(wqf, ws, wc, e64, NROWS, base, stride, nrr, nr, KD, aoff, act, asc, sidx, res):
+        acc = T.alloc_buffer((nrr * nr * 16,), "float32", **ALLOC)
+        ci = T.alloc_buffer((L_D * nrr * nr * 16,), "int32", **ALLOC)
+        for a in T.unroll(nrr * nr):
+            for v in T.vectorized(16):
+                acc[a * 16 + v] = T.float32(0)
+        for u in range(KD // FU):
+            for a in T.unroll(L_D * nrr * nr):
+                for v in T.vectorized(16):
+                    ci[a * 16 + v] = 0
+            for kc in T.unroll(FU // VB):
+                if I8D:
+                    a1 = T.Bind(tirx.BufferLoad(act, [tirx.Ramp(cast64(aoff + u * FU + kc * 64), T.int64(1), 64)]))
+                    a2 = T.Bind(tirx.BufferLoad(act, [tirx.Ramp(
+                        cast64(aoff + KD + u * FU + kc * 64), T.int64(1), 64)]))
+                    for rr in T.unroll(nrr):
+                        for r in T.unroll(nr):
+                            wv = T.Bind(tirx.BufferLoad(wqf, [tirx.Ramp(
+                                (e64 * T.int64(NROWS) + cast64(rr * stride + base + r)) * T.int64(KD)
+                                + cast64(u * FU + kc * 64), T.int64(1), 64)]))
+                            ci[T.Ramp((rr * nr + r) * 16, 1, 16)] = vdp(ci[T.Ramp((rr * nr + r) * 16, 1, 16)], a1, wv)
+                            ci[T.Ramp((nrr * nr + rr * nr + r) * 16, 1, 16)] = vdp(
+                                ci[T.Ramp((nrr * nr + rr * nr + r) * 16, 1, 16)], a2, wv)
+                else:
+                    alo = T.Bind(tirx.BufferLoad(act, [tirx.Ramp(cast64(aoff + u * FU + kc * 128), T.int64(1), 64)]))
+                    ahi = T.Bind(tirx.BufferLoad(act, [tirx.Ramp(
+                        cast64(aoff + u * FU + kc * 128 + 64), T.int64(1), 64)]))
+                    for rr in T.unroll(nrr):
+                        for r in T.unroll(nr):
+                            bx = T.Bind(T.bitwise_xor(tirx.BufferLoad(wqf, [tirx.Ramp(
+                                (e64 * T.int64(NROWS) + cast64(rr * stride + base + r)) * T.int64(KD // 2)
+                                + cast64((u * FU + kc * 128) // 2), T.int64(1), 64)]),
+                                tirx.Broadcast(T.uint8(0x88), 64)))
+                            ci[T.Ramp((rr * nr + r) * 16, 1, 16)] = vdp(
+                                ci[T.Ramp((rr * nr + r) * 16, 1, 16)], alo,
+                                T.reinterpret("int8x64", T.bitwise_and(bx, tirx.Broadcast(T.uint8(15), 64)))
+                                - tirx.Broadcast(T.int8(8), 64))
+                            ci[T.Ramp((rr * nr + r) * 16, 1, 16)] = vdp(
+                                ci[T.Ramp((rr * nr + r) * 16, 1, 16)], ahi,
+                                T.reinterpret("int8x64", T.bitwise_and(T.shift_right(
+                                    bx, tirx.Broadcast(T.uint8(4), 64)), tirx.Broadcast(T.uint8(15), 64)))
+                                - tirx.Broadcast(T.int8(8), 64))
+            for rr in T.unroll(nrr):
+                for r in T.unroll(nr):
+                    if FU // G == 2:
+                        s0 = T.Bind(ws[e64, cast64(rr * stride + base + r), cast64(u * 2)])
+                        s1 = T.Bind(ws[e64, cast64(rr * stride + base + r), cast64(u * 2 + 1)])
+                        if I8D:
+                            for v in T.vectorized(16):
+                                acc[(rr * nr + r) * 16 + v] = acc[(rr * nr + r) * 16 + v] + T.Cast(
+                                    "float32", T.shift_left(ci[(rr * nr + r) * 16 + v], 8)
+                                    + ci[(nrr * nr + rr * nr + r) * 16 + v]) * T.if_then_else(v < 8, s0, s1)
+                        else:
+                            for v in T.vectorized(16):
+                                acc[(rr * nr + r) * 16 + v] = acc[(rr * nr + r) * 16 + v] + T.Cast(
+                                    "float32", ci[(rr * nr + r) * 16 + v]) * T.if_then_else(v < 8, s0, s1)
+                    else:
+                        sc = T.Bind(ws[e64, cast64(rr * stride + base + r), cast64((u * FU) // G)])
+                        if I8D:
+                            for v in T.vectorized(16):
+                                acc[(rr * nr + r) * 16 + v] = acc[(rr * nr + r) * 16 + v] + T.Cast(
+                                    "float32", T.shift_left(ci[(rr * nr + r) * 16 + v], 8)
+                                    + ci[(nrr * nr + rr * nr + r) * 16 + v]) * sc
+                        else:
+                            for v in T.vectorized(16):
+                                acc[(rr * nr + r) * 16 + v] = acc[(rr * nr + r) * 16 + v] + T.Cast(
+                                    "float32", ci[(rr * nr + r) * 16 + v]) * sc
+        emit_hsums([(acc, nrr * nr)], res)
+        for rr in T.unroll(nrr):
+            for r in T.unroll(nr):
+                res[rr * nr + r] = (res[rr * nr + r] - wc[e64, cast64(rr * stride + base + r)]) * asc[sidx]
+
     # ---- epilogues ---------------------------------------------------------------------------
     # res holds the gate dot products first (nr * tt of them), then the up ones
     @T.macro
@@ -320,7 +457,7 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
             rows_store(res, 2 * BR, tt, nvalid, ybuf, p0 + j0, h0 + sub * 2 * BR)
 
     @T.macro
-    def gu_item(x, gq, gs, iw, hbuf, e64, p0, cnt, i0, tok, res):
+    def gu_item(x, gq, gs, iw, hbuf, e64, p0, cnt, i0, tok, res, gqf, gc, act, asc):
         nb = T.Bind(cnt // BT)
         for jb in range(nb):
             gu_tokens(x, gq, gs, iw, hbuf, e64, p0, cnt, i0, tok, res, jb * BT, BT, BT)
@@ -328,7 +465,11 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
         if rem == 1:
             row_in = T.Bind(iw[O_SORTED + p0 + nb * BT] // K)
             for sub in range(TR // DR):
-                mk_single(gq, gs, e64, i0 + sub * DR, I, 2, DR, x, row_in, H, res)
+                if DV_GU:
+                    mk_single_vnni(gqf, gs, gc, e64, 2 * I, i0 + sub * DR, I, 2, DR, H, row_in * L_D * H, act, asc,
+                                   row_in, res)
+                else:
+                    mk_single(gq, gs, e64, i0 + sub * DR, I, 2, DR, x, row_in, H, res)
                 silu_mul_store(res, DR, 1, 1, hbuf, p0 + nb * BT, i0 + sub * DR)
         elif rem == 2:
             gu_tokens(x, gq, gs, iw, hbuf, e64, p0, cnt, i0, tok, res, nb * BT, 2, 2)
@@ -342,14 +483,18 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                 gu_tokens(x, gq, gs, iw, hbuf, e64, p0, cnt, i0, tok, res, nb * BT, BT, rem)
 
     @T.macro
-    def dn_item(dq, ds, hbuf, ybuf, e64, p0, cnt, h0, tok, res):
+    def dn_item(dq, ds, hbuf, ybuf, e64, p0, cnt, h0, tok, res, dqf, dc, act, asc, n):
         nb = T.Bind(cnt // BT)
         for jb in range(nb):
             dn_tokens(dq, ds, hbuf, ybuf, e64, p0, cnt, h0, tok, res, jb * BT, BT, BT)
         rem = T.Bind(cnt - nb * BT)
         if rem == 1:
             for sub in range(TR // (2 * DR)):
-                mk_single(dq, ds, e64, h0 + sub * 2 * DR, 0, 1, 2 * DR, hbuf, p0 + nb * BT, I, res)
+                if DV_DN:
+                    mk_single_vnni(dqf, ds, dc, e64, H, h0 + sub * 2 * DR, 0, 1, 2 * DR, I,
+                                   n * L_D * H + (p0 + nb * BT) * L_D * I, act, asc, n + p0 + nb * BT, res)
+                else:
+                    mk_single(dq, ds, e64, h0 + sub * 2 * DR, 0, 1, 2 * DR, hbuf, p0 + nb * BT, I, res)
                 rows_store(res, 2 * DR, 1, 1, ybuf, p0 + nb * BT, h0 + sub * 2 * DR)
         elif rem == 2:
             dn_tokens(dq, ds, hbuf, ybuf, e64, p0, cnt, h0, tok, res, nb * BT, 2, 2)
@@ -370,8 +515,11 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
             O_NSEG=O_NSEG, O_SORTED=O_SORTED, silu=lambda v: v / (T.float32(1) + fast_exp(T.float32(0) - v)))
 
     @T.macro
-    def fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw):
+    def fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc):
         S = T.Bind(iw[O_NSEG])
+        if DV_GU:
+            for t in range(n):
+                dquant(x, t, H, t * L_D * H, act, asc, t)
         # 2. h = silu(gate x) * (up x), per (segment, tile of intermediate rows)
         for w in T.parallel(S * NT1):
             s = T.Bind(w // NT1)
@@ -379,7 +527,11 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
             tok = T.alloc_buffer((BT,), "int32", **ALLOC)
             res = T.alloc_buffer((RES,), "float32", **ALLOC)
             gu_item(x, gq, gs, iw, hbuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
-                    iw[O_SEGSTART + s + 1] - p0, (w % NT1) * TR, tok, res)
+                    iw[O_SEGSTART + s + 1] - p0, (w % NT1) * TR, tok, res, gqf, gc, act, asc)
+        if DV_DN:
+            # h rows quantized for the down projection (all pairs; only single-token tails read them)
+            for p in T.parallel(iw[O_SEGSTART + S]):
+                dquant(hbuf, p, I, n * L_D * H + p * L_D * I, act, asc, n + p)
         # 3. yp = down h, per (segment, tile of hidden rows)
         for w in T.parallel(S * NT2):
             s = T.Bind(w // NT2)
@@ -387,7 +539,7 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
             tok = T.alloc_buffer((BT,), "int32", **ALLOC)
             res = T.alloc_buffer((RES,), "float32", **ALLOC)
             dn_item(dq, ds, hbuf, ybuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
-                    iw[O_SEGSTART + s + 1] - p0, (w % NT2) * TR, tok, res)
+                    iw[O_SEGSTART + s + 1] - p0, (w % NT2) * TR, tok, res, dqf, dc, act, asc, n)
 
     @T.macro
     def moe_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, ybuf, iw, act, asc, n, nthr, gqf, dqf):
@@ -422,9 +574,9 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                 prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, O_SORTED + 2 * n * K,
                              O_SORTED + 2 * n * K + E + 1, gqf, dqf)
             else:
-                fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw)
+                fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc)
         else:
-            fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw)
+            fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc)
         # 4. y[t] = sum_k w[t, k] * yp[pair(t, k)]
         for w in T.parallel(n * NHC):
             t = T.Bind(w // NHC)

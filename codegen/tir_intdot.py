@@ -4,8 +4,8 @@ Imported only by the build subprocess, through codegen/tir_experts.py, which cal
 `make_prefill_body` for int8 / int4 specs when the target's variant is "vnni" (AVX512-VNNI,
 vpdpbusd), "amx" (AMX-INT8 tiles, tdpbsud) or "amx-emu" (the AMX code with every tile
 instruction replaced by plain TIR loops of the same semantics: how the AMX path is tested on
-hosts without AMX). The decode regime stays on the dequantize-and-FMA micro-kernels (memory
-bound, exact activations); this path runs when a call carries enough (token, expert) pairs
+hosts without AMX). The decode regime has its own micro-kernels (tir_experts: FMA for token
+blocks, vpdpbusd for single tokens); this path runs when a call carries enough (token, expert) pairs
 per expert (cpu_experts.PREFILL_PAIRS_PER_EXPERT) for a weight tile to serve many tokens.
 
 The layer, for the segments (experts) the counting sort found, in five parallel phases:

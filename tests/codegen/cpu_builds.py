@@ -31,8 +31,8 @@ SPECS = {
     "float32": ExpertKernelSpec(96, 64, 5, 2, "float32"),
     "bfloat16": ExpertKernelSpec(64, 96, 4, 3, "bfloat16"),
     "float16": ExpertKernelSpec(128, 32, 7, 2, "float16"),
-    "int8": ExpertKernelSpec(128, 96, 6, 3, "int8", 32),
-    "int4": ExpertKernelSpec(64, 128, 5, 4, "int4", 64),
+    "int8": ExpertKernelSpec(128, 192, 6, 3, "int8", 32),
+    "int4": ExpertKernelSpec(128, 128, 5, 4, "int4", 64),
 }
 
 _lock = threading.Lock()

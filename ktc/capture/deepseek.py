@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ktc.capture.export import check_act, mlp_spec_weights
+from ktc.capture.export import check_act, mlp_spec_weights, routed_experts, router_attrs
 from ktc.capture.importer import routed_expert_weight
 from ktc.capture.ops import CaptureAttention, CaptureMoE
 from ktc.errors import KtcError
@@ -100,24 +100,10 @@ def moe(block: nn.Module, layer: int, hf_config) -> CaptureMoE:
     if e % n_group or topk_group > n_group:
         raise KtcError(f"n_routed_experts {e}, n_group {n_group}, topk_group {topk_group}: the experts must split "
                        "into n_group equal groups and topk_group <= n_group")
-    router = {
-        "num_experts": e,
-        "top_k": int(gate.top_k),
-        "scoring": scoring,
-        "topk_method": method,
-        "n_group": n_group,
-        "topk_group": topk_group,
-        "norm_topk_prob": norm,
-        "routed_scaling_factor": float(gate.routed_scaling_factor),
-    }
-    expert_attrs = {
-        "num_experts": e,
-        "hidden_size": int(experts.hidden_dim),
-        "intermediate_size": int(experts.intermediate_dim),
-        "top_k": int(gate.top_k),
-        "act": "silu",
-    }
-    weights.update({"experts.gate_up": experts.gate_up_proj, "experts.down": experts.down_proj})
+    router = router_attrs(e, gate.top_k, norm, scoring=scoring, topk_method=method, n_group=n_group,
+                          topk_group=topk_group, routed_scaling_factor=gate.routed_scaling_factor)
+    expert_attrs, expert_weights = routed_experts(experts, gate.top_k)
+    weights.update(expert_weights)
     shared = None
     if getattr(hf_config, "n_shared_experts", 0):
         mlp = block.shared_experts

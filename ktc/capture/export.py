@@ -64,6 +64,22 @@ def mlp_spec_weights(mlp: nn.Module, prefix: str, output_gate: torch.Tensor | No
     return out
 
 
+def router_attrs(num_experts: int, top_k: int, norm_topk_prob: bool, scoring: str = "softmax",
+                 topk_method: str = "greedy", n_group: int = 1, topk_group: int = 1,
+                 routed_scaling_factor: float = 1.0) -> dict[str, Any]:
+    """The IR router attrs (ktc/ir.py); the defaults are plain softmax top-k routing."""
+    return {"num_experts": int(num_experts), "top_k": int(top_k), "scoring": scoring, "topk_method": topk_method,
+            "n_group": int(n_group), "topk_group": int(topk_group), "norm_topk_prob": bool(norm_topk_prob),
+            "routed_scaling_factor": float(routed_scaling_factor)}
+
+
+def routed_experts(experts: nn.Module, top_k: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(IR moe_experts attrs, capture weights) of transformers' fused experts module."""
+    attrs = {"num_experts": int(experts.num_experts), "hidden_size": int(experts.hidden_dim),
+             "intermediate_size": int(experts.intermediate_dim), "top_k": int(top_k), "act": "silu"}
+    return attrs, {"experts.gate_up": experts.gate_up_proj, "experts.down": experts.down_proj}
+
+
 def check_act(hf_config) -> None:
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ktc.capture.export import check_act, mlp_spec_weights
+from ktc.capture.export import check_act, mlp_spec_weights, routed_experts, router_attrs
 from ktc.capture.importer import routed_expert_weight
 from ktc.capture.ops import CaptureAttention, CaptureMoE
 
@@ -70,25 +70,9 @@ def is_sparse(mlp: nn.Module) -> bool:
 def moe(block: nn.Module, layer: int, hf_config) -> CaptureMoE:
     check_act(hf_config)
     experts, gate = block.experts, block.gate
-    router = {
-        "num_experts": int(experts.num_experts),
-        "top_k": int(gate.top_k),
-        "scoring": "softmax",
-        "topk_method": "greedy",
-        "n_group": 1,
-        "topk_group": 1,
-        "norm_topk_prob": bool(gate.norm_topk_prob),
-        "routed_scaling_factor": 1.0,
-    }
-    expert_attrs = {
-        "num_experts": int(experts.num_experts),
-        "hidden_size": int(experts.hidden_dim),
-        "intermediate_size": int(experts.intermediate_dim),
-        "top_k": int(gate.top_k),
-        "act": "silu",
-    }
-    weights = {"router.weight": gate.weight, "experts.gate_up": experts.gate_up_proj,
-               "experts.down": experts.down_proj}
+    router = router_attrs(experts.num_experts, gate.top_k, norm_topk_prob=gate.norm_topk_prob)
+    expert_attrs, expert_weights = routed_experts(experts, gate.top_k)
+    weights = {"router.weight": gate.weight, **expert_weights}
     shared = None
     if hasattr(block, "shared_expert"):
         weights.update(mlp_spec_weights(block.shared_expert, "shared.", block.shared_expert_gate.weight))

@@ -40,6 +40,11 @@ class CompiledModel:
         self.tokenizer = tokenizer
         self.cpu_kernels = cpu_kernels
         self.executor = Executor(graph, weights, cpu_kernels)
+        self._set_limits(graph, max_batch_size, max_context)
+        self._cache = self._new_cache()
+
+    def _set_limits(self, graph: Graph, max_batch_size: int, max_context: int | None) -> None:
+        """Vocabulary size, context and batch limits, and the cache layout (shared with the GPU model)."""
         vocab = self.config.get("vocab_size")
         if vocab is None:
             emb = graph.nodes_of("embedding")
@@ -49,7 +54,6 @@ class CompiledModel:
         self.max_context = int(limit) if limit else None
         self.max_batch_size = int(max_batch_size)
         self._specs = layer_specs(graph)
-        self._cache = self._new_cache()
 
     def _new_cache(self) -> KVCache:
         return KVCache(self._specs, max_batch_size=self.max_batch_size, max_context=self.max_context)

@@ -75,10 +75,6 @@ def attention(attn: nn.Module, layer: int, hf_config) -> CaptureAttention:
     return CaptureAttention(attn, weights, {"name": f"model.layers.{layer}.self_attn", "attrs": attrs})
 
 
-def is_sparse(mlp: nn.Module) -> bool:
-    return hasattr(mlp, "experts")
-
-
 def moe(block: nn.Module, layer: int, hf_config) -> CaptureMoE:
     check_act(hf_config)
     experts, gate = block.experts, block.gate

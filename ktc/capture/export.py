@@ -64,6 +64,11 @@ def mlp_spec_weights(mlp: nn.Module, prefix: str, output_gate: torch.Tensor | No
     return out
 
 
+def is_sparse(mlp: nn.Module) -> bool:
+    """Whether a decoder layer's mlp is a sparse MoE block (transformers' fused experts)."""
+    return hasattr(mlp, "experts")
+
+
 def router_attrs(num_experts: int, top_k: int, norm_topk_prob: bool, scoring: str = "softmax",
                  topk_method: str = "greedy", n_group: int = 1, topk_group: int = 1,
                  routed_scaling_factor: float = 1.0) -> dict[str, Any]:
@@ -89,8 +94,8 @@ def check_act(hf_config) -> None:
 def swap_modules(model: nn.Module, hf_config, arch: ModuleType) -> None:
     """Replace, in place, the modules of `model` by capture modules.
 
-    `arch` is a per-architecture module providing attention(module, layer, config),
-    is_sparse(mlp) and moe(module, layer, config)."""
+    `arch` is a per-architecture module providing attention(module, layer, config) and
+    moe(module, layer, config) (for layers where is_sparse(mlp))."""
     inner = model.model
     head = model.lm_head
     if head.weight is inner.embed_tokens.weight:
@@ -105,7 +110,7 @@ def swap_modules(model: nn.Module, hf_config, arch: ModuleType) -> None:
         layer.input_layernorm = CaptureRMSNorm(layer.input_layernorm)
         layer.post_attention_layernorm = CaptureRMSNorm(layer.post_attention_layernorm)
         layer.self_attn = arch.attention(layer.self_attn, i, hf_config)
-        if arch.is_sparse(layer.mlp):
+        if is_sparse(layer.mlp):
             layer.mlp = arch.moe(layer.mlp, i, hf_config)
         else:
             layer.mlp = mlp_capture(layer.mlp, hf_config, f"{prefix}.mlp")

@@ -25,10 +25,6 @@ def attention(attn: nn.Module, layer: int, hf_config) -> CaptureAttention:
     return gqa_attention(attn, layer, hf_config, int(window) if window else None)
 
 
-def is_sparse(mlp: nn.Module) -> bool:
-    return hasattr(mlp, "experts")
-
-
 def moe(block: nn.Module, layer: int, hf_config) -> CaptureMoE:
     check_act(hf_config)
     experts, gate = block.experts, block.gate

@@ -20,7 +20,6 @@ import torch
 from ktc.errors import HostError, InputError
 from ktc.ir import Graph
 
-from ..kv_cache import layer_specs
 from ..model import CompiledModel
 from ..sampling import sample
 from .executor import GpuExecutor
@@ -41,12 +40,7 @@ class GpuModel(CompiledModel):
         self.device = torch.device(device)
         self.kernels = kernels
         self.executor = GpuExecutor(graph, weights, kernels, self.device)
-        vocab = self.config.get("vocab_size")
-        self.vocab_size = int(vocab) if vocab is not None else None
-        limit = max_context if max_context is not None else self.config.get("max_position_embeddings")
-        self.max_context = int(limit) if limit else None
-        self.max_batch_size = int(max_batch_size)
-        self._specs = layer_specs(graph)
+        self._set_limits(graph, max_batch_size, max_context)
         self._cache = self._new_cache()
         self.cuda_graphs = cuda_graphs
         self._cuda_graph: dict[str, Any] | None = None

@@ -134,6 +134,11 @@ def source_keys(source: dict[str, Any]) -> list[str]:
         return [source["load"]]
     if "values" in source:
         return []
+    if "take" in source:
+        inner = source["take"]
+        if "stack" in inner:   # only the chosen rows are read
+            return [k for i in source["index"] for k in source_keys(inner["stack"][i])]
+        return source_keys(inner)
     items = source.get("stack") or source.get("concat") or []
     return [k for s in items for k in source_keys(s)]
 
@@ -145,6 +150,9 @@ def source_shape(ckpt: Checkpoint, source: dict[str, Any]) -> tuple[list[int], s
         return list(info.shape), info.dtype
     if "values" in source:
         return [len(source["values"])], source.get("dtype", "float32")
+    if "take" in source:
+        shape, dtype = source_shape(ckpt, source["take"])
+        return [len(source["index"]), *shape[1:]], dtype
     if "stack" in source:
         parts = [source_shape(ckpt, s) for s in source["stack"]]
         return [len(parts), *parts[0][0]], parts[0][1]
@@ -165,6 +173,11 @@ def evaluate_source(ckpt: Checkpoint, source: dict[str, Any]):
         return ckpt.load(source["load"])
     if "values" in source:
         return torch.tensor(source["values"], dtype=getattr(torch, source.get("dtype", "float32")))
+    if "take" in source:
+        inner, index = source["take"], list(source["index"])
+        if "stack" in inner:   # read only the chosen rows
+            return torch.stack([evaluate_source(ckpt, inner["stack"][i]) for i in index])
+        return evaluate_source(ckpt, inner)[torch.tensor(index, dtype=torch.long)]
     if "stack" in source:
         return torch.stack([evaluate_source(ckpt, s) for s in source["stack"]])
     if "concat" in source:

@@ -48,6 +48,12 @@ Ops (OP_SPECS below is the machine-readable form; the runtime implements exactly
       weights: gate_up [E, 2I, H] (gate rows first, then up), down [E, H, I]
       attrs: num_experts, hidden_size, intermediate_size, top_k, act ("silu")
       y[t] = sum_k w[t,k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = ids[t,k]
+      Optional attrs (set by placement): layer (decoder layer index); experts (the router's
+      expert ids this node holds, in weight-row order; absent = all, e = id): a node holding a
+      subset runs only the slots routed to its experts, the others contribute nothing — a
+      heterogeneous layer is a GPU node and a CPU node over disjoint subsets whose outputs are
+      summed by an add; num_global_experts (the router's E, with experts); expert_load (share of
+      routed slots per router expert id from calibration, sums to 1; absent = unknown/uniform).
   mlp(x) -> y                                  dense SwiGLU (dense layers, shared experts)
       weights: gate [I, H], up [I, H], down [H, I]   (fusion replaces gate+up by
       gate_up [2I, H]) (+ optional output_gate [1, H]: y *= sigmoid(x @ output_gate^T),
@@ -59,6 +65,7 @@ Weight sources (JSON expressions, evaluated when the artifact is written):
   {"stack": [SRC, ...]}                  torch.stack along a new dim 0
   {"concat": [SRC, ...], "dim": D}       torch.cat
   {"values": [x, ...], "dtype": DT}      a small 1-D tensor computed at capture (rope inv_freq)
+  {"take": SRC, "index": [i, ...]}       SRC's rows i, ... along dim 0 (an expert subset)
 A weight's `format` says how it is stored: a dtype name ("float32", "bfloat16", ...) or a
 quantized format ("int8", "int4") with `group_size`; quantized weights are stored as
 several tensors (see ktc.quantize) and `layout` names the kernel layout they are packed in.

@@ -20,9 +20,17 @@ class PassContext:
 
     target: str = "cpu"                 # "cpu" | "cuda"
     cpu_target: str = "x86-avx2"        # a ktc.targets name
-    quant: str = "int8"                 # "none" | "int8" | "int4"
+    quant: str = "int8"                 # "none" | "int8" | "int4": routed experts on the CPU
     gpu_memory_bytes: int = 0
+    gpu_quant: str | None = None        # routed experts on the GPU: "none" (bf16) | "int4"; None: see below
     options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gpu_expert_quant(self) -> str:
+        """The GPU experts' format: gpu_quant, else quant when the GPU has kernels for it, else bf16."""
+        if self.gpu_quant is not None:
+            return self.gpu_quant
+        return self.quant if self.quant in ("none", "int4") else "none"
 
 
 class Pass(Protocol):

@@ -68,3 +68,21 @@ def test_missing_tensor_names_the_key(tmp_path):
     ckpt = Checkpoint(_folder(tmp_path))
     with pytest.raises(KtcError, match="tensor zzz is missing"):
         ckpt.info("zzz")
+
+
+def test_take_reads_only_the_chosen_experts(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from ktc.checkpoint import Checkpoint, evaluate_source, source_keys, source_shape
+
+    tensors = {f"e{i}": torch.full((2, 3), float(i)) for i in range(4)}
+    tensors["fused"] = torch.arange(24.0).reshape(4, 2, 3)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ckpt = Checkpoint(tmp_path)
+    stacked = {"take": {"stack": [{"load": f"e{i}"} for i in range(4)]}, "index": [3, 1]}
+    assert source_keys(stacked) == ["e3", "e1"]
+    assert source_shape(ckpt, stacked) == ([2, 2, 3], "float32")
+    assert evaluate_source(ckpt, stacked)[:, 0, 0].tolist() == [3.0, 1.0]
+    fused = {"take": {"load": "fused"}, "index": [2]}
+    assert torch.equal(evaluate_source(ckpt, fused), tensors["fused"][2:3])

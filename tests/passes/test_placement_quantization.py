@@ -1,10 +1,21 @@
 import pytest
 
 from ktc.errors import KtcError
+from ktc.passes.expert_split import expert_split
 from ktc.passes.manager import PassContext, PassManager
-from ktc.passes.placement import gpu_model_bytes, gpu_resident_bytes, placement
+from ktc.passes.placement import (
+    DEFAULT_MAX_CONTEXT,
+    GPU_RESERVE_BYTES,
+    expert_cpu_int8_bytes,
+    expert_gpu_bytes,
+    gpu_model_bytes,
+    gpu_resident_bytes,
+    kv_cache_bytes,
+    placement,
+)
 from ktc.passes.quantization import expert_group_size, quantization
-from tests.passes.graphs import one_layer_moe
+from ktc.rules import parse_rules
+from tests.passes.graphs import E, one_layer_moe
 
 
 def test_cpu_target_places_everything_on_the_cpu():
@@ -22,14 +33,80 @@ def test_gpu_target_places_everything_on_the_gpu_when_it_fits():
     assert gpu_resident_bytes(g) == total - expert
 
 
-def test_gpu_target_over_budget_is_refused_with_the_size_it_needs():
+def test_gpu_model_bytes_counts_what_the_gpu_stores():
     g = one_layer_moe()
     need = gpu_model_bytes(g, "none")
     assert need == sum(w.numel * 2 for w in g.weights.values())        # stored bf16
-    placement(g, PassContext(target="cuda", quant="none", gpu_memory_bytes=need))
-    with pytest.raises(KtcError, match=r"needs 0\.00 GiB of GPU memory.*more than --gpu-memory"):
-        placement(g, PassContext(target="cuda", quant="none", gpu_memory_bytes=need - 1))
     assert gpu_model_bytes(g, "int4") < need
+
+
+def _budget(g, experts_on_gpu: int, quant: str = "none", cpu_quant: str = "int8") -> int:
+    moe = g.nodes_of("moe_experts")[0]
+    dense = gpu_model_bytes(g, quant) - int(expert_gpu_bytes(moe, quant) * E)
+    stream = (E - experts_on_gpu) * expert_cpu_int8_bytes(moe) if cpu_quant == "int8" else 0
+    return int(dense + kv_cache_bytes(g, DEFAULT_MAX_CONTEXT) + GPU_RESERVE_BYTES + stream
+               + experts_on_gpu * expert_gpu_bytes(moe, quant))
+
+
+def test_gpu_budget_puts_the_experts_that_do_not_fit_on_the_cpu():
+    g = one_layer_moe()
+    out = placement(g, PassContext(target="cuda", quant="int8", gpu_memory_bytes=_budget(g, 3)))
+    moe = out.nodes_of("moe_experts")[0]
+    assert moe.device == "mixed" and moe.attrs["gpu_experts"] == [0, 1, 2]
+    assert {n.device for n in out.nodes if n.op != "moe_experts"} == {"cuda"}
+    plan = out.config["placement"]
+    assert (plan["gpu_experts"], plan["cpu_experts"]) == (3, E - 3)
+    assert plan["gpu_bytes_planned"] <= _budget(g, 3)
+    moe_in = g.nodes_of("moe_experts")[0]
+    assert plan["stream_buffer_bytes"] == (E - 3) * expert_cpu_int8_bytes(moe_in)    # one layer's CPU experts
+    no_stream = placement(g, PassContext(target="cuda", quant="int4", gpu_memory_bytes=_budget(g, 3)))
+    ns = no_stream.nodes_of("moe_experts")[0]                                       # int4 CPU experts: no buffer,
+    assert no_stream.config["placement"]["stream_buffer_bytes"] == 0                # room for more GPU experts
+    assert ns.device == "cuda" or len(ns.attrs["gpu_experts"]) > 3
+    everything = placement(g, PassContext(target="cuda", gpu_memory_bytes=_budget(g, E)))
+    assert everything.nodes_of("moe_experts")[0].device == "cuda"
+    nothing = placement(g, PassContext(target="cuda", gpu_memory_bytes=_budget(g, 0)))
+    assert nothing.nodes_of("moe_experts")[0].device == "cpu"
+
+
+def test_gpu_part_that_does_not_fit_is_refused_with_the_size_it_needs():
+    g = one_layer_moe()
+    with pytest.raises(KtcError, match=r"the GPU part needs 0\.50 GiB .*KV cache for 4096 tokens.*raise --gpu-memory"):
+        placement(g, PassContext(target="cuda", quant="none", gpu_memory_bytes=_budget(g, 0, cpu_quant="none") - 1))
+
+
+def test_calibration_puts_the_hottest_experts_on_the_gpu():
+    g = one_layer_moe()
+    counts = [1, 50, 3, 40, 2, 30, 0, 5]
+    out = placement(g, PassContext(target="cuda", gpu_memory_bytes=_budget(g, 3),
+                                   options={"calibration": {0: counts}}))
+    moe = out.nodes_of("moe_experts")[0]
+    assert moe.attrs["gpu_experts"] == [1, 3, 5]
+    assert moe.attrs["expert_load"] == pytest.approx([c / sum(counts) for c in counts])
+    with pytest.raises(KtcError, match="calibrate this model again"):
+        placement(g, PassContext(target="cuda", options={"calibration": {0: [1, 2]}}))
+
+
+def test_rules_pin_experts_and_set_formats():
+    g = one_layer_moe()
+    rules = parse_rules([{"match": r"experts\.(6|7)$", "device": "cuda"},
+                         {"match": r"experts\.0$", "device": "cpu"},
+                         {"match": r"experts\.cpu$", "format": "int4"}])
+    ctx = PassContext(target="cuda", quant="int8", gpu_memory_bytes=_budget(g, 4), options={"placement_rules": rules})
+    out = PassManager([placement, expert_split, quantization]).run(g, ctx)
+    gpu, cpu = (next(n for n in out.nodes if n.name == f"l0.experts.{d}") for d in ("gpu", "cpu"))
+    assert gpu.attrs["experts"][-2:] == [6, 7] and 0 not in gpu.attrs["experts"]
+    assert len(gpu.attrs["experts"]) == 4 and 0 in cpu.attrs["experts"]
+    assert (gpu.format, cpu.format) == ("bfloat16", "int4")
+
+
+def test_gpu_experts_are_bf16_with_int4_on_request():
+    g = one_layer_moe()
+    ctx = PassContext(target="cuda", quant="int8", gpu_quant="int4",
+                      gpu_memory_bytes=_budget(g, 2, "int4", cpu_quant="none"))
+    out = PassManager([placement, expert_split, quantization]).run(g, ctx)
+    formats = {n.name: n.format for n in out.nodes_of("moe_experts")}
+    assert formats == {"l0.experts.cpu": "int8", "l0.experts.gpu": "int4"}
 
 
 def test_gpu_quantization_is_bf16_with_int4_experts_on_request():
@@ -37,15 +114,19 @@ def test_gpu_quantization_is_bf16_with_int4_experts_on_request():
     moe = g.nodes_of("moe_experts")[0]
     assert moe.format == "int4" and g.weights[moe.weights["gate_up"]].group_size == 32
     assert g.weights["q"].format == "bfloat16" and g.weights["inv_freq"].format == "float32"
+    g = PassManager([placement, quantization]).run(one_layer_moe(), PassContext(target="cuda", quant="int8"))
+    assert g.nodes_of("moe_experts")[0].format == "bfloat16"      # int8 is a CPU format: GPU experts stay bf16
     with pytest.raises(KtcError, match="run only on the CPU"):
-        PassManager([placement, quantization]).run(one_layer_moe(), PassContext(target="cuda", quant="int8"))
+        PassManager([placement, quantization]).run(one_layer_moe(), PassContext(target="cuda", gpu_quant="int8"))
 
 
 def test_placement_rule_that_names_another_device_is_refused():
     with pytest.raises(KtcError, match="placement rule"):
         placement(one_layer_moe(), PassContext(options={"placement_rules": {r"experts$": "cuda"}}))
-    with pytest.raises(KtcError, match="placement rule"):
-        placement(one_layer_moe(), PassContext(target="cuda", options={"placement_rules": {r"experts$": "cpu"}}))
+    with pytest.raises(KtcError, match="only routed experts can run on the CPU"):
+        placement(one_layer_moe(), PassContext(target="cuda", options={"placement_rules": {r"attn$": "cpu"}}))
+    g = placement(one_layer_moe(), PassContext(target="cuda", options={"placement_rules": {r"experts$": "cpu"}}))
+    assert g.nodes_of("moe_experts")[0].device == "cpu"
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])

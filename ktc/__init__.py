@@ -31,7 +31,8 @@ def load(path: str, **options: Any) -> CompiledModel:
 
 def compile(model_dir: str, output: str, **options: Any) -> CompileReport:  # noqa: A001 - mirrors the CLI verb
     """Compile a Hugging Face MoE folder into an artifact; options mirror `ktc compile`
-    (target, cpu_target, quant, force, gpu_memory, dump_ir). Returns a CompileReport."""
+    (target, cpu_target, quant, gpu_quant, gpu_memory, max_context, calibration, rules, force, dump_ir).
+    Returns a CompileReport."""
     from ktc.compiler import compile_model
 
     return compile_model(model_dir, output, **options)

@@ -5,7 +5,6 @@ Like MLC-LLM's compile: one readable function of phases, an IR dump between them
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,14 +87,23 @@ def compile_model(
     quant: str | None = None,
     force: bool = False,
     gpu_memory: str | int | None = None,
+    gpu_quant: str | None = None,
+    max_context: int | None = None,
+    calibration: str | Path | None = None,
+    rules: str | Path | None = None,
     dump_ir: str | Path | None = None,
     progress: CompileProgress | None = None,
     options: dict[str, Any] | None = None,
+    weights_free: bool = False,
 ) -> CompileReport:
-    """Compile the Hugging Face model folder `model_dir` into the artifact `output`."""
-    from ktc.artifact import ShardWriter, copy_tokenizer, packed_key, staging_folder, write_manifest
-    from ktc.checkpoint import Checkpoint, evaluate_source, read_config
-    from ktc.codegen.cpu_experts import build_cpu_kernels, pack_expert_weights
+    """Compile the Hugging Face model folder `model_dir` into the artifact `output`.
+
+    weights_free: the plan and its kernels from config.json alone (no safetensors read, weight
+    dtypes taken from config.json) and no weight shards: `ktc pack` (ktc.pack) adds them later."""
+    from ktc.artifact import copy_tokenizer, staging_folder, write_manifest
+    from ktc.checkpoint import Checkpoint, read_config
+    from ktc.codegen.cpu_experts import build_cpu_kernels
+    from ktc.pack import checkpoint_producer, pending_weights, write_weights
     from ktc.passes.kernel_selection import expert_kernel_spec
     from ktc.passes.manager import PassContext, PassManager
     from ktc.passes.pipeline import DEFAULT_PIPELINE
@@ -105,21 +113,36 @@ def compile_model(
     phases: dict[str, float] = {}
     model_dir, output = Path(model_dir), Path(output)
     device, cpu = _resolve_targets(target, cpu_target)
-    if quant is None:   # CPU experts default to int8; GPU experts to the checkpoint's dtype (bf16)
-        quant = "int8" if device == "cpu" else "none"
+    if quant is None:   # CPU experts default to int8; GPU experts to bf16 (see PassContext.gpu_expert_quant)
+        quant = "int8"
     if quant not in QUANT_CHOICES:
         raise KtcError(f"--quant {quant!r} is not one of {', '.join(QUANT_CHOICES)}")
+    if gpu_quant is not None and gpu_quant not in ("none", "int4"):
+        raise KtcError(f"--gpu-quant {gpu_quant!r} is not one of none, int4")
+    if max_context is not None and int(max_context) < 1:
+        raise KtcError(f"--max-context must be at least 1, got {max_context}")
+    options = dict(options or {})
+    if rules is not None:
+        from ktc.rules import read_rules
+
+        options["placement_rules"] = read_rules(rules)
+    if calibration is not None:
+        from ktc.calibrate import read_calibration
+
+        options["calibration"] = read_calibration(calibration)
+    if max_context is not None:
+        options["max_context"] = int(max_context)
     if output.exists() and not force:
         raise KtcError(f"{output} already exists: choose another -o path or pass --force to replace it")
 
-    # 1. capture: config + checkpoint headers -> IR (no weights loaded)
+    # 1. capture: config + checkpoint headers -> IR (no weights loaded; weights-free: config alone)
     progress.phase("capture")
     t = time.perf_counter()
     read_config(model_dir)
-    ckpt = Checkpoint(model_dir)
+    ckpt = None if weights_free else Checkpoint(model_dir)
     from ktc.capture import capture
 
-    graph = capture(model_dir, ckpt)
+    graph = capture(model_dir, ckpt, weights_free=weights_free)
     phases["capture"] = time.perf_counter() - t
 
     # 2. passes: placement -> quantization -> fusion -> kernel selection
@@ -132,7 +155,7 @@ def compile_model(
         counter = iter(range(100))
         instruments.append(lambda name, g: (dump_dir / f"{next(counter):02d}-{name}.txt").write_text(str(g) + "\n"))
     ctx = PassContext(target=device, cpu_target=cpu.name, quant=quant, gpu_memory_bytes=parse_size(gpu_memory),
-                      options=options or {})
+                      gpu_quant=gpu_quant, options=options)
     manager = PassManager(DEFAULT_PIPELINE, instruments)
     graph = manager.run(graph, ctx)
     phases["passes"] = time.perf_counter() - t
@@ -154,60 +177,16 @@ def compile_model(
             targets_entry["gpu"] = write_gpu_kernels(graph, folder / "kernels" / "gpu")
         phases["codegen"] = time.perf_counter() - t
 
-        # 4. weights: evaluated from the checkpoint one at a time, converted, packed, sharded
-        progress.phase("weights")
-        t = time.perf_counter()
-        writer = ShardWriter(folder / "weights")
-        packed_by_node = {n.weights[r]: n for n in moe_nodes for r in ("gate_up", "down")}
-        gpu_packed = {n.weights[r]: graph.weights[n.weights[r]].group_size for n in graph.nodes_of("moe_experts")
-                      for r in ("gate_up", "down") if graph.weights[n.weights[r]].layout == "gpu_w4a16"}
-        progress.weights_start(len(graph.weights))
-        done: set[str] = set()
-        stored_sources: dict[tuple[str, str | None], str] = {}
-        aliases: dict[str, str] = {}
-        for name, w in graph.weights.items():
-            if name in done:
-                continue
-            node = packed_by_node.get(name)
-            if node is not None:
-                gu_name, dn_name = node.weights["gate_up"], node.weights["down"]
-                parts = pack_expert_weights(
-                    expert_kernel_spec(graph, node),
-                    evaluate_source(ckpt, graph.weights[gu_name].source),
-                    evaluate_source(ckpt, graph.weights[dn_name].source),
-                )
-                for part, tensor in parts.items():
-                    role, _, sub = part.partition(".")
-                    writer.add(packed_key(node.weights[role], sub), tensor)
-                for n in (gu_name, dn_name):
-                    done.add(n)
-                    progress.weight_done(n)
-                continue
-            if name in gpu_packed:
-                from ktc.codegen.gpu.moe import pack_w4a16
-
-                for part, tensor in pack_w4a16(evaluate_source(ckpt, w.source), gpu_packed[name]).items():
-                    writer.add(packed_key(name, part), tensor)
-                done.add(name)
-                progress.weight_done(name)
-                continue
-            key = (json.dumps(w.source, sort_keys=True), w.format)
-            if key in stored_sources:   # e.g. a tied lm_head: store the tensor once
-                aliases[name] = stored_sources[key]
-                done.add(name)
-                progress.weight_done(name)
-                continue
-            stored_sources[key] = name
-            tensor = evaluate_source(ckpt, w.source)
-            if list(tensor.shape) != list(w.shape):
-                raise KtcError(f"{name}: checkpoint shape {list(tensor.shape)} does not match config {w.shape}")
-            import torch
-
-            writer.add(name, tensor.to(getattr(torch, w.format or w.dtype)))
-            done.add(name)
-            progress.weight_done(name)
-        writer.flush()
-        phases["weights"] = time.perf_counter() - t
+        # 4. weights: evaluated from the checkpoint one at a time, converted, packed, sharded (ktc.pack,
+        # shared with `ktc pack`); a weights-free plan gets them later from `ktc pack`
+        if weights_free:
+            weights_entry = pending_weights()
+        else:
+            progress.phase("weights")
+            t = time.perf_counter()
+            weights_entry = write_weights(graph, folder, checkpoint_producer(graph, ckpt),
+                                          {"checkpoint": model_dir.name}, progress)
+            phases["weights"] = time.perf_counter() - t
 
         # 5. manifest: everything the runtime checks before it runs anything
         progress.phase("manifest")
@@ -219,9 +198,13 @@ def compile_model(
             "model": {"model_type": graph.config.get("model_type"), "source": model_dir.name},
             "graph": graph.to_dict(),
             "targets": targets_entry,
-            "weights": {"files": writer.files, "map": writer.key_to_file, "aliases": aliases},
+            "weights": weights_entry,
             "tokenizer": tokenizer,
-            "compile": {"target": target, "cpu_target": cpu.name, "quant": quant,
+            "compile": {"target": target, "cpu_target": cpu.name, "quant": quant, "weights_free": weights_free,
+                        "gpu_quant": ctx.gpu_expert_quant if device != "cpu" else None,
+                        "gpu_memory": ctx.gpu_memory_bytes, "max_context": options.get("max_context"),
+                        "calibration": str(calibration) if calibration else None,
+                        "rules": [r.to_dict() for r in options.get("placement_rules", []) if hasattr(r, "to_dict")],
                         "passes": [r.__dict__ for r in manager.records]},
         })
     return CompileReport(str(output), time.perf_counter() - start, phases, graph)

@@ -37,9 +37,20 @@ def compile_cmd(
     cpu_target: str = typer.Option(None, help="CPU kernel target when --target is cuda (default: this host's)"),
     quant: str = typer.Option(None, help="Expert weights: int8, int4 (group-wise) or none (checkpoint dtype); "
                               "default int8 on the CPU, none (bf16) on cuda"),
-    gpu_memory: str = typer.Option(None, help="GPU memory budget, e.g. 24GiB (GPU targets)"),
+    gpu_memory: str = typer.Option(None, help="GPU memory budget, e.g. 24GiB (GPU targets): what the attention, "
+                                   "dense layers and KV cache leave is filled with the hottest routed experts; the "
+                                   "rest run on the CPU"),
+    gpu_quant: str = typer.Option(None, help="GPU-resident routed experts: none (bf16, default) or int4 (w4a16)"),
+    max_context: int = typer.Option(None, help="Tokens the GPU KV cache is sized for (default min(4096, the "
+                                    "model's))"),
+    calibration: Path = typer.Option(None, help="Expert activation counts from `ktc calibrate`: the hottest "
+                                     "experts go on the GPU"),
+    rules: Path = typer.Option(None, help="Placement rules (TOML: [[rule]] match = regex, device, format)"),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
     dump_ir: Path = typer.Option(None, help="Write the IR after each pass into this folder"),
+    weights_free: bool = typer.Option(False, "--weights-free", help="Plan and kernels from config.json alone, no "
+                                      "weights (no safetensors read): add them with `ktc pack OUTPUT --weights "
+                                      "MODEL_DIR`"),
 ) -> None:
     """Compile a Hugging Face MoE model folder into a ktc artifact."""
     from ktc.compiler import compile_model
@@ -47,7 +58,9 @@ def compile_cmd(
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=True) as progress:
         report = compile_model(model_dir, output, target=target, cpu_target=cpu_target, quant=quant, force=force,
-                               gpu_memory=gpu_memory, dump_ir=dump_ir, progress=RichCompileProgress(progress))
+                               gpu_memory=gpu_memory, gpu_quant=gpu_quant, max_context=max_context,
+                               calibration=calibration, rules=rules, dump_ir=dump_ir, weights_free=weights_free,
+                               progress=RichCompileProgress(progress))
     g = report.graph
     moe = g.nodes_of("moe_experts") if g else []
     kernels = sorted({n.kernel for n in moe if n.kernel})

@@ -28,7 +28,7 @@ def demo_cmd(
     tiny_cmd(arch=arch, out_dir=model_dir, layers=2, seed=0, tokenizer=True)
     out.print(f"[bold]2. compile[/] it for this CPU:  ktc compile {model_dir} -o {artifact} --target cpu --force")
     compile_cmd(model_dir=model_dir, output=artifact, target="cpu", cpu_target=None, quant=None, gpu_memory=None,
-                force=True, dump_ir=None)
+                gpu_quant=None, max_context=None, calibration=None, rules=None, force=True, dump_ir=None)
     out.print(f"[bold]3. run[/] it (random weights, so the text is gibberish):  ktc run {artifact} --prompt ...")
     run_cmd(artifact=artifact, prompt=prompt, tokens=None, max_new_tokens=16, temperature=0.0, top_k=0, top_p=1.0,
             seed=None, verify="full")

@@ -9,6 +9,7 @@ sm90 and hip gfx942 so that a syntax or lowering error fails there and not on a 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,7 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
     add("attention", "attention_combine_kernel", _sig(dict(part_o_ptr="fp32", part_lse_ptr="fp32", o_ptr="bf16"),
                                                       consts=dict(HEAD_DIM=head_dim, SPLITS=dc["SPLITS"],
                                                                   BLOCK_S=16, BLOCK_D=head_dim)), num_warps=1)
+    _mla_specs(add)
     for method, sigmoid, bias in ((0, False, False), (2, True, True)):
         add("router", "router_topk_kernel", _sig(
             dict(logits_ptr="fp32", bias_ptr="fp32", w_ptr="fp32", ids_ptr="i32"), ("num_experts",), ("scaling",),
@@ -140,16 +142,19 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                                         ("num_slots", "max_padded", "max_blocks"),
                                         consts=dict(NUM_EXPERTS=experts, BLOCK_M=16, BLOCK_E=experts, CHUNK=64)))
     for slots in (top_k, 2048 * top_k):
-        for int4 in (False, True):
+        for fmt in ("bf16", "int4", "int8"):      # int8: the CPU experts' layout, streamed in for long prefills
+            int4, int8 = fmt == "int4", fmt == "int8"
             cfg = moe.default_config(slots, hidden, inter, group if int4 else None)
+            block_k = min(cfg["BLOCK_K"], group) if int8 else cfg["BLOCK_K"]
             for gated in (True, False):
                 add("moe", "fused_moe_kernel", _sig(
-                    dict(a_ptr="bf16", w_ptr="u8" if int4 else "bf16", scale_ptr="fp32", c_ptr="bf16", sorted_ptr="i32",
-                         block_expert_ptr="i32", total_ptr="i32", topk_w_ptr="fp32"),
+                    dict(a_ptr="bf16", w_ptr={"int4": "u8", "int8": "i8"}.get(fmt, "bf16"), scale_ptr="fp32",
+                         c_ptr="bf16", sorted_ptr="i32", block_expert_ptr="i32", total_ptr="i32", topk_w_ptr="fp32"),
                     ("N", "K", "num_slots", "a_stride", "c_stride", "w_estride", "w_nstride", "s_estride", "s_nstride"),
                     consts=dict(A_DIV=top_k if gated else 1, GATED=gated, MUL_WEIGHT=not gated, INT4=int4,
                                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N_UP" if gated else "BLOCK_N_DOWN"],
-                                BLOCK_K=cfg["BLOCK_K"])), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                BLOCK_K=block_k, INT8=int8, GROUP=group)),
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     add("moe", "moe_sum_kernel", _sig(dict(c_ptr="bf16", y_ptr="bf16"), ("hidden",),
                                       consts=dict(TOP_K=top_k, BLOCK=1024)))
     add("sampling", "argmax_blocks_kernel", _sig(dict(x_ptr="fp32", val_ptr="fp32", idx_ptr="i32"),
@@ -157,6 +162,49 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
     add("sampling", "argmax_reduce_kernel", _sig(dict(val_ptr="fp32", idx_ptr="i32", out_ptr="i64"),
                                                  ("nblk", "vocab"), consts=dict(BLOCK=64)), num_warps=1)
     return out
+
+
+def _mla_specs(add: Callable[..., None], lora: int = 512, rope: int = 64, nope: int = 128, v_dim: int = 128) -> None:
+    """Add (with aot_specs' `add`) the MLA family at DeepSeek-V2/V3's attention dims; the decode kernel
+    for 16 and 128 heads (both head-block configs)."""
+    from ktc.codegen.gpu import mla
+
+    rc = mla.rope_cache_config(lora, rope)
+    for interleave in (False, True):
+        add("mla", "mla_rope_cache_kernel", _sig(
+            dict(q_ptr="bf16", kv_ptr="bf16", norm_ptr="bf16", cos_ptr="fp32", sin_ptr="fp32", pos_ptr="i64",
+                 qpe_ptr="bf16", cache_ptr="bf16"),
+            ("seq", "q_stride", "kv_stride", "rope_stride", "qpe_stride", "qpe_hstride", "cache_bstride"), ("eps",),
+            dict(NUM_HEADS=128, NOPE=nope, ROPE=rope, LORA=lora, INTERLEAVE=interleave, BLOCK_R=rc["BLOCK_R"],
+                 BLOCK_HALF=rc["BLOCK_HALF"])), num_warps=rc["num_warps"])
+    # the absorptions read kv_b in place: W_uk transposed (unit n stride), W_uv as stored (unit k stride);
+    # the JIT specializes that stride of 1, so the builds do too
+    for m, n, k, unit in ((1, lora, nope, "w_nstride"), (1, v_dim, lora, "w_kstride"), (2048, lora, nope, "w_nstride")):
+        hc = mla.head_matmul_config(m, n, k)
+        ints = ("M", "N", "K", "x_stride", "x_hstride", "w_hstride", "w_nstride", "w_kstride", "o_stride", "o_hstride")
+        add("mla", "mla_head_matmul_kernel", _sig(
+            dict(x_ptr="bf16", w_ptr="bf16", o_ptr="bf16"), tuple(a for a in ints if a != unit),
+            consts={**{key: v for key, v in hc.items() if key.isupper()}, unit: 1}),
+            num_warps=hc["num_warps"], num_stages=hc["num_stages"])
+    for heads in (16, 128):
+        dc = mla.decode_config(heads, lora, 4096)
+        add("mla", "mla_decode_kernel", _sig(
+            dict(q_ptr="bf16", cache_ptr="bf16", pos_ptr="i64", part_o_ptr="fp32", part_lse_ptr="fp32"),
+            ("chunk", "cache_bstride"), ("qk_scale",),
+            dict(NUM_HEADS=heads, LORA=lora, ROPE=rope, SPLITS=dc["SPLITS"], BLOCK_H=dc["BLOCK_H"],
+                 BLOCK_N=dc["BLOCK_N"], BLOCK_R=lora, BLOCK_DR=rope)),
+            num_warps=dc["num_warps"], num_stages=dc["num_stages"])
+    dc = mla.decode_config(128, lora, 4096)
+    add("mla", "mla_combine_kernel", _sig(dict(part_o_ptr="fp32", part_lse_ptr="fp32", o_ptr="bf16"),
+                                          consts=dict(LORA=lora, SPLITS=dc["SPLITS"], BLOCK_S=dc["SPLITS"],
+                                                      BLOCK_R=lora)), num_warps=4)
+    pc = mla.prefill_config(nope, rope, v_dim)
+    add("mla", "mla_prefill_kernel", _sig(
+        dict(q_ptr="bf16", qpe_ptr="bf16", kv_ptr="bf16", cache_ptr="bf16", o_ptr="bf16"),
+        ("seq", "past", "q_stride", "kv_bstride", "cache_bstride"), ("qk_scale",),
+        dict(NUM_HEADS=128, NOPE=nope, ROPE=rope, V_DIM=v_dim, LORA=lora, BLOCK_M=pc["BLOCK_M"],
+             BLOCK_N=pc["BLOCK_N"], BLOCK_DN=nope, BLOCK_DR=rope, BLOCK_DV=v_dim)),
+        num_warps=pc["num_warps"], num_stages=pc["num_stages"])
 
 
 def _order(family: str, kernel: str, sig: dict[str, str]) -> dict[str, str]:

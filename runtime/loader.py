@@ -18,6 +18,9 @@ def load_weights(manifest: Manifest, on_file: Callable[[str], None] | None = Non
     """name -> tensor; packed weights (stored as 'name::part') -> {part: tensor}."""
     from safetensors import safe_open
 
+    if manifest.data["weights"].get("state") == "pending":
+        path = manifest.path
+        raise ArtifactError(f"{path} is a weights-free plan: run `ktc pack {path} --weights MODEL_DIR`")
     weights: dict[str, Any] = {}
     for rel in manifest.weight_files:
         if on_file:
@@ -44,12 +47,16 @@ def load_weights(manifest: Manifest, on_file: Callable[[str], None] | None = Non
 
 
 def load_artifact(path: str | Path, verify: str = "full", max_batch_size: int = 8,
-                  max_context: int | None = None, progress: Callable[[str, str, int, int], None] | None = None):
+                  max_context: int | None = None, progress: Callable[[str, str, int, int], None] | None = None,
+                  weights: dict[str, Any] | None = None):
     """The CompiledModel in the artifact at `path`.
 
     verify: "full" checks every file's sha256 (default), "sizes" only sizes (faster for
     huge artifacts on trusted disks). progress(stage, file, bytes_done, bytes_total) is
     called as files are checked ("verify") and weight shards read ("load").
+    weights: the weights as load_weights would return them (name -> tensor, packed weights
+    name -> {part: tensor}), used instead of the artifact's shards — for a weights-free plan
+    (benchmarks fill it with random weights in the artifact's layout, ktc.pack.random_weights).
     """
     if verify not in ("full", "sizes"):
         raise ValueError("verify must be 'full' or 'sizes'")
@@ -77,7 +84,12 @@ def load_artifact(path: str | Path, verify: str = "full", max_batch_size: int = 
             progress("load", rel, shard_done, shard_total)
         shard_done += manifest.files[rel]["size"]
 
-    weights = load_weights(manifest, loading)
+    if weights is None:
+        weights = load_weights(manifest, loading)
+    else:
+        missing = [w for w in graph.weights if w not in weights]
+        if missing:
+            raise ArtifactError(f"weight {missing[0]} is not among the weights given to load")
     cpu_kernels = None
     if manifest.cpu:
         from ktc.runtime.cpu_experts import CpuExpertKernels
@@ -93,10 +105,16 @@ def load_artifact(path: str | Path, verify: str = "full", max_batch_size: int = 
         from ktc.runtime.gpu.model import GpuModel
 
         kernels = load_kernels(manifest.path / manifest.gpu["dir"] / "src")
+        planned = graph.config.get("placement", {})
+        if max_context is None and planned.get("gpu_memory_budget"):
+            max_context = planned.get("max_context")    # what the GPU budget was planned for
         model = GpuModel(graph, weights, kernels, tokenizer=tokenizer, max_batch_size=max_batch_size,
-                         max_context=max_context)
+                         max_context=max_context, cpu_kernels=cpu_kernels)
     else:
         model = CompiledModel(graph, weights, cpu_kernels=cpu_kernels, tokenizer=tokenizer,
                               max_batch_size=max_batch_size, max_context=max_context)
     model.manifest = manifest.data
+    from ktc.runtime.tuning import apply_artifact_records
+
+    apply_artifact_records(model, manifest.path)   # this host's `ktc tune` records (tuning/, user cache)
     return model

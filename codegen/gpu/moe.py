@@ -69,7 +69,7 @@ def moe_align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, total_ptr, num_slots
         eq = (ids[:, None] == e[None, :]).to(tl.int32)
         before = tl.cumsum(eq, axis=0) - eq
         dest = tl.sum(eq * (before + running[None, :]), axis=1)
-        tl.store(sorted_ptr + dest, s, mask=smask)
+        tl.store(sorted_ptr + dest, s, mask=smask & (tl.sum(eq, axis=1) > 0))   # ids of no expert here: dropped
         running += tl.sum(eq, axis=0)
 
 
@@ -125,7 +125,7 @@ def moe_scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, num_slots, BLOCK_E: tl.
         eq = (ids[:, None] == e[None, :]).to(tl.int32)
         before = tl.cumsum(eq, axis=0) - eq
         dest = tl.sum(eq * (before + running[None, :]), axis=1)
-        tl.store(sorted_ptr + dest, s, mask=smask)
+        tl.store(sorted_ptr + dest, s, mask=smask & (tl.sum(eq, axis=1) > 0))   # ids of no expert here: dropped
         running += tl.sum(eq, axis=0)
 
 
@@ -133,7 +133,8 @@ def moe_scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, num_slots, BLOCK_E: tl.
 def fused_moe_kernel(a_ptr, w_ptr, scale_ptr, c_ptr, sorted_ptr, block_expert_ptr, total_ptr, topk_w_ptr,
                      N, K, num_slots, a_stride, c_stride, w_estride, w_nstride, s_estride, s_nstride,
                      A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, INT4: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     INT8: tl.constexpr = False, GROUP: tl.constexpr = 128):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_n
@@ -172,6 +173,20 @@ def fused_moe_kernel(a_ptr, w_ptr, scale_ptr, c_ptr, sorted_ptr, block_expert_pt
                 sc = tl.load(s_base + (wn + N) * s_nstride + g)[None, :]
                 acc_up = tl.dot(a_lo, (lo.to(tl.float32) * sc).to(a_lo.dtype), acc_up)
                 acc_up = tl.dot(a_hi, (hi.to(tl.float32) * sc).to(a_lo.dtype), acc_up)
+    elif INT8:
+        # int8 weights [E, N, K] with a float32 scale per GROUP values of K (the CPU experts' layout,
+        # streamed to the GPU for long prefills); BLOCK_K divides GROUP
+        offs_k = tl.arange(0, BLOCK_K)
+        s_base = scale_ptr + expert * s_estride
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptr + arow[:, None] * a_stride + k0 + offs_k[None, :], mask=smask[:, None], other=0.0)
+            w = tl.load(w_base + wn[None, :] * w_nstride + k0 + offs_k[:, None])
+            sc = tl.load(s_base + wn * s_nstride + k0 // GROUP)[None, :]
+            acc = tl.dot(a, (w.to(tl.float32) * sc).to(a.dtype), acc)
+            if GATED:
+                wu = tl.load(w_base + (wn + N)[None, :] * w_nstride + k0 + offs_k[:, None])
+                su = tl.load(s_base + (wn + N) * s_nstride + k0 // GROUP)[None, :]
+                acc_up = tl.dot(a, (wu.to(tl.float32) * su).to(a.dtype), acc_up)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
@@ -352,37 +367,53 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
 
 def _gemm(a, w, scales, c, align, topk_w, n, k, a_div, gated, mul_weight, block_n, cfg):
     sorted_slots, block_expert, total = align
-    int4 = scales is not None
+    quantized = scales is not None
+    int8 = quantized and w.dtype == torch.int8        # else uint8: w4a16 (two values per byte)
+    group = k // scales.shape[-1] if quantized else 128
+    block_k = min(cfg["BLOCK_K"], group) if int8 else cfg["BLOCK_K"]
     grid = (block_expert.numel() * triton.cdiv(n, block_n),)
     fused_moe_kernel[grid](
-        a, w, scales if int4 else w, c, sorted_slots, block_expert, total, topk_w,
+        a, w, scales if quantized else w, c, sorted_slots, block_expert, total, topk_w,
         n, k, c.shape[0], a.stride(0), c.stride(0), w.stride(0), w.stride(1),
-        scales.stride(0) if int4 else 0, scales.stride(1) if int4 else 0,
-        A_DIV=a_div, GATED=gated, MUL_WEIGHT=mul_weight, INT4=int4, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
-        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        scales.stride(0) if quantized else 0, scales.stride(1) if quantized else 0,
+        A_DIV=a_div, GATED=gated, MUL_WEIGHT=mul_weight, INT4=quantized and not int8, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], INT8=int8,
+        GROUP=group)
 
 
 def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: dict,
-              num_experts: int, inter: int, config: dict | None = None) -> torch.Tensor:
-    """x [T, H], topk_* [T, K]; weights {"gate_up", "down"} dense, or {"gate_up.qweight",
-    "gate_up.scales", "down.qweight", "down.scales"} for w4a16. -> y [T, H] in x's dtype."""
+              num_experts: int, inter: int, config: dict | None = None, partial: bool = False) -> torch.Tensor:
+    """x [T, H], topk_* [T, K]; weights {"gate_up", "down"} dense, {"gate_up.qweight",
+    "gate_up.scales", "down.qweight", "down.scales"} for w4a16, or {"gate_up.q", "gate_up.scales",
+    "down.q", "down.scales"} (+ "comp", unused) for the CPU kernels' int8 layout (w8a16, always the
+    grouped GEMM: it serves prefills that stream CPU experts in). -> y [T, H] in x's dtype.
+    partial: some ids are -1 (experts this node does not hold, run elsewhere): those slots add
+    nothing (decode: they run expert 0 with weight 0, keeping every shape static for CUDA graphs;
+    prefill: alignment drops them)."""
     t, h = x.shape
     top_k = topk_ids.shape[-1]
     slots = t * top_k
+    int8 = "gate_up.q" in weights          # the CPU experts' int8 layout (q, scales, comp), streamed in
     int4 = "gate_up.qweight" in weights
-    group = h // weights["gate_up.scales"].shape[-1] if int4 else None
-    cfg = config or default_config(slots, h, inter, group)
-    if not int4 and t <= GEMV_TOKENS:
+    group = h // weights["gate_up.scales"].shape[-1] if int4 or int8 else None
+    cfg = config or default_config(slots, h, inter, None if int8 else group)
+    if int8:
+        cfg = {**cfg, "BLOCK_K": min(cfg["BLOCK_K"], group)}
+    if not (int4 or int8) and t <= GEMV_TOKENS:
+        if partial:
+            held = topk_ids >= 0
+            topk_weights = topk_weights * held
+            topk_ids = topk_ids.clamp(min=0)
         return _fused_moe_decode(x, topk_weights, topk_ids, weights, inter, {**gemv_config(h, inter), **cfg})
     align = moe_align(topk_ids, num_experts, cfg["BLOCK_M"])
-    w_up = weights["gate_up.qweight"] if int4 else weights["gate_up"]
-    w_down = weights["down.qweight"] if int4 else weights["down"]
-    s_up = weights["gate_up.scales"] if int4 else None
-    s_down = weights["down.scales"] if int4 else None
+    key = ".qweight" if int4 else ".q" if int8 else ""
+    w_up, w_down = weights["gate_up" + key], weights["down" + key]
+    s_up = weights["gate_up.scales"] if int4 or int8 else None
+    s_down = weights["down.scales"] if int4 or int8 else None
     tw = topk_weights.reshape(-1).to(torch.float32)
     inter_act = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
     _gemm(x, w_up, s_up, inter_act, align, tw, inter, h, top_k, True, False, cfg["BLOCK_N_UP"], cfg)
-    out = torch.empty(slots, h, dtype=x.dtype, device=x.device)
+    out = (torch.zeros if partial else torch.empty)(slots, h, dtype=x.dtype, device=x.device)
     _gemm(inter_act, w_down, s_down, out, align, tw, h, inter, 1, False, True, cfg["BLOCK_N_DOWN"], cfg)
     y = torch.empty(t, h, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(h))
@@ -457,3 +488,70 @@ def unpack_w4a16(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     hi = ((b >> 4) ^ 8) - 8
     q = torch.cat((lo, hi), dim=-1).to(torch.float32)
     return (q * scales.unsqueeze(-1)).reshape(*qweight.shape[:-1], -1)
+
+
+def candidate_configs(tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,
+                      group_size: int | None = None, max_shared: int = 232448) -> list[dict]:
+    """Configs `ktc tune` times for a step of `tokens` tokens, default first (if it fits `max_shared`);
+    each has every key of default_config (so it is valid at any token count, on either path).
+
+    Grouped GEMM path: M blocks around the expected rows per expert (slots / experts), N blocks of
+    the two passes, K block (the group size for w4a16, whose loop walks whole groups), warps, stages;
+    tiles whose pipelined A and W(gate + up) tiles fit `max_shared` bytes. Dense decode path (at most
+    GEMV_TOKENS tokens): every DECODE mode with a product of its own kernels' block choices (the
+    launches of a mode are separate kernels, so Triton compiles each variant once)."""
+    slots = tokens * top_k
+    base = default_config(slots, hidden, inter, group_size)
+    out: list[dict] = []
+
+    def add(cfg: dict) -> None:
+        if cfg not in out:
+            out.append(cfg)
+
+    def fits(bm: int, bn: int, bk: int, stages: int, gated: bool) -> bool:
+        return stages * (bm * bk + (2 if gated else 1) * bk * bn) * 2 <= max_shared
+
+    def cap(dim: int) -> int:
+        return max(16, triton.next_power_of_2(dim))
+
+    if fits(base["BLOCK_M"], base["BLOCK_N_UP"], base["BLOCK_K"], base["num_stages"], True) and \
+            fits(base["BLOCK_M"], base["BLOCK_N_DOWN"], base["BLOCK_K"], base["num_stages"], False):
+        out.append(base)
+    per_expert = triton.next_power_of_2(max(1, slots // max(1, num_experts)))
+    block_ms = [b for b in (16, 32, 64, 128) if per_expert // 2 <= b <= 2 * per_expert] or [16]
+    block_ks = (group_size,) if group_size is not None else (64, 128)
+    launches = ((4, 3), (4, 4), (8, 3))
+    if group_size is not None or tokens > GEMV_TOKENS:
+        for bm in block_ms:
+            for bn_up, bn_down in ((32, 64), (64, 64), (64, 128), (128, 128)):
+                if bn_up > cap(inter) or bn_down > cap(hidden):
+                    continue
+                for bk in block_ks:
+                    for warps, stages in launches:
+                        if fits(bm, bn_up, bk, stages, True) and fits(bm, bn_down, bk, stages, False):
+                            add({**base, "BLOCK_M": bm, "BLOCK_N_UP": bn_up, "BLOCK_N_DOWN": bn_down,
+                                 "BLOCK_K": bk, "num_warps": warps, "num_stages": stages})
+        return out
+    # dense decode: the gate_up grouped GEMM (modes dot and mixed) on one slot per 16-row M block
+    up = [{"BLOCK_M": 16, "BLOCK_N_UP": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": stages}
+          for bn in (16, 32, 64) for bk in (128, 256) for stages in (3, 4)
+          if bn <= cap(inter) and bk <= max(128, triton.next_power_of_2(hidden)) and fits(16, bn, bk, stages, True)
+          and fits(16, base["BLOCK_N_DOWN"], bk, stages, False)]
+    k_down = [k for k in (512, 1024) if k <= max(512, triton.next_power_of_2(inter))]
+    gemv_down = [{"GEMV_N_DOWN": n, "GEMV_K_DOWN": k} for n in (8, 16) for k in k_down]
+    down_sum = [{"DOWN_SUM_N": n, "DOWN_SUM_K": k, "down_sum_warps": 4, "down_sum_stages": s}
+                for n in (16, 32) for k in (128, 256) for s in (3, 4)
+                if k <= max(128, triton.next_power_of_2(inter)) and s * (16 * k + k * n) * 2 <= max_shared]
+    k_up = [k for k in (256, 512) if k <= max(256, triton.next_power_of_2(hidden))]
+    gemv_up = [{"GEMV_N_UP": n, "GEMV_K_UP": k} for n in (8, 16, 32) for k in k_up]
+    for warps in (4, 8):
+        for u in up:
+            for d in gemv_down:
+                add({**base, **u, **d, "DECODE": "mixed", "gemv_warps": warps})
+        for u in gemv_up:
+            for d in gemv_down:
+                add({**base, **u, **d, "DECODE": "gemv", "gemv_warps": warps})
+    for u in up:
+        for d in down_sum:
+            add({**base, **u, **d, "DECODE": "dot"})
+    return out

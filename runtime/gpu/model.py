@@ -8,6 +8,12 @@ prefill runs the prompt in one pass (flash attention over the static cache); eac
 step after the first replays a CUDA graph captured for this batch and cache (token ids and
 positions are copied into static device buffers, the graph's kernels read them there).
 `step(tokens)` is one decode step on device tensors, for benchmarks and servers.
+
+Heterogeneous artifacts (routed experts partly on the CPU) run the same way: the executor's
+schedule has host actions (start a layer's CPU experts, wait for them) between stretches of
+stream work, and a decode step is captured as one CUDA graph per stretch, replayed in order
+with the host actions between them. `profile(True)` / `layer_stats()` report per MoE layer the
+CPU kernel time, the wait for its inputs and the GPU time spent beside it.
 """
 
 from __future__ import annotations
@@ -29,18 +35,19 @@ from .kv_cache import GpuKVCache
 class GpuModel(CompiledModel):
     def __init__(self, graph: Graph, weights: Mapping[str, Any], kernels: Any, tokenizer: Any = None,
                  max_batch_size: int = 8, max_context: int | None = None, device: str | torch.device = "cuda",
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, cpu_kernels: Any = None):
         if not torch.cuda.is_available():
             raise HostError("this model was compiled for --target cuda and this host has no CUDA GPU "
                             "(torch.cuda.is_available() is False): recompile it with --target cpu")
         self.graph = graph
         self.config = dict(graph.config)
         self.tokenizer = tokenizer
-        self.cpu_kernels = None
+        self.cpu_kernels = cpu_kernels
         self.device = torch.device(device)
         self.kernels = kernels
-        self.executor = GpuExecutor(graph, weights, kernels, self.device)
         self._set_limits(graph, max_batch_size, max_context)
+        self.executor = GpuExecutor(graph, weights, kernels, self.device, cpu_kernels=cpu_kernels,
+                                    max_batch_size=self.max_batch_size)
         self._cache = self._new_cache()
         self.cuda_graphs = cuda_graphs
         self._cuda_graph: dict[str, Any] | None = None
@@ -72,20 +79,55 @@ class GpuModel(CompiledModel):
             return out
         g["ids"].copy_(tokens.reshape(b, 1), non_blocking=True)
         g["pos"].fill_(cache.length)
-        g["graph"].replay()
+        for kind, item in g["plan"]:
+            if kind == "graph":
+                item.replay()
+            elif kind == "mark":
+                item.mark(b)
+            else:
+                item.run()
         cache.advance(1)
         return g["out"]
 
     def _capture(self, b: int) -> None:
+        """Capture a decode step at batch b: one CUDA graph per stretch of stream work of the
+        executor's schedule (one in all for a model without CPU experts)."""
         cache = self._cache
+        ex = self.executor
         ids = torch.zeros(b, 1, dtype=torch.long, device=self.device)
         pos = torch.full((b, 1), cache.length, dtype=torch.long, device=self.device)
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.executor.run(ids, pos, cache, cache.length, True)[:, -1]
-        self._cuda_graph = {"graph": graph, "ids": ids, "pos": pos, "out": out, "batch": b,
-                       "generation": cache.generation}
+        state = ex.start(ids, pos, cache, cache.length, True)
+        pool = torch.cuda.graph_pool_handle()
+        segments = ex.segments()
+        plan: list[tuple[str, Any]] = []
+        out = None
+        with torch.no_grad():
+            for n, (kind, actions) in enumerate(segments):
+                if kind == "host":
+                    action, i = ex.actions[actions[0]]
+                    plan.append((action, ex.steps[i][1]))    # the CpuExpertsOffload: acts at replay only
+                    continue
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    for k in actions:
+                        ex.do(k, state)
+                    if n == len(segments) - 1:
+                        out = ex.finish(state)[:, -1]
+                plan.append(("graph", graph))
+        self._cuda_graph = {"plan": plan, "ids": ids, "pos": pos, "out": out, "batch": b,
+                            "generation": cache.generation}
+
+    # -- the CPU experts' timings (heterogeneous artifacts) ------------------------------------
+    def profile(self, on: bool = True) -> None:
+        """Start (on) or stop collecting per-layer CPU expert timings; starting clears them."""
+        self.executor.profile(on)
+
+    def layer_stats(self) -> list[dict[str, Any]]:
+        """Per MoE layer with CPU experts, since profile(True): calls, mean tokens, and per call
+        cpu_ms (the CPU kernel), wait_ms (waiting for the GPU to deliver the inputs) and gpu_ms
+        (GPU work running beside the kernel); see runtime/gpu/offload.py LayerStats."""
+        return self.executor.layer_stats()
 
     # -- the CompiledModel API ---------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:

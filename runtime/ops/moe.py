@@ -34,7 +34,13 @@ def _prepare(node, weights):
             packed[role] = w
         else:
             packed.update({f"{role}.{part}": t for part, t in w.items()})
-    return {"packed": packed}
+    out = {"packed": packed}
+    experts = node.attrs.get("experts")
+    if experts is not None:   # a subset of the router's experts: other ids map to -1, which kernels skip
+        table = torch.full((int(node.attrs["num_global_experts"]),), -1, dtype=torch.int32)
+        table[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts), dtype=torch.int32)
+        out["table"] = table
+    return out
 
 
 def run(node, inputs: list[torch.Tensor], weights: Weights, ctx: RunContext) -> tuple[torch.Tensor]:
@@ -44,6 +50,8 @@ def run(node, inputs: list[torch.Tensor], weights: Weights, ctx: RunContext) -> 
                        f"are loaded")
     hidden = x.shape[-1]
     k = topk_ids.shape[-1]
+    if "table" in weights:
+        topk_ids = weights["table"][topk_ids.long()]
     y = ctx.cpu_kernels.moe_experts(
         node.kernel,
         x.reshape(-1, hidden).to(torch.float32).contiguous(),

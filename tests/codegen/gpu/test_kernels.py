@@ -244,6 +244,42 @@ def test_fused_moe_w4a16():
     assert rel(y.cpu(), ref) < 3e-3
 
 
+def test_fused_moe_on_the_cpu_kernels_int8_layout():
+    """Long prefills stream CPU experts (int8, group-wise scales, the CPU kernels' layout) to the GPU."""
+    from ktc.codegen.cpu_experts import ExpertKernelSpec, pack_expert_weights, unpack_expert_weights
+
+    e, k, h, inter, tokens = 4, 2, 64, 32, 9
+    spec = ExpertKernelSpec(hidden_size=h, intermediate_size=inter, num_experts=e, top_k=k, format="int8",
+                            group_size=32)
+    gate_up, down = rnd(e, 2 * inter, h, seed=31, scale=0.2).cpu(), rnd(e, h, inter, seed=32, scale=0.2).cpu()
+    parts = pack_expert_weights(spec, gate_up, down)
+    deq_u, deq_d = unpack_expert_weights(spec, parts)
+    x = rnd(tokens, h, dtype=torch.float16, seed=33)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(tokens)]).to(torch.int32).to(DEV)
+    tw = torch.rand(tokens, k).to(DEV)
+    weights = {name: t.to(DEV) for name, t in parts.items()}
+    cfg = {"BLOCK_M": 16, "BLOCK_N_UP": 16, "BLOCK_N_DOWN": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
+    y = moe.fused_moe(x, tw, ids, weights, e, inter, config=cfg)       # BLOCK_K is cut to the group (32)
+    ref = moe_ref(x.cpu(), tw.cpu(), ids.cpu(), deq_u, deq_d)
+    assert rel(y.cpu(), ref) < 3e-3
+
+
+@pytest.mark.parametrize("tokens", [2, 9])
+def test_fused_moe_partial_skips_slots_of_experts_held_elsewhere(tokens):
+    """ids -1 (an expert another device holds) add nothing, on the decode and the grouped path."""
+    e, k, h, inter = 4, 3, 32, 16
+    x = rnd(tokens, h, dtype=torch.float32, seed=34)
+    gate_up, down = rnd(e, 2 * inter, h, seed=35, scale=0.2), rnd(e, h, inter, seed=36, scale=0.2)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(tokens)]).to(torch.int32)
+    ids[0, 0] = -1
+    ids[-1, 1:] = -1
+    tw = torch.rand(tokens, k)
+    y = moe.fused_moe(x, tw.to(DEV), ids.to(DEV), {"gate_up": gate_up, "down": down}, e, inter, partial=True)
+    keep = ids >= 0
+    ref = moe_ref(x.cpu(), tw * keep, ids.clamp(min=0), gate_up.cpu(), down.cpu())
+    assert rel(y.cpu(), ref) < DOT32
+
+
 def test_argmax():
     logits = rnd(3, 5000, seed=28)
     logits[1, 4999] = 100.0

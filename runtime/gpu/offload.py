@@ -1,0 +1,229 @@
+"""CPU-placed routed experts inside a GPU run: the heterogeneous half of a MoE layer.
+
+A CPU moe_experts node of a --target cuda graph runs in four actions, which the GPU executor
+schedules around the GPU work of the same layer:
+
+    stage    (stream)  ids -> this node's rows (table), x -> float32; copy x, weights and ids into
+                       pinned host buffers (asynchronous copies on the stream)
+    mark     (host)    record an event after those copies
+             ...       queue the layer's GPU experts and shared experts (they run while the CPU works)
+    run      (host)    wait for the event (this layer's copies, not the whole device), then run the
+                       TVM kernel into a pinned output buffer, on this thread (the GIL is released)
+    gather   (stream)  copy the pinned output to the device, in the activations' dtype
+
+Long prefills instead stream the layer's CPU experts to the GPU (int8 experts: the GPU's
+fused MoE reads the CPU kernels' int8 layout, w8a16): from `stream_min_tokens` tokens on, copying
+a layer's CPU experts at host-to-device speed (~55 GB/s from pinned memory) beats the CPU
+working through hundreds of tokens per expert. Then stage runs the experts on the GPU and mark,
+run and gather only hand its result on. The packed weights are pinned at load for this.
+
+The kernel runs on the thread that drives the GPU: the GPU work it overlaps with is already
+queued when it starts, and what comes after needs its result, so a second thread would only
+add two hand-offs per layer. TVM's CPU thread pool belongs to the calling thread, which is
+therefore always the same one. stage and gather are plain stream work, so a decode step can be
+captured as CUDA graphs between the host actions (runtime/gpu/model.py). One set of pinned
+buffers serves every layer: a layer's stage is queued after the previous layer's gather, and
+the kernel writes the output buffer only after this layer's event, so no buffer is overwritten
+while it is being copied.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from ktc.errors import ArtifactError, InputError
+from ktc.ir import Node
+
+from .ops import expert_table
+
+
+class _Buffers:
+    """Host buffers for up to `capacity` tokens (pinned when a CUDA device will copy them)."""
+
+    def __init__(self, capacity: int, hidden: int, top_k: int, pin: bool):
+        def alloc(*shape, dtype):
+            return torch.empty(*shape, dtype=dtype, pin_memory=pin)
+
+        self.capacity = capacity
+        self.x = alloc(capacity, hidden, dtype=torch.float32)
+        self.tw = alloc(capacity, top_k, dtype=torch.float32)
+        self.ids = alloc(capacity, top_k, dtype=torch.int32)
+        self.y = alloc(capacity, hidden, dtype=torch.float32)
+
+
+class LayerStats:
+    def __init__(self, layer: int):
+        self.layer = layer
+        self.calls = 0
+        self.tokens = 0
+        self.cpu_s = 0.0
+        self.wait_s = 0.0
+        self.gpu_s = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Per call means: cpu_ms = the CPU kernel; wait_ms = the host waiting for the GPU to deliver
+        the layer's inputs before the kernel could start; gpu_ms = GPU time of the work queued beside
+        the kernel (GPU experts, shared experts; None without CUDA). The CPU time hidden behind GPU
+        work is min(gpu_ms, cpu_ms)."""
+        n = max(1, self.calls)
+        return {"layer": self.layer, "calls": self.calls, "tokens": self.tokens / n,
+                "cpu_ms": 1e3 * self.cpu_s / n, "wait_ms": 1e3 * self.wait_s / n,
+                "gpu_ms": 1e3 * self.gpu_s / n if self.gpu_s else None}
+
+
+DEFAULT_STREAM_MIN_TOKENS = 256    # about where copying a layer's CPU experts beats the CPU kernel
+
+
+def stream_min_tokens() -> int | None:
+    """Prefills of at least this many tokens stream CPU experts to the GPU (KTC_STREAM_MIN_TOKENS;
+    0 turns streaming off)."""
+    v = os.environ.get("KTC_STREAM_MIN_TOKENS", "").strip()
+    if not v:
+        return DEFAULT_STREAM_MIN_TOKENS
+    try:
+        n = int(v)
+    except ValueError:
+        raise InputError(f"KTC_STREAM_MIN_TOKENS={v!r} is not a whole number of tokens") from None
+    return n if n > 0 else None
+
+
+class CpuExpertsOffload:
+    """Runs one CPU-placed moe_experts node of a GPU graph (see the module docstring)."""
+
+    def __init__(self, node: Node, packed: dict[str, Any], cpu_kernels: Any, device: torch.device,
+                 small_capacity: int, pool: dict, gpu_kernels: Any = None):
+        if cpu_kernels is None:
+            raise ArtifactError(f"node {node.name}: CPU experts need the artifact's CPU kernels, which are not loaded")
+        if node.kernel is None:
+            raise ArtifactError(f"node {node.name}: a CPU moe_experts node needs a kernel name")
+        self.node = node
+        self.kernel = node.kernel
+        self.kernels = cpu_kernels
+        self.device = device
+        self.packed = packed
+        self.hidden = int(node.attrs["hidden_size"])
+        self.top_k = int(node.attrs["top_k"])
+        self.table = expert_table(node, device)
+        self.pin = device.type == "cuda"
+        self.pool = pool                       # shared by every offload of one executor: (H, K, kind) -> _Buffers
+        self.small_capacity = small_capacity
+        self.stats = LayerStats(int(node.attrs.get("layer", -1)))
+        self.profile = False
+        self._event = torch.cuda.Event() if self.pin else None
+        self._gpu_start = torch.cuda.Event(enable_timing=True) if self.pin else None
+        self._gpu_end = torch.cuda.Event(enable_timing=True) if self.pin else None
+        self._pending_gpu: list = []
+        self._tokens = 0
+        self._streamed: torch.Tensor | None = None
+        self.gpu_kernels = gpu_kernels
+        int8 = node.format == "int8" and "gate_up.q" in packed
+        self.stream_from = stream_min_tokens() if (int8 and self.pin and gpu_kernels is not None) else None
+        if self.stream_from is not None:   # pinned: copies at full host-to-device speed
+            self.packed = {k: (v.pin_memory() if k.endswith((".q", ".scales")) else v) for k, v in packed.items()}
+
+    def _buffers(self, tokens: int) -> _Buffers:
+        # decode-sized steps use a fixed set (CUDA graphs keep its addresses); prefills a growing one
+        kind = "small" if tokens <= self.small_capacity else "large"
+        key = (self.hidden, self.top_k, kind)
+        buf = self.pool.get(key)
+        if buf is None or buf.capacity < tokens:
+            cap = self.small_capacity if kind == "small" else max(tokens, 2 * (buf.capacity if buf else 0))
+            buf = _Buffers(cap, self.hidden, self.top_k, self.pin)
+            self.pool[key] = buf
+        return buf
+
+    # -- GPU stream actions -----------------------------------------------------------------
+    def stage(self, x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor) -> None:
+        t = x.numel() // self.hidden
+        ids = ids.reshape(t, self.top_k)
+        if self.table is not None:
+            ids = self.table.index_select(0, ids.reshape(-1)).view(t, self.top_k)
+        self._out = (tuple(x.shape), x.dtype)
+        self._tokens = t
+        if self.stream_from is not None and t >= self.stream_from:
+            self._streamed = self._run_on_gpu(x.reshape(t, self.hidden), tw.reshape(t, self.top_k), ids)
+            return
+        self._streamed = None
+        buf = self._buffers(t)
+        buf.x[:t].copy_(x.reshape(t, self.hidden).float(), non_blocking=self.pin)
+        buf.tw[:t].copy_(tw.reshape(t, self.top_k), non_blocking=self.pin)
+        buf.ids[:t].copy_(ids, non_blocking=self.pin)
+
+    def _run_on_gpu(self, x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """This layer's CPU experts copied to the GPU (one staging buffer per part, shared by every
+        layer: stream order keeps a layer's copy after the previous layer's use) and run there."""
+        staged = {}
+        for part in ("gate_up.q", "gate_up.scales", "down.q", "down.scales"):
+            src = self.packed[part]
+            key = ("stream", part)
+            buf = self.pool.get(key)
+            if buf is None or buf.numel() < src.numel():
+                buf = torch.empty(src.numel(), dtype=src.dtype, device=self.device)
+                self.pool[key] = buf
+            dst = buf[: src.numel()].view(src.shape)
+            dst.copy_(src, non_blocking=True)
+            staged[part] = dst
+        a = self.node.attrs
+        return self.gpu_kernels.moe.fused_moe(x, tw, ids, staged, int(a["num_experts"]), int(a["intermediate_size"]),
+                                              partial=self.table is not None)
+
+    def gather(self) -> torch.Tensor:
+        """The CPU experts' output on the device, shaped and typed like the staged x."""
+        t = self._tokens
+        shape, dtype = self._out
+        if self._streamed is not None:
+            y, self._streamed = self._streamed, None
+            return y.to(dtype).view(shape)
+        y = self._buffers(t).y[:t].to(self.device, non_blocking=self.pin)
+        return y.to(dtype).view(shape)
+
+    # -- host actions ------------------------------------------------------------------------
+    def mark(self, tokens: int | None = None) -> None:
+        """After stage: note that the inputs are queued (`tokens`: the count a replayed CUDA graph
+        staged, which no Python code saw)."""
+        if tokens is not None:
+            self._tokens = tokens
+        if self._streamed is not None:
+            return
+        if self._event is not None:
+            self._event.record()
+        if self.profile and self._gpu_start is not None:
+            self._gpu_start.record()
+
+    def run(self) -> None:
+        """Wait for this layer's inputs, then run the CPU kernel (blocking this thread)."""
+        if self._streamed is not None:
+            return
+        t = self._tokens
+        start = time.perf_counter()
+        if self._event is not None:
+            self._event.synchronize()
+        if self.profile and self._gpu_end is not None:
+            self._gpu_end.record()            # the GPU work queued since mark() runs beside the kernel
+        ready = time.perf_counter()
+        buf = self._buffers(t)
+        if self.table is not None and t <= self.small_capacity and not bool((buf.ids[:t] >= 0).any()):
+            buf.y[:t].zero_()        # no token routed to this layer's CPU experts: skip the kernel's fixed cost
+        else:
+            self.kernels.moe_experts(self.kernel, buf.x[:t], buf.tw[:t], buf.ids[:t], self.packed, out=buf.y[:t])
+        done = time.perf_counter()
+        if self.profile:
+            s = self.stats
+            s.calls += 1
+            s.tokens += t
+            s.cpu_s += done - ready
+            s.wait_s += ready - start
+            if self._gpu_end is not None:
+                self._pending_gpu.append((self._gpu_start, self._gpu_end))
+                self._gpu_start, self._gpu_end = (torch.cuda.Event(enable_timing=True),
+                                                  torch.cuda.Event(enable_timing=True))
+
+    def collect_gpu_times(self) -> None:
+        """Fold the finished GPU timings of profiled calls into the stats (needs a synchronised device)."""
+        for a, b in self._pending_gpu:
+            self.stats.gpu_s += a.elapsed_time(b) / 1e3
+        self._pending_gpu.clear()

@@ -1,0 +1,196 @@
+"""Heterogeneous artifacts: routed experts split between the GPU and the CPU, run together.
+
+Without a GPU the GPU half runs in Triton's interpreter on CPU tensors (float32) and the CPU
+half in the artifact's TVM kernels, through the same schedule (stage / mark / run / gather)
+the CUDA runtime uses; with a GPU (the device machine) the same checks run in bf16 on CUDA,
+plus CUDA-graph decode (one graph per stretch between CPU steps), generate() and profiling.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.runtime.gpu.test_gpu_model import HAS_CUDA, _run_prefill_then_decode, bf16_weights_ref
+from tests.test_end_to_end import prompts, rel_err
+
+# experts 0-3 of every layer on the CPU, 4-7 on the GPU
+HALF_ON_CPU = "[[rule]]\nmatch = 'experts\\.[0-3]$'\ndevice = 'cpu'\n"
+
+
+def build(tiny_models: dict, root: Path, arch: str, kind: str) -> Path:
+    """Compile tiny `arch` as `kind`: "gpu" (all on the GPU), "hybrid" (experts 0-3 on the CPU by a
+    rule, --quant none) or "budget" (int8 CPU experts placed by a GPU budget)."""
+    from ktc.compiler import compile_model
+
+    rules = root / "rules.toml"
+    rules.write_text(HALF_ON_CPU)
+    out = root / f"{arch}-{kind}.ktc"
+    if kind == "gpu":
+        compile_model(tiny_models[arch], out, target="cuda", quant="none", force=True)
+    elif kind == "hybrid":
+        compile_model(tiny_models[arch], out, target="cuda", quant="none", rules=rules, force=True)
+    else:   # int8 CPU experts, placed by a GPU budget that holds about half the experts
+        compile_model(tiny_models[arch], out, target="cuda", quant="int8", gpu_memory=_half_budget(tiny_models[arch]),
+                      force=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_models, tmp_path_factory):
+    """artifacts(arch, kind) -> path. The GPU machine has no TVM to build CPU kernels with: there
+    KTC_TEST_ARTIFACTS names a folder of these artifacts built here (python -m
+    tests.runtime.gpu.test_hybrid DIR, with the same tiny models)."""
+    root = tmp_path_factory.mktemp("hybrid")
+    prebuilt = os.environ.get("KTC_TEST_ARTIFACTS")
+    cache = {}
+
+    def get(arch: str, kind: str):
+        if (arch, kind) not in cache:
+            if prebuilt:
+                cache[(arch, kind)] = Path(prebuilt) / f"{arch}-{kind}.ktc"
+            else:
+                cache[(arch, kind)] = build(tiny_models, root, arch, kind)
+        return cache[(arch, kind)]
+
+    return get
+
+
+def _half_budget(folder) -> int:
+    from ktc.capture import capture
+    from ktc.passes.placement import DEFAULT_MAX_CONTEXT, GPU_RESERVE_BYTES, expert_gpu_bytes, gpu_model_bytes
+    from ktc.passes.placement import kv_cache_bytes as kv
+
+    g = capture(folder)
+    moe = g.nodes_of("moe_experts")
+    experts = sum(expert_gpu_bytes(n, "none") * int(n.attrs["num_experts"]) for n in moe)
+    ctx = min(DEFAULT_MAX_CONTEXT, int(g.config["max_position_embeddings"]))
+    return int(gpu_model_bytes(g, "none") - experts + kv(g, ctx) + GPU_RESERVE_BYTES + experts / 2)
+
+
+def _executor(path, dtype):
+    from ktc.runtime.artifact import read_manifest
+    from ktc.runtime.cpu_experts import CpuExpertKernels
+    from ktc.runtime.gpu.executor import GpuExecutor
+    from ktc.runtime.gpu.kernels import load_kernels
+    from ktc.runtime.loader import load_weights
+
+    m = read_manifest(path)
+    dev = torch.device("cuda" if HAS_CUDA else "cpu")
+    cpu = CpuExpertKernels.load(path / m.cpu["dir"], m.cpu) if m.cpu else None
+    ex = GpuExecutor(m.graph, load_weights(m), load_kernels(path / m.gpu["dir"] / "src"), dev, float_dtype=dtype,
+                     cpu_kernels=cpu)
+    return ex, dev
+
+
+def test_hybrid_schedule_starts_the_cpu_before_the_gpu_experts_and_waits_at_the_add(artifacts):
+    ex, _ = _executor(artifacts("qwen2_moe", "hybrid"), torch.float32)
+    assert len(ex.offloads) == 2                                   # both layers have CPU experts
+    names = [(kind, ex.steps[i][0].name) for kind, i in ex.actions]
+    for layer in (0, 1):
+        moe = f"layers.{layer}.mlp.experts"
+        order = [names.index(a) for a in [("stage", f"{moe}.cpu"), ("mark", f"{moe}.cpu"), ("gpu", f"{moe}.gpu"),
+                                          ("gpu", f"layers.{layer}.mlp.shared_experts"), ("run", f"{moe}.cpu"),
+                                          ("gather", f"{moe}.cpu"), ("gpu", f"{moe}.combine")]]
+        assert order == sorted(order)
+    segments = ex.segments()
+    assert [kind for kind, _ in segments].count("host") == 4       # mark + run per layer
+    assert all(kind == "stream" for kind, _ in segments[::2])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_hybrid_run_matches_the_all_gpu_run(arch, artifacts):
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    hybrid, dev = _executor(artifacts(arch, "hybrid"), dtype)
+    gpu, _ = _executor(artifacts(arch, "gpu"), dtype)
+    ids = prompts(256, 9, batch=2)
+    got = _teacher_forced(hybrid, dev, ids, 6, dtype)     # prefill 6 tokens, then 3 decode steps
+    want = _teacher_forced(gpu, dev, ids, 6, dtype)
+    err = rel_err(got, want)
+    print(f"\n{arch} hybrid vs all-GPU ({dev.type}, {dtype}): relative logits error {err:.2e}")
+    # the CPU experts keep the checkpoint's float32 where the GPU stores bf16: ~5e-4 in float32
+    assert err < (2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+def _teacher_forced(ex, dev, ids, prompt: int, dtype) -> torch.Tensor:
+    """Logits of a prefill of ids[:, :prompt], then one decode step per further token of ids (the
+    same tokens for every run compared, so near-tied argmaxes cannot make runs diverge)."""
+    from ktc.runtime.gpu.kv_cache import GpuKVCache
+    from ktc.runtime.kv_cache import layer_specs
+
+    b, s = ids.shape
+    cache = GpuKVCache(layer_specs(ex.graph), dev, dtype=dtype)
+    cache.reserve(b, s)
+    pos = torch.arange(prompt, device=dev).expand(b, prompt).contiguous()
+    outs = [ex.run(ids[:, :prompt].to(dev), pos, cache, 0)]
+    cache.advance(prompt)
+    for i in range(prompt, s):
+        outs.append(ex.run(ids[:, i:i + 1].to(dev), torch.full((b, 1), i, device=dev), cache, i))
+        cache.advance(1)
+    return torch.cat([o.float().cpu() for o in outs], dim=1)
+
+
+def test_hybrid_with_int8_cpu_experts_is_close_to_transformers(tiny_models, artifacts):
+    from ktc.runtime.artifact import read_manifest
+
+    path = artifacts("qwen3_moe", "budget")
+    plan = read_manifest(path).graph.config["placement"]
+    assert plan["gpu_experts"] > 0 and plan["cpu_experts"] > 0
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    ex, dev = _executor(path, dtype)
+    ref = bf16_weights_ref(tiny_models["qwen3_moe"])
+    ids = prompts(ref.config.vocab_size, 6, batch=2)
+    got = _run_prefill_then_decode(ex, dev, ids, 2, dtype)
+    full = torch.cat((ids, got[:, 5:7].argmax(-1)), dim=1)
+    with torch.no_grad():
+        err = rel_err(got, ref(full).logits)
+    print(f"\nhybrid int8 CPU experts vs transformers: {err:.2e}")
+    assert err < 3e-2
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_hybrid_generate_with_cuda_graphs_follows_all_gpu_for_32_steps(artifacts):
+    """CUDA-graph decode (one graph per stretch between CPU steps) == eager steps; and fed the
+    all-GPU run's 32 greedy tokens, every step's logits stay within 2e-2 of the all-GPU run's
+    (the tiny random model's logits are too flat for its own argmax to be a stable check)."""
+    import ktc
+
+    hybrid = ktc.load(str(artifacts("qwen3_moe", "hybrid")))
+    gpu = ktc.load(str(artifacts("qwen3_moe", "gpu")))
+    ids = prompts(256, 5, seed=3)
+    hybrid.profile(True)
+    got = hybrid.generate(ids, max_new_tokens=32, eos_token_id=[])
+    stats = hybrid.layer_stats()
+    hybrid.profile(False)
+    assert len(stats) == 2 and all(s["calls"] >= 31 and s["cpu_ms"] > 0 for s in stats)
+    hybrid.cuda_graphs = False
+    eager = hybrid.generate(ids, max_new_tokens=32, eos_token_id=[])
+    assert got.tolist() == eager.tolist()                  # segment graphs == eager steps
+    hybrid.cuda_graphs = True
+    want = gpu.generate(ids, max_new_tokens=32, eos_token_id=[])
+    errs = []
+    a, b = hybrid.prefill(ids, reserve=32), gpu.prefill(ids, reserve=32)
+    errs.append(rel_err(a, b))
+    for tok in want[0, 5:].tolist():
+        t = torch.tensor([tok], device="cuda")
+        errs.append(rel_err(hybrid.step(t).float().cpu(), gpu.step(t).float().cpu()))
+    print(f"\nhybrid vs all-GPU, 33 teacher-forced steps: worst relative logits error {max(errs):.2e}")
+    assert max(errs) < 2e-2
+
+
+if __name__ == "__main__":   # build the artifacts for KTC_TEST_ARTIFACTS: python -m tests.runtime.gpu.test_hybrid DIR
+    from ktc.tiny import make_tiny_model
+
+    dest = Path(sys.argv[1])
+    dest.mkdir(parents=True, exist_ok=True)
+    folders = {}
+    for a in ("qwen3_moe", "qwen2_moe"):
+        make_tiny_model(a, dest / "models" / a, seed=1, tokenizer=(a == "qwen3_moe"))
+        folders[a] = dest / "models" / a
+    for arch, kind in (("qwen3_moe", "gpu"), ("qwen3_moe", "hybrid"), ("qwen3_moe", "budget"), ("qwen2_moe", "gpu"),
+                       ("qwen2_moe", "hybrid")):
+        print(build(folders, dest, arch, kind))

@@ -36,6 +36,9 @@ def _shape(graph: Graph, node: Node, role: str) -> list[int]:
 def gpu_configs(graph: Graph, node: Node) -> dict[str, dict[str, Any]]:
     from ktc.codegen.gpu import attention, embedding, matmul, moe, norm, rope, router
 
+    if node.op == "attention" and node.attrs.get("kind") == "mla":
+        return mla_configs(graph, node)
+
     out: dict[str, dict[str, Any]] = {}
     for phase, m in (("decode", 1), ("prefill", GPU_PREFILL_TOKENS)):
         cfg: dict[str, Any] = {}
@@ -75,8 +78,41 @@ def gpu_configs(graph: Graph, node: Node) -> dict[str, dict[str, Any]]:
     return out
 
 
+def mla_configs(graph: Graph, node: Node) -> dict[str, dict[str, Any]]:
+    """Configs of an MLA attention node's launches (runtime/gpu/attention_mla.py): the fused input GEMM
+    (qkv_a), q_a's norm and q_b (with q_lora), rope + cache write, the o GEMM; decode: the two per-head
+    absorptions and the absorbed split-KV attention; prefill: the kv_b expansion and flash attention."""
+    from ktc.codegen.gpu import matmul, mla, norm
+
+    a = node.attrs
+    h, r, dn, dr, dv = (int(a[k]) for k in ("num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                             "v_head_dim"))
+    hidden = _shape(graph, node, "kv_a")[1]
+    q_lora = a.get("q_lora_rank")
+    n_in = (h * (dn + dr) if q_lora is None else int(q_lora)) + r + dr
+    out: dict[str, dict[str, Any]] = {}
+    for phase, m in (("decode", 1), ("prefill", GPU_PREFILL_TOKENS)):
+        cfg: dict[str, Any] = {"qkv_a": matmul.default_config(m, n_in, hidden),
+                               "o": matmul.default_config(m, hidden, h * dv),
+                               "rope": mla.rope_cache_config(r, dr),
+                               "absorb_q": mla.head_matmul_config(m, r, dn),
+                               "absorb_v": mla.head_matmul_config(m, dv, r)}
+        if q_lora is not None:
+            cfg["q_norm"] = norm.default_config(int(q_lora))
+            cfg["q_b"] = matmul.default_config(m, h * (dn + dr), int(q_lora))
+        if phase == "decode":
+            cfg["mla_decode"] = mla.decode_config(h, r, DECODE_CONTEXT)
+        else:
+            cfg["kv_b"] = matmul.default_config(m, h * (dn + dv), r)
+            cfg["mla_prefill"] = mla.prefill_config(dn, dr, dv)
+        out[phase] = cfg
+    return out
+
+
 def select_gpu_kernel(graph: Graph, node: Node) -> None:
     node.kernel = GPU_KERNELS[node.op]
+    if node.op == "attention" and node.attrs.get("kind") == "mla":
+        node.kernel = "mla.attention"
     if node.op == "moe_experts" and node.format == "int4":
         node.kernel = "moe.fused_moe_w4a16"
     node.attrs["gpu_config"] = gpu_configs(graph, node)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FAMILIES = ("norm", "embedding", "rope", "activation", "matmul", "attention", "router", "moe", "sampling")
+FAMILIES = ("norm", "embedding", "rope", "activation", "matmul", "attention", "router", "moe", "sampling", "mla")
 SOURCE_DIR = Path(__file__).parent
 
 

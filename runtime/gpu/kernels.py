@@ -16,6 +16,7 @@ from types import ModuleType, SimpleNamespace
 from ktc.errors import ArtifactError, HostError
 
 REQUIRED = ("norm", "embedding", "rope", "activation", "matmul", "attention", "router", "moe", "sampling")
+OPTIONAL = ("mla",)     # absent from artifacts compiled before it existed; only MLA models launch it
 
 
 def load_kernels(src: str | Path) -> SimpleNamespace:
@@ -28,8 +29,10 @@ def load_kernels(src: str | Path) -> SimpleNamespace:
                         "pip install triton") from None
     tag = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:12]
     mods: dict[str, ModuleType] = {}
-    for family in REQUIRED:
+    for family in REQUIRED + OPTIONAL:
         path = src / f"{family}.py"
+        if family in OPTIONAL and not path.is_file():
+            continue
         if not path.is_file():
             raise ArtifactError(f"{src}: GPU kernel source {family}.py is missing; recompile the artifact")
         name = f"_ktc_gpu_kernels_{tag}.{family}"

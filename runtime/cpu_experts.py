@@ -185,6 +185,15 @@ class CpuExpertKernels:
     def kernel_names(self) -> list[str]:
         return list(self._kernels)
 
+    def set_tuned_threads(self, kernel_name: str, by_bucket: dict[int, int] | None) -> None:
+        """Thread counts (tasks the kernel's parallel phases split into) for `kernel_name` by batch
+        bucket (runtime.tuning.BATCH_BUCKETS), from `ktc tune` records; None: num_threads() again."""
+        tuned = self.__dict__.setdefault("_tuned_threads", {})
+        if by_bucket:
+            tuned[kernel_name] = {int(b): max(1, int(n)) for b, n in by_bucket.items()}
+        else:
+            tuned.pop(kernel_name, None)
+
     def _scratch_for(self, k: dict[str, Any], T: int) -> list[Tensor]:
         key = tuple(k["scratch"])
         cur = self._scratch.bufs.get(key)
@@ -195,11 +204,13 @@ class CpuExpertKernels:
         return [buf[: fixed + per * T] for buf, (_, _, fixed, per) in zip(cur[1], k["scratch"], strict=True)]
 
     def moe_experts(self, kernel_name: str, x: Tensor, topk_weights: Tensor, topk_ids: Tensor,
-                    packed: dict[str, Tensor]) -> Tensor:
+                    packed: dict[str, Tensor], out: Tensor | None = None) -> Tensor:
         """y[t] = sum_k w[t,k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = ids[t,k].
 
         x [T, H] float32, topk_weights [T, K] float32, topk_ids [T, K] int32 (ids outside
-        [0, E) are skipped) -> y [T, H] float32. All expert math runs in the TVM kernel."""
+        [0, E) are skipped) -> y [T, H] float32 (written into `out` when given: a contiguous
+        float32 [T, H] CPU tensor, e.g. pinned memory the GPU copies from). All expert math runs
+        in the TVM kernel."""
         k = self._kernels.get(kernel_name)
         if k is None:
             raise InputError(f"no CPU expert kernel {kernel_name!r}; this artifact has "
@@ -216,7 +227,12 @@ class CpuExpertKernels:
         x = x.to(torch.float32).contiguous()
         tw = topk_weights.to(torch.float32).contiguous()
         ids = topk_ids.to(torch.int32).contiguous()
-        y = torch.empty(T, H, dtype=torch.float32)
+        if out is not None:
+            if tuple(out.shape) != (T, H) or out.dtype != torch.float32 or not out.is_contiguous():
+                raise InputError(f"{kernel_name}: out must be a contiguous float32 [{T}, {H}] tensor")
+            y = out
+        else:
+            y = torch.empty(T, H, dtype=torch.float32)
         if T == 0:
             return y
         weights = []
@@ -232,6 +248,11 @@ class CpuExpertKernels:
         step = max(1, min(MAX_INDEX // (K * max(H, k["I"])), (MAX_INDEX - max(f for _, _, f, _ in k["scratch"]))
                           // max(1, per_token)))
         nthr = num_threads()
+        tuned = self.__dict__.get("_tuned_threads", {}).get(kernel_name)
+        if tuned:   # `ktc tune` records (set_tuned_threads): the thread count of T's batch bucket
+            from ktc.runtime.tuning import batch_bucket
+
+            nthr = tuned.get(batch_bucket(T), nthr)
         for t0 in range(0, T, step):
             t1 = min(T, t0 + step)
             scratch = self._scratch_for(k, t1 - t0)

@@ -195,3 +195,31 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(d),
                                        num_warps=1)
     return o
+
+
+def candidate_configs(head_dim: int, decode: bool, capacity: int = 4096, group: int = 1,
+                      max_shared: int = 232448) -> list[dict]:
+    """Configs `ktc tune` times, default first. Prefill: query and key blocks, warps, stages. Decode:
+    key blocks, warps and stages at the SPLITS the cache capacity gives (the runtime sets SPLITS from
+    the capacity, so it is not tuned). Every config's q tile and pipelined k/v tiles (bf16) fit
+    `max_shared` bytes of shared memory (the default too, or it is left out)."""
+    bd = triton.next_power_of_2(head_dim)
+    rows = max(16, triton.next_power_of_2(group))
+
+    def fits(cfg: dict) -> bool:
+        return (cfg.get("BLOCK_M", rows) * bd + cfg["num_stages"] * 2 * cfg["BLOCK_N"] * bd) * 2 <= max_shared
+
+    if decode:
+        default = decode_config(head_dim, capacity)
+        grid = [{"BLOCK_N": bn, "SPLITS": default["SPLITS"], "num_warps": warps, "num_stages": stages}
+                for bn in (32, 64, 128) for warps in (2, 4, 8) for stages in (1, 2, 3)]
+    else:
+        default = prefill_config(head_dim)
+        grid = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+                for bm in (32, 64, 128) for bn in (32, 64, 128) for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3))
+                if not (bm == 128 and warps == 4 and bd >= 128)]    # a 128 x 128 fp32 accumulator on 4 warps spills
+    out: list[dict] = []
+    for cfg in (default, *grid):
+        if fits(cfg) and cfg not in out:
+            out.append(cfg)
+    return out

@@ -83,3 +83,37 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, c
                         BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
                         num_stages=cfg["num_stages"])
     return out.view(*x.shape[:-1], n)
+
+
+
+def candidate_configs(m: int, n: int, k: int, max_shared: int = 232448, elem_bytes: int = 2) -> list[dict]:
+    """Configs `ktc tune` times for an [m, k] x [n, k]^T product, default first. Tiles are at least 16
+    (tl.dot), no larger than the problem rounded up to a power of two, and their pipelined A and W tiles
+    fit `max_shared` bytes of shared memory (the device's opt-in limit; the default too, or it is left
+    out); M blocks of at least a quarter of the rows (up to 128), narrow N blocks with deep K for decode."""
+    def cap(dim: int) -> int:
+        return max(16, triton.next_power_of_2(dim))
+
+    def fits(cfg: dict) -> bool:
+        return cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem_bytes <= max_shared
+
+    if m <= 16:
+        tiles = [(16, bn, bk) for bn in (16, 32, 64, 128) for bk in (64, 128, 256, 512)]
+        group_m = 1
+    else:
+        tiles = [(bm, bn, bk) for bm, bn in ((16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (64, 128),
+                                              (128, 64), (128, 128), (128, 256), (256, 128))
+                 for bk in (64, 128) if min(cap(m), 128) // 4 <= bm <= cap(m)]
+        group_m = 8
+    out = [cfg for cfg in (default_config(m, n, k),) if fits(cfg)]
+    for bm, bn, bk in tiles:
+        if bn > cap(n) or bk > cap(k):
+            continue
+        for warps, stages in ((4, 3), (4, 4), (8, 3), (8, 4)):
+            if (bm * bn >= 128 * 128 and warps < 8) or (bm * bn <= 16 * 32 and warps > 4):
+                continue   # big tiles on 4 warps spill; tiny ones leave 8 warps idle
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "num_warps": warps,
+                   "num_stages": stages}
+            if fits(cfg) and cfg not in out:
+                out.append(cfg)
+    return out

@@ -63,3 +63,15 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float,
                                     HAS_RESIDUAL=True, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
                                     num_stages=cfg["num_stages"])
     return y.view(x.shape), s.view(x.shape)
+
+
+def candidate_configs(hidden: int) -> list[dict]:
+    """Configs `ktc tune` times, default first: one program per row needs BLOCK >= hidden, so only the
+    warps vary (from one warp up to one element per thread)."""
+    block = triton.next_power_of_2(hidden)
+    out = [default_config(hidden)]
+    for warps in (1, 2, 4, 8, 16):
+        cfg = {"BLOCK": block, "num_warps": warps, "num_stages": 1}
+        if warps * 32 <= block and cfg not in out:
+            out.append(cfg)
+    return out

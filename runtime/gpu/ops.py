@@ -5,7 +5,8 @@ once at load (checks attrs, concatenates weights so that a step launches fewer k
 `run(node, inputs, weights, ctx) -> outputs`. Activations are bf16 [batch, seq, ...]; cos/sin
 and router weights float32, router ids int32. Every op is Triton kernels only: attention is
 one q/k/v GEMM, a kernel that norms + ropes q/k and writes k/v into the cache, the flash
-attention kernel (prefill) or split-KV decode kernel, and the o GEMM.
+attention kernel (prefill) or split-KV decode kernel, and the o GEMM; MLA attention (DeepSeek)
+is in attention_mla.py.
 """
 
 from __future__ import annotations
@@ -42,8 +43,19 @@ class GpuOp:
     prepare: Callable[[Node, dict[str, Any]], dict[str, Any]] | None = None
 
 
-def _cfg(node: Node, ctx: GpuRunContext, key: str) -> dict | None:
-    return node.attrs.get("gpu_config", {}).get(ctx.phase, {}).get(key)
+def _cfg(node: Node, ctx: GpuRunContext, key: str, phase: str | None = None) -> dict | None:
+    """The config of launch `key` for this step: the tuned one of the step's batch bucket (`ktc tune`
+    records, set at load as attrs["gpu_tuned"]; runtime/gpu/tune.py), else the compiled default of
+    `phase` (default: the step's). Host-side only, so a CUDA graph captures the chosen launch."""
+    tuned = node.attrs.get("gpu_tuned")
+    if tuned:
+        from ktc.runtime.tuning import batch_bucket
+
+        table = tuned.get(f"attention.{'decode' if ctx.seq == 1 else 'prefill'}" if key == "attention" else key)
+        cfg = table.get(batch_bucket(ctx.batch * ctx.seq)) if table else None
+        if cfg is not None:
+            return cfg
+    return node.attrs.get("gpu_config", {}).get(phase or ctx.phase, {}).get(key)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +115,10 @@ def _mlp(node, inputs, w, ctx):
 # -- attention -------------------------------------------------------------------------
 def _prepare_attention(node, w):
     a = node.attrs
+    if a.get("kind") == "mla":
+        from . import attention_mla
+
+        return attention_mla.prepare(node, w)
     if a.get("kind") != "gqa":
         raise ArtifactError(f"node {node.name}: {a.get('kind')} attention has no GPU kernels in this runtime")
     for r in ("q", "k", "v", "o"):
@@ -120,6 +136,10 @@ def _prepare_attention(node, w):
 
 
 def _attention(node, inputs, w, ctx):
+    if node.attrs.get("kind") == "mla":
+        from . import attention_mla
+
+        return attention_mla.run(node, inputs, w, ctx)
     x, cos, sin = inputs
     a = node.attrs
     k = ctx.kernels
@@ -138,7 +158,7 @@ def _attention(node, inputs, w, ctx):
             cfg = {**cfg, "SPLITS": k.attention.decode_config(d, k_cache.shape[2])["SPLITS"]}
         o = k.attention.attention_decode(q, k_cache, v_cache, ctx.positions, scale, window, cfg)
     else:
-        cfg = node.attrs.get("gpu_config", {}).get("prefill", {}).get("attention")
+        cfg = _cfg(node, ctx, "attention", phase="prefill")
         o = k.attention.attention_prefill(q, k_cache, v_cache, b, s, ctx.past, scale, window, cfg)
     y = k.matmul.linear(o.view(b * s, h * d), w["o"], w.get("o_bias"), _cfg(node, ctx, "o"))
     return (y.view(b, s, -1),)
@@ -181,14 +201,31 @@ def _prepare_moe(node, w):
             out[f"{role}.qweight"], out[f"{role}.scales"] = t["qweight"], t["scales"]
         else:
             out[role] = t
+    device = next(iter(out.values())).device
+    out["expert_table"] = expert_table(node, device)
     return out
+
+
+def expert_table(node: Node, device) -> torch.Tensor | None:
+    """Router expert id -> row in this node's weights (int32, -1 for experts it does not hold),
+    for a node holding a subset (attrs["experts"]); None when it holds them all."""
+    experts = node.attrs.get("experts")
+    if experts is None:
+        return None
+    table = torch.full((int(node.attrs["num_global_experts"]),), -1, dtype=torch.int32)
+    table[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts), dtype=torch.int32)
+    return table.to(device)
 
 
 def _moe(node, inputs, w, ctx):
     x, tw, ids = inputs
     a = node.attrs
-    y = ctx.kernels.moe.fused_moe(_rows(x), tw.reshape(-1, tw.shape[-1]), ids.reshape(-1, ids.shape[-1]), w,
-                                  int(a["num_experts"]), int(a["intermediate_size"]), _cfg(node, ctx, "moe"))
+    ids = ids.reshape(-1, ids.shape[-1])
+    table = w.get("expert_table")
+    if table is not None:
+        ids = table.index_select(0, ids.reshape(-1)).view(ids.shape)
+    y = ctx.kernels.moe.fused_moe(_rows(x), tw.reshape(-1, tw.shape[-1]), ids, w, int(a["num_experts"]),
+                                  int(a["intermediate_size"]), _cfg(node, ctx, "moe"), partial=table is not None)
     return (y.view(x.shape),)
 
 

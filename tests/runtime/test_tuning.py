@@ -1,16 +1,30 @@
-"""Tuning logic with a fake timer: deterministic winners, records, host keys, resumption."""
+"""Tuning logic with a fake timer (deterministic winners), records, host keys, resumption, the
+runtime's nearest-bucket lookup (_cfg on a fake node), and the GPU task builder's candidate lists
+(built on the CPU, kernels run once each in Triton's interpreter, never timed here)."""
+
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from ktc.runtime.tuning import (
+    BATCH_BUCKETS,
     Candidate,
     Task,
     TuningKey,
     TuningRecord,
     TuningRecords,
+    apply_artifact_records,
     batch_bucket,
+    bucket_order,
+    bucket_table,
     host_key,
+    load_host_records,
+    nearest_bucket,
+    parse_batch_sizes,
+    parse_budget,
     tune,
+    tuning_summary,
 )
 
 HOST = {"cpu": "test cpu", "cpu_features": "abc", "gpu": "Test GPU sm90"}
@@ -38,17 +52,43 @@ def test_fastest_candidate_wins_and_speedup_is_against_the_default():
     calls: list = []
     t1, times1 = make_task("matmul", 1, {32: 3.0, 64: 1.0, 128: 2.0}, calls)
     t2, times2 = make_task("matmul", 64, {32: 1.0, 64: 4.0, 128: 5.0}, calls)
+    t3, times3 = make_task("matmul", 256, {32: 1.0, 64: 0.99, 128: 5.0}, calls)
     recs = TuningRecords(HOST)
-    timer = fake_timer({"calls": calls, "times": {("matmul", 1): times1, ("matmul", 64): times2}})
-    done = tune([t1, t2], recs, timer)
-    assert done == [t1.key.id(), t2.key.id()]
-    r1, r2 = recs.records[t1.key.id()], recs.records[t2.key.id()]
-    assert r1.config == {"block": 64} and r1.speedup == pytest.approx(3.0)
+    timer = fake_timer({"calls": calls, "times": {("matmul", 1): times1, ("matmul", 64): times2,
+                                                  ("matmul", 256): times3}})
+    done = tune([t1, t2, t3], recs, timer)
+    assert done == [t1.key.id(), t2.key.id(), t3.key.id()]
+    r1, r2, r3 = (recs.records[t.key.id()] for t in (t1, t2, t3))
+    assert r1.config == {"block": 64} and r1.speedup == pytest.approx(3.0) and r1.default == {"block": 32}
     assert r2.config == {"block": 32} and r2.speedup == 1.0      # tuned never slower than the default
+    assert r3.config == {"block": 32} and r3.speedup == 1.0      # 1% faster is noise: the default stays
     assert recs.lookup("matmul", (64, 128), "bfloat16", 1) == {"block": 64}
     assert recs.lookup("matmul", (64, 128), "bfloat16", 50) == {"block": 32}    # bucket 64
     assert recs.lookup("matmul", (64, 128), "bfloat16", 3) == {"block": 64}     # bucket 4: nearest is 1
     assert recs.lookup("matmul", (1, 1), "bfloat16", 1) is None
+
+
+def test_candidates_are_warmed_first_and_the_fastest_are_timed_again():
+    """A timer that is slow on its first reading (a cold GPU): candidates are timed in interleaved
+    rounds and keep their best, so a config that is no faster does not win on measurement order."""
+    log: list = []
+    seen: set = set()
+
+    def timer(run):
+        cfg = run()
+        first = cfg not in seen
+        seen.add(cfg)
+        return {32: 1.0, 64: 1.05, 128: 3.0}[cfg] * (5.0 if first and cfg == 32 else 1.0)
+
+    def cand(b):
+        return Candidate({"block": b}, lambda: (log.append(b), b)[1])
+
+    task = Task(TuningKey("k", (1,), "f", 1), {"block": 32}, lambda: [cand(32), cand(64), cand(128)])
+    recs = TuningRecords(HOST)
+    tune([task], recs, timer)
+    assert log[:3] == [32, 64, 128]                               # each compiled / warmed before any timing
+    rec = recs.records[task.key.id()]
+    assert rec.config == {"block": 32} and rec.default_seconds == 1.0 and rec.candidates == 3
 
 
 def test_failing_candidates_are_skipped_and_a_failing_default_records_nothing():
@@ -63,39 +103,317 @@ def test_failing_candidates_are_skipped_and_a_failing_default_records_nothing():
     assert recs.records[ok.key.id()].candidates == 1
 
 
-def test_resumption_skips_recorded_tasks_and_the_budget_stops_between_tasks():
-    built = []
-
+def _counting_tasks(n: int, built: list, per_task: int = 2):
     def task(i):
         def candidates():
             built.append(i)
-            return [Candidate({"block": 32}, lambda: None)]
+            return [Candidate({"block": 32 * (c + 1)}, lambda: None) for c in range(per_task)]
         return Task(TuningKey("k", (i,), "f", 1), {"block": 32}, candidates)
+    return [task(i) for i in range(n)]
 
+
+def test_budget_stops_the_search_and_a_rerun_resumes_it():
+    """A fake clock that only the timer advances, 1 s a timing: a task of 2 candidates takes 6 s (3
+    rounds), so a 13 s budget finishes two tasks, drops the third it ran out in, and a rerun does
+    the rest only."""
+    now = [0.0]
+
+    def timer(run):
+        run()
+        now[0] += 1.0
+        return 1.0
+
+    built: list = []
     recs = TuningRecords(HOST)
-    ticks = iter(range(100))
-    tune([task(i) for i in range(5)], recs, timer=lambda run: 1.0, budget_s=3, clock=lambda: next(ticks))
-    assert built == [0, 1]                            # the budget ran out after two tasks
-    tune([task(i) for i in range(5)], recs, timer=lambda run: 1.0)
-    assert built == [0, 1, 2, 3, 4]                   # resumed: 0 and 1 were not tuned again
-    assert len(recs.records) == 5
+    done = tune(_counting_tasks(5, built), recs, timer, budget_s=13, clock=lambda: now[0])
+    assert built == [0, 1, 2] and len(done) == 2 and set(recs.records) == set(done)   # task 2 not recorded
+    done2 = tune(_counting_tasks(5, built), recs, timer, clock=lambda: now[0])
+    assert built == [0, 1, 2, 2, 3, 4] and len(done2) == 3 and len(recs.records) == 5
+
+
+def test_an_interrupted_tune_keeps_finished_records_and_resumes(tmp_path):
+    """Ctrl-C in the middle of a task: the records saved after each earlier task survive on disk."""
+    path = tmp_path / "t.json"
+    calls = [0]
+
+    def timer(run):
+        calls[0] += 1
+        if calls[0] == 13:                 # the first timing of the third task (2 candidates x 3 rounds a task)
+            raise KeyboardInterrupt
+        return 1.0
+
+    built: list = []
+    recs = TuningRecords(HOST)
+    with pytest.raises(KeyboardInterrupt):
+        tune(_counting_tasks(4, built), recs, timer, on_record=lambda r: recs.save(path))
+    again, why = TuningRecords.load(path, HOST)
+    assert why is None and len(again.records) == 2          # tasks 0 and 1 finished
+    built.clear()
+    assert len(tune(_counting_tasks(4, built), again, lambda run: 1.0)) == 2 and built == [2, 3]
 
 
 def test_records_round_trip_and_other_hosts_are_ignored(tmp_path):
-    recs = TuningRecords(HOST, {"a": TuningRecord("a", {"block": 64}, 1.0, 2.0, 3)})
+    recs = TuningRecords(HOST, {"a": TuningRecord("a", {"block": 64}, 1.0, 2.0, 3, {"block": 32})})
     path = tmp_path / "t.json"
     recs.save(path)
     again, why = TuningRecords.load(path, HOST)
-    assert why is None and again.to_json() == recs.to_json()
+    assert why is None and again.to_json() == recs.to_json() and again.records["a"].speedup == 2.0
     other, why = TuningRecords.load(path, dict(HOST, gpu="Other GPU sm80"))
     assert other.records == {} and "another host" in why
     path.write_text("{broken")
     empty, why = TuningRecords.load(path, HOST)
     assert empty.records == {} and "unreadable" in why
+    path.write_text('{"version": 1, "host": {}, "records": {"a": {"key": "b", "config": {}, "seconds": 1, '
+                    '"default_seconds": 1, "candidates": 1}}}')
+    assert "unreadable" in TuningRecords.load(path, HOST)[1]         # a record filed under another key
     assert TuningRecords.load(tmp_path / "none.json", HOST) == (TuningRecords(HOST), None)
 
 
-def test_buckets_and_host_key():
+def test_artifact_records_of_another_host_are_ignored_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.setenv("KTC_CACHE_DIR", str(tmp_path / "cache"))
+    art = tmp_path / "a.ktc"
+    here = host_key()
+    from ktc.runtime.tuning import artifact_records_path, host_id
+
+    mine = TuningRecords(here, {"k|1|f|b1": TuningRecord("k|1|f|b1", {"x": 1}, 1.0, 2.0, 2)})
+    mine.save(artifact_records_path(art, here))
+    other_host = dict(here, gpu="Some Other GPU sm80")
+    TuningRecords(other_host, {"k|1|f|b1": TuningRecord("k|1|f|b1", {"x": 9}, 1.0, 9.0, 2)}).save(
+        art / "tuning" / f"{host_id(other_host)}.json")
+    recs, notes = load_host_records(art, here)
+    assert recs.records["k|1|f|b1"].config == {"x": 1}
+    assert len(notes) == 1 and "another host (Some Other GPU sm80" in notes[0]
+    summary = tuning_summary(art)
+    assert "used on this host" in summary and "another host's records: ignored here" in summary
+    model = SimpleNamespace(graph=SimpleNamespace(nodes=[]), cpu_kernels=None)
+    info = apply_artifact_records(model, art)
+    assert model.tuning is info and info["records"] == 1 and info["applied"] == 0 and len(info["notes"]) == 1
+    monkeypatch.setenv("KTC_TUNING", "0")
+    assert apply_artifact_records(model, art)["records"] == 0
+
+
+def test_buckets_nearest_and_tables():
     assert [batch_bucket(n) for n in (1, 2, 3, 100, 5000)] == [1, 2, 4, 128, 2048]
+    assert nearest_bucket([1, 64], 3) == 1 and nearest_bucket([1, 64], 20) == 64
+    assert nearest_bucket([2, 8], 4) == 2                          # a tie in log2 distance: the smaller
+    assert nearest_bucket([1, 2], 2048, split=16) is None          # no prefill bucket tuned: the default
+    assert nearest_bucket([1, 2048], 512, split=16) == 2048
+    table = bucket_table({1: "a", 2048: "z"}, split=16)
+    assert [table.get(b) for b in BATCH_BUCKETS] == ["a"] * 5 + ["z"] * 7
+    assert bucket_order([1, 2, 4, 2048, 64]) == [1, 2048, 2, 4, 64]
     key = host_key(gpu=False)
     assert set(key) == {"cpu", "cpu_features", "gpu"} and key["gpu"] == ""
+
+
+def test_parse_budget_and_batch_sizes():
+    from ktc.errors import InputError
+
+    assert parse_budget("10m") == 600 and parse_budget("90s") == 90 and parse_budget("1h30m") == 5400
+    assert parse_budget("45") == 45 and parse_budget(None) is None
+    for bad in ("ten", "5x", "0s", "m"):
+        with pytest.raises(InputError):
+            parse_budget(bad)
+    assert parse_batch_sizes("1,2,3,100") == [1, 2, 4, 128] and parse_batch_sizes(None) == list(BATCH_BUCKETS)
+    for bad in ("a,b", "0", ""):
+        with pytest.raises(InputError):
+            parse_batch_sizes(bad)
+
+
+# -- the runtime's choice: _cfg ---------------------------------------------------------------------
+def _ctx(batch: int, seq: int):
+    from ktc.runtime.gpu.ops import GpuRunContext
+
+    return GpuRunContext(kernels=None, cache=None, positions=None, batch=batch, seq=seq, past=0)
+
+
+def test_cfg_picks_the_tuned_config_of_the_nearest_bucket_else_the_phase_default():
+    from ktc.ir import Node
+    from ktc.runtime.gpu.ops import _cfg
+
+    dec, pre = {"BLOCK_M": 16}, {"BLOCK_M": 128}
+    node = Node("l", "linear", ["x"], ["y"], attrs={"gpu_config": {"decode": {"linear": dec, "attention": {"a": 1}},
+                                                                    "prefill": {"linear": pre, "attention": {"a": 2}}}})
+    assert _cfg(node, _ctx(1, 1), "linear") is dec and _cfg(node, _ctx(1, 512), "linear") is pre
+    tuned1, tuned64 = {"BLOCK_M": 16, "BLOCK_N": 32}, {"BLOCK_M": 64}
+    node.attrs["gpu_tuned"] = {"linear": bucket_table({1: tuned1, 64: tuned64}, 16),
+                               "attention.decode": bucket_table({1: {"d": 1}}, 16)}
+    assert _cfg(node, _ctx(1, 1), "linear") is tuned1
+    assert _cfg(node, _ctx(4, 1), "linear") is tuned1              # bucket 4: nearest tuned is 1
+    assert _cfg(node, _ctx(2, 50), "linear") is tuned64            # bucket 128: nearest is 64
+    assert _cfg(node, _ctx(1, 2048), "linear") is tuned64
+    assert _cfg(node, _ctx(3, 1), "attention") == {"d": 1}         # decode kernel (seq 1): its table
+    assert _cfg(node, _ctx(1, 4), "attention") == {"a": 1}         # prefill kernel, not tuned: the default
+    assert _cfg(node, _ctx(1, 64), "attention", phase="prefill") == {"a": 2}
+    node.attrs["gpu_tuned"] = {"linear": bucket_table({1: tuned1}, 16)}
+    assert _cfg(node, _ctx(1, 512), "linear") is pre               # only decode tuned: prefill keeps its default
+
+
+# -- the GPU task builder, on the CPU ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cuda_artifacts(tiny_models, tmp_path_factory):
+    from ktc.compiler import compile_model
+
+    root = tmp_path_factory.mktemp("tune-gpu")
+    out = {}
+    for arch, gq in (("qwen2_moe", None), ("qwen3_moe", "int4")):
+        out[arch] = root / f"{arch}.ktc"
+        compile_model(tiny_models[arch], out[arch], target="cuda", gpu_quant=gq)
+    return out
+
+
+def _kernels(path):
+    from ktc.runtime.artifact import read_manifest
+    from ktc.runtime.gpu.kernels import load_kernels
+
+    m = read_manifest(path)
+    return m, load_kernels(path / m.gpu["dir"] / "src")
+
+
+def _valid(family: str, cfg: dict, t, max_shared: int) -> bool:
+    """Independent checks of a candidate: powers of two, tl.dot's 16 minimum, shared memory."""
+    blocks = {k: v for k, v in cfg.items() if k.isupper() and isinstance(v, int) and k != "SPLITS"}
+    if any(v & (v - 1) for v in blocks.values()):
+        return False
+    if family == "matmul":
+        bm, bn, bk, st = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"]
+        return min(bm, bn, bk) >= 16 and st * (bm * bk + bk * bn) * 2 <= max_shared
+    if family == "moe":
+        ok = cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N_UP"] >= 16 and cfg["BLOCK_N_DOWN"] >= 16
+        return ok and (t.params["group"] is None or cfg["BLOCK_K"] == t.params["group"])
+    if family == "norm":
+        return cfg["BLOCK"] >= t.shape[0]
+    return cfg["BLOCK_N"] >= 16 and cfg.get("BLOCK_M", 16) >= 16
+
+
+def test_gpu_tasks_list_valid_candidates_default_first_and_each_runs(cuda_artifacts):
+    from ktc.runtime.gpu.tune import DEFAULT_MAX_SHARED, candidate_configs, gpu_tasks, node_tunables
+
+    for path in cuda_artifacts.values():
+        m, kernels = _kernels(path)
+        g = m.graph
+        seen = {}
+        sizes: list[int] = []
+        for node in g.nodes:
+            for t in node_tunables(g, node, kernels):
+                seen.setdefault((t.kernel, t.shape, t.fmt), (node, t))
+        tables = {t.table for node in g.nodes for t in node_tunables(g, node, kernels)}
+        assert {"norm", "qkv", "o", "moe", "attention.decode", "attention.prefill", "logits", "linear"} <= tables
+        for node, t in seen.values():
+            for b in BATCH_BUCKETS:
+                if not t.runs_at(b):
+                    continue
+                cands = candidate_configs(node, t, b, kernels, max_shared=101376)      # a 99 KiB GPU
+                phase = "decode" if b <= 16 else "prefill"
+                default = node.attrs["gpu_config"]["prefill" if t.table == "attention.prefill" else phase][t.cfg_key]
+                assert cands[0] == {**default, **({"SPLITS": cands[0]["SPLITS"]} if "SPLITS" in cands[0] else {})}
+                assert all(c not in cands[:i] for i, c in enumerate(cands))
+                sizes.append(len(cands))
+                assert all(_valid(t.family, c, t, 101376) for c in cands[1:]), (t.table, b)
+                assert len(candidate_configs(node, t, b, kernels, DEFAULT_MAX_SHARED)) >= len(cands)
+        assert sum(n > 1 for n in sizes) > 0.9 * len(sizes)      # tiny shapes leave a few with the default only
+        # every candidate at bucket 1 (a few for decode attention, slow in the interpreter) runs and agrees
+        tasks = [t for t in gpu_tasks(g, kernels, [1], device="cpu", dtype=torch.float32)]
+        assert tasks and all(t.key.batch == 1 for t in tasks)
+        for task in tasks:
+            cands = task.candidates()
+            assert cands[0].config == task.default
+            if "attention_decode" in task.key.kernel:
+                cands = cands[:3]
+            ref = _out(cands[0].run())
+            for c in cands[1:]:
+                got = _out(c.run())
+                assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), (task.key.id(), c.config)
+
+
+def _out(res):
+    return (res[0] if isinstance(res, tuple) else res).detach().clone().float()
+
+
+def test_prefill_tasks_run_in_the_interpreter(cuda_artifacts):
+    from ktc.runtime.gpu.tune import gpu_tasks
+
+    m, kernels = _kernels(cuda_artifacts["qwen3_moe"])
+    tasks = gpu_tasks(m.graph, kernels, [32], device="cpu", dtype=torch.float32)
+    kinds = {t.key.kernel.split("#")[0] for t in tasks}
+    assert "attention.attention_prefill" in kinds and "matmul.linear" in kinds      # logits past FUSED_TOKENS
+    for task in tasks:
+        if "attention_decode" in task.key.kernel:
+            continue
+        cands = task.candidates()
+        ref = _out(cands[0].run())
+        got = _out(cands[-1].run())
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), (task.key.id(), cands[-1].config)
+
+
+def test_apply_gpu_records_sets_tables_and_ignores_configs_that_are_no_candidates(cuda_artifacts):
+    from ktc.runtime.gpu.ops import _cfg
+    from ktc.runtime.gpu.tune import apply_gpu_records, candidate_configs, node_tunables
+
+    m, kernels = _kernels(cuda_artifacts["qwen2_moe"])
+    g = m.graph
+    node = next(n for n in g.nodes if n.op == "attention")
+    qkv = next(t for t in node_tunables(g, node, kernels) if t.table == "qkv")
+    o = next(t for t in node_tunables(g, node, kernels) if t.table == "o")
+    good = candidate_configs(node, qkv, 1, kernels)[-1]
+    recs = TuningRecords(HOST)
+    for t, cfg in ((qkv, good), (o, {"BLOCK_M": 3, "BLOCK_N": 5, "BLOCK_K": 7, "GROUP_M": 1, "num_warps": 4,
+                                      "num_stages": 4})):
+        key = TuningKey(t.kernel, t.shape, t.fmt, 1).id()
+        recs.add(TuningRecord(key, cfg, 1.0, 2.0, 5))
+    assert apply_gpu_records(g, kernels, recs) == 1
+    attn = [n for n in g.nodes if n.op == "attention"]
+    assert all(set(n.attrs["gpu_tuned"]) == {"qkv"} for n in attn)     # every layer shares the record
+    assert _cfg(node, _ctx(2, 1), "qkv") == good and _cfg(node, _ctx(2, 1), "o") == node.attrs["gpu_config"][
+        "decode"]["o"]
+    assert _cfg(node, _ctx(1, 64), "qkv") == node.attrs["gpu_config"]["prefill"]["qkv"]
+    assert apply_gpu_records(g, kernels, TuningRecords(HOST)) == 0 and "gpu_tuned" not in node.attrs
+
+
+# -- CPU thread counts --------------------------------------------------------------------------------
+def test_cpu_thread_tuning_with_a_real_timer_and_applied_thread_counts(compiled, monkeypatch):
+    from ktc.runtime.artifact import read_manifest
+    from ktc.runtime.cpu_experts import num_threads
+    from ktc.runtime.cpu_tune import apply_cpu_records, cpu_tasks, load_cpu_kernels, thread_candidates, wall_timer
+
+    assert thread_candidates(16) == [16, 15, 12, 8] and thread_candidates(2) == [2, 1]
+    assert thread_candidates(1) == [1]
+    m = read_manifest(compiled("qwen3_moe", "int8"))
+    kernels = load_cpu_kernels(m)
+    tasks = cpu_tasks(m, kernels, buckets=[1, 8])
+    assert [t.key.batch for t in tasks] == [1] * len(kernels.kernel_names) + [8] * len(kernels.kernel_names)
+    recs = TuningRecords(HOST)
+    done = tune(tasks, recs, wall_timer(target_s=0.01))
+    assert len(done) == len(tasks)
+    n = num_threads()
+    for r in recs.records.values():
+        assert r.default == {"threads": n} and r.config["threads"] in thread_candidates(n)
+        assert r.candidates == len(thread_candidates(n)) and r.seconds > 0
+    assert apply_cpu_records(kernels, m.graph, recs, m.files) == len(kernels.kernel_names)
+    # a record asking for more threads than this host has is never applied
+    name = kernels.kernel_names[0]
+    for r in recs.records.values():
+        r.config = {"threads": n + 5}
+    assert apply_cpu_records(kernels, m.graph, recs, m.files) == 0
+    assert name not in kernels.__dict__.get("_tuned_threads", {})
+
+
+def test_tuned_thread_counts_change_nothing_but_the_split(compiled):
+    from ktc.runtime.artifact import read_manifest
+    from ktc.runtime.cpu_tune import load_cpu_kernels, node_weights
+
+    m = read_manifest(compiled("qwen3_moe", "int8"))
+    kernels = load_cpu_kernels(m)
+    name = kernels.kernel_names[0]
+    node = next(n for n in m.graph.nodes if n.kernel == name)
+    packed = node_weights(m, node)
+    e, h, k = int(node.attrs["num_experts"]), int(node.attrs["hidden_size"]), int(node.attrs["top_k"])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, h, generator=gen)
+    ids = torch.rand(5, e, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
+    tw = torch.softmax(torch.randn(5, k, generator=gen), dim=-1)
+    ref = kernels.moe_experts(name, x, tw, ids, packed)
+    kernels.set_tuned_threads(name, dict.fromkeys(BATCH_BUCKETS, 1))
+    try:
+        assert torch.allclose(kernels.moe_experts(name, x, tw, ids, packed), ref, rtol=1e-5, atol=1e-6)
+    finally:
+        kernels.set_tuned_threads(name, None)

@@ -175,3 +175,11 @@ def test_python_api_mirrors_cli(tmp_path, tiny_models):
     import torch
 
     assert m(torch.tensor([[1, 2, 3]])).shape == (1, 3, 256)
+
+
+def test_usage_errors_are_usage_errors_not_internal_errors(capsys):
+    from ktc.cli import main
+
+    assert main(["inspect"]) == 2
+    text = capsys.readouterr().err
+    assert "Missing" in text and "internal error" not in text

@@ -14,12 +14,16 @@ from ktc.errors import KtcError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ktc.cli import bench as _bench  # noqa: F401
+    from ktc.cli import calibrate as _calibrate  # noqa: F401
     from ktc.cli import compile as _compile  # noqa: F401  (registers the verbs)
     from ktc.cli import demo as _demo  # noqa: F401
     from ktc.cli import inspect as _inspect  # noqa: F401
+    from ktc.cli import pack as _pack  # noqa: F401
     from ktc.cli import run as _run  # noqa: F401
     from ktc.cli import targets as _targets  # noqa: F401
     from ktc.cli import tiny as _tiny  # noqa: F401
+    from ktc.cli import tune as _tune  # noqa: F401
     from ktc.cli.app import app, err
 
     try:
@@ -38,12 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     except Exception as e:  # click's usage errors and real bugs
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        usage, abort = _click_exceptions()
+        if isinstance(e, usage):
             e.show()
             return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, abort):
             err.print("[bold red]interrupted[/]")
             return 130
         if os.environ.get("KTC_DEBUG"):
@@ -52,6 +55,21 @@ def main(argv: list[str] | None = None) -> int:
                   "KTC_DEBUG=1 shows the traceback)", soft_wrap=True)
         return 2
     return 0
+
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """click's usage-error and abort classes: typer >= 0.29 vendors click as typer._click."""
+    usage: list[type] = []
+    abort: list[type] = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = __import__(name, fromlist=["ClickException"])
+        except ImportError:
+            continue
+        usage.append(mod.ClickException)
+        if hasattr(mod, "Abort"):
+            abort.append(mod.Abort)
+    return tuple(usage), tuple(abort)
 
 
 def entry() -> None:

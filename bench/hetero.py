@@ -1,0 +1,626 @@
+"""Heterogeneous benchmark (issue 5): Qwen3-30B-A3B shape, hot experts on the GPU, cold on the CPU.
+
+    python bench/hetero.py plan --out .carry/hetero            # here: weights-free plans + AMX kernels
+    PYTHONPATH=$PWD/.carry/site python3 bench/hetero.py run --plans .carry/hetero --out $OUT/res   # GPU machine
+
+`plan` compiles, from config.json alone (`ktc compile --weights-free`), with --target cuda
+--cpu-target x86-amx --gpu-memory 24GiB:
+  q30-int8         CPU experts int8, placement by a uniform expert popularity
+  q30-int4         CPU experts int4
+  q4-none-hybrid / q4-none-gpu   4 layers, --quant none, half the experts on the CPU / all on
+                   the GPU: the correctness pair
+`run` (on the GPU machine, no checkpoint, no TVM) fills each plan with random weights in its
+own layout (ktc.pack.random_weights, GPU part made on the GPU) and measures, batch 1:
+  decode tokens/s after a 1K prompt (CUDA-graph segments), prefill tokens/s of 2K tokens,
+  per-layer CPU kernel / wait / GPU-beside times, and the roofline of the placement:
+  CPU bytes of the CPU-resident experts a token activates (averaged over the routing) / 116 GB/s
+  vs GPU bytes / 4.3 TB/s; the same CPU kernels called directly (the kernel time the runtime's
+  CPU part is compared with); a router skewed on purpose to a Zipf popularity (skew_routing)
+  with uniform placement, then placed again with the routing counted on the machine as the
+  calibration (the compiler's passes rerun there: same CPU kernel shapes, the plan's kernels serve);
+  transformers + accelerate (device_map auto, max_memory 3 GiB on the GPU) on 6 layers, scaled;
+  and correctness: hybrid vs all-GPU logits and 32 greedy tokens (--quant none, 4 real layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_decode import QWEN3_30B_A3B  # noqa: E402
+
+DEEPSEEK_V2_LITE = {   # deepseek-ai/DeepSeek-V2-Lite config.json, the fields transformers reads
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
+    "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64,
+    "routed_scaling_factor": 1.0, "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+    "num_experts_per_tok": 6, "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": False,
+    "scoring_func": "softmax", "hidden_act": "silu", "max_position_embeddings": 163840, "initializer_range": 0.02,
+    "rms_norm_eps": 1e-06, "use_cache": True, "bos_token_id": 100000, "eos_token_id": 100001,
+    "tie_word_embeddings": False, "rope_theta": 10000, "attention_bias": False, "attention_dropout": 0.0,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "torch_dtype": "bfloat16",
+}
+CPU_BW = 116e9          # measured CPU read bandwidth of the GPU machine (issue 5)
+GPU_BW = 4.3e12         # measured GPU copy bandwidth
+ZIPF_ALPHA = 1.0
+SKEW_SEED = 7
+CONTEXT = 1024
+PREFILL = 2048
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# -- the skewed router -------------------------------------------------------------------------
+def zipf_popularity(layers: int, experts: int, alpha: float = ZIPF_ALPHA, seed: int = SKEW_SEED) -> torch.Tensor:
+    """[layers, experts]: expert popularity 1/rank^alpha, ranks permuted per layer (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.stack([torch.randperm(experts, generator=g) for _ in range(layers)]) + 1
+    p = 1.0 / ranks.double() ** alpha
+    return p / p.sum(-1, keepdim=True)
+
+
+class RouterTap:
+    """Wraps the router ops of a GpuModel's executor (eager runs only: prefills) to record, per MoE
+    layer, the mean of hidden dim 0 of the router input and the counts of the experts chosen."""
+
+    def __init__(self, model):
+        self.ex = model.executor
+        self.x0: dict[int, list[float]] = {}
+        self.counts: dict[int, torch.Tensor] = {}
+        self.saved = list(self.ex.steps)
+        for i, (node, op, ws) in enumerate(self.ex.steps):
+            if node.op == "router":
+                self.ex.steps[i] = (node, _Tapped(op, self, _layer(node.name)), ws)
+
+    def close(self) -> None:
+        self.ex.steps[:] = self.saved
+
+
+class _Tapped:
+    def __init__(self, op, tap: RouterTap, layer: int):
+        self.op, self.tap, self.layer = op, tap, layer
+        self.prepare = None
+
+    def run(self, node, inputs, ws, ctx):
+        out = self.op.run(node, inputs, ws, ctx)
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        self.tap.x0.setdefault(self.layer, []).append(float(x[:, 0].float().mean()))
+        e = int(node.attrs["num_experts"])
+        c = torch.bincount(out[1].reshape(-1).long(), minlength=e).cpu()
+        self.tap.counts[self.layer] = self.tap.counts.get(self.layer, torch.zeros(e, dtype=torch.long)) + c
+        return out
+
+
+def _layer(name: str) -> int:
+    import re
+
+    return int(re.search(r"layers\.(\d+)\.", name).group(1))
+
+
+def diversify(model, rms: float = 1.0) -> None:
+    """Embedding rows at rms `rms` (random weights give 0.02): with std-0.02 layers the residual
+    stream then stays dominated by the token, so tokens route differently, as in a trained model;
+    at 0.02 the attention's average of all tokens dominates and every token picks the same few
+    experts (measured: the hottest 25% of experts took 99% of the slots)."""
+    emb = next(ws for node, _, ws in model.executor.steps if node.op == "embedding")["weight"]
+    emb.mul_(rms / emb.float().pow(2).mean().sqrt().item())
+
+
+def skew_routing(model, prompt: torch.Tensor, big: float = 50.0) -> dict[int, torch.Tensor]:
+    """Make a random-weight model's routing Zipf-skewed, on purpose, in place, and return the
+    measured routing counts per layer. Hidden dim 0 of every embedding row is set to `big`, so the
+    residual stream keeps a large, token-independent component there (the other 2047 dims keep
+    their token-to-token variety); a prefill measures what dim 0 of each layer's router input is
+    (x0), and each router row e gets weight log(p_e) / x0 on dim 0 (0 before), adding about
+    log(p_e) to expert e's logit: softmax top-k then follows the Zipf popularity p of that layer."""
+    ex = model.executor
+    routers = [(node, ws) for node, _, ws in ex.steps if node.op == "router"]
+    emb = next(ws for node, _, ws in ex.steps if node.op == "embedding")["weight"]
+    emb[:, 0] = big
+    for _, ws in routers:
+        ws["weight"][:, 0] = 0
+    tap = RouterTap(model)
+    model.prefill(prompt)
+    x0 = {layer: statistics.fmean(v) for layer, v in tap.x0.items()}
+    tap.close()
+    pop = zipf_popularity(len(routers), int(routers[0][0].attrs["num_experts"]))
+    for i, (node, ws) in enumerate(routers):
+        layer = _layer(node.name)
+        ws["weight"][:, 0] = (torch.log(pop[i]) / x0[layer]).to(ws["weight"].dtype).to(ws["weight"].device)
+    return measure_routing(model, prompt)
+
+
+def measure_routing(model, prompt: torch.Tensor) -> dict[int, torch.Tensor]:
+    tap = RouterTap(model)
+    model.prefill(prompt)
+    tap.close()
+    return tap.counts
+
+
+# -- plan (here) ----------------------------------------------------------------------------------
+def cmd_plan(args) -> None:
+    from ktc.compiler import compile_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as d:
+        full, small, ds = Path(d) / "q30", Path(d) / "q4", Path(d) / "dsv2lite"
+        for folder, layers in ((full, 48), (small, 4)):
+            folder.mkdir()
+            (folder / "config.json").write_text(json.dumps(dict(QWEN3_30B_A3B, num_hidden_layers=layers)))
+        ds.mkdir()
+        (ds / "config.json").write_text(json.dumps(DEEPSEEK_V2_LITE))
+        common = {"target": "cuda", "cpu_target": args.cpu_target, "weights_free": True, "force": True}
+        jobs = {
+            "q30-int8": (full, {"quant": "int8", "gpu_memory": args.gpu_memory}),
+            "q30-int4": (full, {"quant": "int4", "gpu_quant": "none", "gpu_memory": args.gpu_memory}),
+            "q4-none-hybrid": (small, {"quant": "none", "gpu_memory": _half_budget(small)}),
+            "q4-none-gpu": (small, {"quant": "none"}),
+            "dsv2lite-int8": (ds, {"quant": "int8", "gpu_memory": "12GiB"}),
+        }
+        for name, (folder, opts) in jobs.items():
+            t = time.perf_counter()
+            rep = compile_model(folder, out / f"{name}.ktc", **common, **opts)
+            plan = rep.graph.config.get("placement", {})
+            log(f"{name}: {time.perf_counter() - t:.0f} s; GPU experts {plan.get('gpu_experts')}, CPU experts "
+                f"{plan.get('cpu_experts')}, planned {plan.get('gpu_bytes_planned', 0) / 2**30:.2f} GiB")
+
+
+def _half_budget(folder: Path) -> int:
+    from ktc.capture import capture
+    from ktc.passes.placement import DEFAULT_MAX_CONTEXT, GPU_RESERVE_BYTES, expert_gpu_bytes, gpu_model_bytes
+    from ktc.passes.placement import kv_cache_bytes as kv
+
+    g = capture(folder, weights_free=True)
+    experts = sum(expert_gpu_bytes(n, "none") * int(n.attrs["num_experts"]) for n in g.nodes_of("moe_experts"))
+    return int(gpu_model_bytes(g, "none") - experts + kv(g, DEFAULT_MAX_CONTEXT) + GPU_RESERVE_BYTES + experts / 2)
+
+
+# -- run (GPU machine) ---------------------------------------------------------------------------
+def _load(plan: Path, weights: dict, max_context: int = CONTEXT + PREFILL + 80):
+    from ktc.runtime.loader import load_artifact
+
+    return load_artifact(plan, verify="sizes", max_batch_size=1, max_context=max_context, weights=weights)
+
+
+def _sync():
+    torch.cuda.synchronize()
+
+
+def measure_decode(model, steps: int = 48, repeats: int = 3) -> dict:
+    vocab = model.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, CONTEXT), generator=g)
+    runs = []
+    for _ in range(repeats + 1):
+        logits = model.prefill(ids, reserve=steps + 4)
+        tok = torch.tensor([int(logits[0].argmax())], device=model.device)
+        for _ in range(2):                    # the first step after a prefill captures the graphs
+            tok = model.step(tok).argmax(-1)
+        _sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            tok = model.step(tok).argmax(-1)
+        _sync()
+        runs.append((time.perf_counter() - t) / steps)
+    ms = 1e3 * statistics.median(runs[1:])
+    model.reset()
+    model.prefill(ids, reserve=steps + 4)
+    tok = torch.tensor([0], device=model.device)
+    tok = model.step(tok).argmax(-1)
+    model.profile(True)
+    for _ in range(steps):
+        tok = model.step(tok).argmax(-1)
+    stats = model.layer_stats()
+    model.profile(False)
+    return {"ms": ms, "tok_s": 1e3 / ms, "runs_ms": [1e3 * r for r in runs], "layers": _layer_summary(stats)}
+
+
+def measure_prefill(model, length: int = PREFILL, repeats: int = 2) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.vocab_size, (1, length), generator=g)
+    model.prefill(ids)
+    runs = []
+    for _ in range(repeats):
+        _sync()
+        t = time.perf_counter()
+        model.prefill(ids)
+        _sync()
+        runs.append(time.perf_counter() - t)
+    model.profile(True)
+    model.prefill(ids)
+    stats = model.layer_stats()
+    model.profile(False)
+    s = statistics.median(runs)
+    return {"ms": 1e3 * s, "tok_s": length / s, "layers": _layer_summary(stats)}
+
+
+def _layer_summary(stats: list[dict]) -> dict:
+    if not stats:
+        return {}
+    keys = ("cpu_ms", "wait_ms", "gpu_ms")
+    out = {f"{k}_sum": sum((s[k] or 0.0) for s in stats) for k in keys}
+    out.update({f"{k}_mean": out[f"{k}_sum"] / len(stats) for k in keys})
+    out["overlap"] = min(1.0, out["gpu_ms_sum"] / out["cpu_ms_sum"]) if out["cpu_ms_sum"] else None
+    out["layers"] = len(stats)
+    return out
+
+
+def _part_bytes(t) -> int:
+    if isinstance(t, dict):
+        return sum(_part_bytes(v) for v in t.values())
+    return t.numel() * t.element_size()
+
+
+def roofline(graph, weights: dict, shares: torch.Tensor | None, context: int = CONTEXT) -> dict:
+    """Bytes one decode token reads: CPU = the CPU-resident experts it activates (expected over the
+    routing: `shares` [layers, E] = share of routed slots per expert, uniform if None), GPU = dense
+    weights (the embedding's one row, everything else whole), the GPU experts it activates, and the
+    KV cache at `context`."""
+    cpu = gpu = 0.0
+    moe_nodes = graph.nodes_of("moe_experts")
+    layers = sorted({int(n.attrs["layer"]) for n in moe_nodes})
+    idx = {ly: i for i, ly in enumerate(layers)}
+    expert_weights = set()
+    for n in moe_nodes:
+        e_global = int(n.attrs.get("num_global_experts", n.attrs["num_experts"]))
+        held = n.attrs.get("experts", list(range(e_global)))
+        top_k = int(n.attrs["top_k"])
+        share = (shares[idx[int(n.attrs["layer"])]] if shares is not None
+                 else torch.full((e_global,), 1.0 / e_global, dtype=torch.float64))
+        slots = top_k * float(share[held].sum())          # expected experts of this node per token
+        per_expert = sum(_part_bytes(weights[w]) for w in n.weights.values()) / max(1, len(held))
+        expert_weights.update(n.weights.values())
+        if n.device == "cpu":
+            cpu += slots * per_expert
+        else:
+            gpu += slots * per_expert
+    emb = graph.nodes_of("embedding")[0].weights["weight"]
+    for name in set(graph.weights) - expert_weights:
+        b = _part_bytes(weights[name])
+        gpu += b / graph.weights[name].shape[0] if name == emb else b
+    kv = sum((int(a.attrs["kv_lora_rank"]) + int(a.attrs["qk_rope_head_dim"])) * 2 if a.attrs.get("kind") == "mla"
+             else 2 * int(a.attrs["num_kv_heads"]) * int(a.attrs["head_dim"]) * 2 for a in graph.nodes_of("attention"))
+    gpu += kv * context
+    return {"cpu_bytes": cpu, "gpu_bytes": gpu, "cpu_ms": 1e3 * cpu / CPU_BW, "gpu_ms": 1e3 * gpu / GPU_BW}
+
+
+def direct_kernel_threads(model, graph, shares: torch.Tensor | None) -> dict[int, float]:
+    """direct_kernel_ms with the kernel split into n tasks (the pool keeps its threads)."""
+    out = {}
+    old = os.environ.get("KTC_NUM_THREADS")
+    try:
+        for n in (8, 12, 14, 15, 16):
+            os.environ["KTC_NUM_THREADS"] = str(n)
+            out[n] = direct_kernel_ms(model, graph, shares, calls=120)
+    finally:
+        if old is None:
+            os.environ.pop("KTC_NUM_THREADS", None)
+        else:
+            os.environ["KTC_NUM_THREADS"] = old
+    return out
+
+
+def direct_kernel_ms(model, graph, shares: torch.Tensor | None, calls: int = 200) -> float:
+    """Median ms of the layer's CPU expert kernel called directly (no runtime around it), one token,
+    a routing drawn from `shares` per call over a rotating set of layers (weights not in cache)."""
+    ex = model.executor
+    offs = ex.offloads
+    rows = {ly: i for i, ly in enumerate(sorted({int(n.attrs["layer"]) for n in graph.nodes_of("moe_experts")}))}
+    g = torch.Generator().manual_seed(3)
+    times = []
+    x = torch.randn(1, int(graph.config["hidden_size"]), generator=g)
+    for i in range(calls):
+        off = offs[i % len(offs)]
+        e_global = int(off.node.attrs.get("num_global_experts", off.node.attrs["num_experts"]))
+        k = off.top_k
+        p = shares[rows[off.stats.layer]] if shares is not None else torch.full((e_global,), 1.0 / e_global)
+        ids = torch.multinomial(p.float(), k, replacement=False, generator=g).to(torch.int32)[None]
+        if off.table is not None:
+            ids = off.table.cpu()[ids.long()]
+        tw = torch.full((1, k), 1.0 / k)
+        t = time.perf_counter()
+        off.kernels.moe_experts(off.kernel, x, tw, ids, off.packed)
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times[len(offs):])
+
+
+def gpu_share(graph, shares: torch.Tensor | None) -> float:
+    """Share of routed slots the GPU experts serve (expected over the routing)."""
+    total = served = 0.0
+    layers = sorted({int(n.attrs["layer"]) for n in graph.nodes_of("moe_experts")})
+    idx = {ly: i for i, ly in enumerate(layers)}
+    for n in graph.nodes_of("moe_experts"):
+        e_global = int(n.attrs.get("num_global_experts", n.attrs["num_experts"]))
+        held = n.attrs.get("experts", list(range(e_global)))
+        share = shares[idx[int(n.attrs["layer"])]] if shares is not None else torch.full((e_global,), 1 / e_global)
+        s = float(share[held].sum())
+        total += s
+        if n.device != "cpu":
+            served += s
+    return served / total if total else 0.0
+
+
+def replan(plan: Path, counts: dict[int, torch.Tensor]):
+    """The plan's graph placed again with `counts` as the calibration (same options, same CPU kernel
+    shapes: every layer keeps its number of GPU experts, only which ones changes)."""
+    from ktc.capture import capture
+    from ktc.compiler import parse_size
+    from ktc.passes.manager import PassContext, PassManager
+    from ktc.passes.pipeline import DEFAULT_PIPELINE
+    from ktc.runtime.artifact import read_manifest
+
+    m = read_manifest(plan)
+    comp = m.data["compile"]
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(m.graph.config["hf_config"]))
+        graph = capture(d, weights_free=True)
+    ctx = PassContext(target="cuda", cpu_target=comp["cpu_target"], quant=comp["quant"],
+                      gpu_memory_bytes=parse_size(comp["gpu_memory"]),
+                      options={"calibration": {k: v.tolist() for k, v in counts.items()}})
+    return PassManager(DEFAULT_PIPELINE).run(graph, ctx)
+
+
+def build_model(plan: Path, graph, weights: dict):
+    """A GpuModel of `graph` with the kernels of `plan` (which must name the same CPU kernels)."""
+    from ktc.runtime.artifact import read_manifest
+    from ktc.runtime.cpu_experts import CpuExpertKernels
+    from ktc.runtime.gpu.kernels import load_kernels
+    from ktc.runtime.gpu.model import GpuModel
+
+    m = read_manifest(plan)
+    cpu = CpuExpertKernels.load(plan / m.cpu["dir"], m.cpu)
+    return GpuModel(graph, weights, load_kernels(plan / m.gpu["dir"] / "src"), max_batch_size=1,
+                    max_context=CONTEXT + PREFILL + 80, cpu_kernels=cpu)
+
+
+def _shares(counts: dict[int, torch.Tensor]) -> torch.Tensor:
+    rows = [counts[k].double() for k in sorted(counts)]
+    return torch.stack([r / r.sum() for r in rows])
+
+
+def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, calibrated: bool = False) -> None:
+    from ktc.pack import random_weights
+    from ktc.runtime.artifact import read_manifest
+
+    graph = read_manifest(plan).graph
+    if calibrated:
+        graph = replan(plan, results["_skewed_counts"])
+    t = time.perf_counter()
+    weights = random_weights(graph, device="cuda", seed=0)
+    gen_s = time.perf_counter() - t
+    t = time.perf_counter()
+    model = build_model(plan, graph, weights) if calibrated else _load(plan, weights)
+    load_s = time.perf_counter() - t
+    prompt = torch.randint(0, model.vocab_size, (1, PREFILL), generator=torch.Generator().manual_seed(11))
+    diversify(model)
+    counts = skew_routing(model, prompt) if skewed else measure_routing(model, prompt)
+    if skewed and not calibrated:
+        results["_skewed_counts"] = counts
+    shares = _shares(counts)
+    top = shares.sort(-1, descending=True).values
+    roof = roofline(graph, weights, shares)
+    dec = measure_decode(model)
+    pre = measure_prefill(model)
+    direct = direct_kernel_ms(model, graph, shares)
+    threads = direct_kernel_threads(model, graph, shares)
+    bound = max(roof["cpu_ms"], roof["gpu_ms"])
+    r = {"plan": plan.name, "skewed_router": skewed, "calibrated_placement": calibrated,
+         "placement": graph.config.get("placement", {}),
+         "routing_top25pct_share": float(top[:, : top.shape[1] // 4].sum(-1).mean()),
+         "gpu_share_of_routed_slots": gpu_share(graph, shares), "roofline": roof,
+         "roofline_step_ms": bound, "decode": dec, "decode_vs_roofline": bound / dec["ms"], "prefill": pre,
+         "direct_kernel_ms_per_layer": direct, "direct_kernel_ms_by_threads": threads,
+         "cpu_gbps_direct": roof["cpu_bytes"] / len(model.executor.offloads) / (direct * 1e-3) / 1e9,
+         "random_weights_s": gen_s, "load_s": load_s}
+    lay = dec["layers"]
+    if lay:
+        r["runtime_cpu_ms_per_layer"] = lay["cpu_ms_mean"]
+        r["runtime_cpu_vs_direct"] = lay["cpu_ms_mean"] / direct
+        r["step_rest_ms"] = dec["ms"] - lay["cpu_ms_sum"] - lay["wait_ms_sum"]
+    results[name] = r
+    log(f"{name}: decode {dec['tok_s']:.1f} tok/s ({dec['ms']:.2f} ms; roofline {bound:.2f} ms = max(CPU "
+        f"{roof['cpu_ms']:.2f}, GPU {roof['gpu_ms']:.2f}) -> {bound / dec['ms']:.0%} of it), prefill-2K "
+        f"{pre['tok_s']:.0f} tok/s; hottest 25% of experts take {r['routing_top25pct_share']:.0%} of slots, the GPU "
+        f"experts {r['gpu_share_of_routed_slots']:.0%}; CPU kernel per layer in the runtime "
+        f"{lay.get('cpu_ms_mean', 0):.3f} ms vs called directly {direct:.3f} ms; waits {lay.get('wait_ms_mean', 0):.3f}"
+        f" ms, GPU beside {lay.get('gpu_ms_mean', 0) or 0:.3f} ms per layer; direct kernel by threads "
+        + ", ".join(f"{n}: {ms:.3f}" for n, ms in threads.items()) + f" ms ({r['cpu_gbps_direct']:.0f} GB/s)")
+    del model, weights
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def accelerate_baseline(results: dict, layers: int = 6, steps: int = 4) -> None:
+    """transformers + accelerate, device_map from max_memory {GPU: 3 GiB, cpu: rest}, `layers` layers."""
+    import transformers as tf
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    cfg = dict(QWEN3_30B_A3B, num_hidden_layers=layers)
+    config = tf.AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")},
+                                     model_type=cfg["model_type"])
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.03, 0.03)
+        for n, b in model.named_buffers():
+            if "inv_freq" in n:
+                d = b.numel()
+                b.copy_(1.0 / (cfg["rope_theta"] ** (torch.arange(0, 2 * d, 2).float() / (2 * d))))
+    dm = infer_auto_device_map(model, max_memory={0: "3GiB", "cpu": "120GiB"},
+                               no_split_module_classes=["Qwen3MoeDecoderLayer"])
+    model = dispatch_model(model, device_map=dm)
+    on_gpu = sum(1 for v in dm.values() if v == 0)
+    ids = torch.randint(0, cfg["vocab_size"], (1, 32), device="cuda")
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        past = out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+        out = model(tok, past_key_values=past, use_cache=True)      # warm
+        past = out.past_key_values
+        _sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            out = model(out.logits[:, -1:].argmax(-1), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+        _sync()
+    s = (time.perf_counter() - t) / steps
+    results["accelerate"] = {"layers": layers, "modules_on_gpu": on_gpu, "tok_s": 1 / s,
+                             "tok_s_scaled_to_48_layers": 1 / s * layers / 48, "step_ms": 1e3 * s}
+    log(f"transformers+accelerate ({layers} layers, 3 GiB GPU): {1 / s:.2f} tok/s -> {1 / s * layers / 48:.3f} "
+        "tok/s scaled to 48 layers")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+class _DictCheckpoint:
+    """A checkpoint made up on the GPU: key -> bf16 normal * 0.02, seeded by the key (same key, same tensor)."""
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def load(self, key: str):
+        import zlib
+
+        shape = _hf_shape(key, self.graph.config["hf_config"])
+        g = torch.Generator(device="cuda").manual_seed(zlib.crc32(key.encode()))
+        if "norm" in key:
+            return torch.ones(shape, dtype=torch.bfloat16)
+        return (torch.randn(shape, generator=g, device="cuda") * 0.02).to(torch.bfloat16).cpu()
+
+
+def _hf_shape(key: str, cfg: dict) -> tuple[int, ...]:
+    h, inter, heads, kv, d = (cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_attention_heads"],
+                              cfg["num_key_value_heads"], cfg["head_dim"])
+    if key.endswith("embed_tokens.weight") or key == "lm_head.weight":
+        return (cfg["vocab_size"], h)
+    if key.endswith(("gate_proj.weight", "up_proj.weight")):
+        return (inter, h)
+    if key.endswith("down_proj.weight"):
+        return (h, inter)
+    if key.endswith("q_proj.weight"):
+        return (heads * d, h)
+    if key.endswith(("k_proj.weight", "v_proj.weight")):
+        return (kv * d, h)
+    if key.endswith("o_proj.weight"):
+        return (h, heads * d)
+    if key.endswith(("q_norm.weight", "k_norm.weight")):
+        return (d,)
+    if key.endswith("mlp.gate.weight"):
+        return (cfg["num_experts"], h)
+    if key.endswith("norm.weight") or key.endswith("layernorm.weight"):
+        return (h,)
+    raise KeyError(key)
+
+
+def correctness(plans: Path, results: dict, steps: int = 32) -> None:
+    from ktc.pack import checkpoint_producer, weight_units
+    from ktc.runtime.artifact import read_manifest
+
+    def weights_for(plan: Path) -> dict:
+        graph = read_manifest(plan).graph
+        produce = checkpoint_producer(graph, _DictCheckpoint(graph))
+        units, aliases = weight_units(graph)
+        out: dict = {}
+        for u in units:
+            out.update(produce(u))
+        for a, n in aliases.items():
+            out[a] = out[n]
+        return out
+
+    ids = torch.randint(0, QWEN3_30B_A3B["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(5))
+    got = {}
+    for kind in ("hybrid", "gpu"):
+        plan = plans / f"q4-none-{kind}.ktc"
+        model = _load(plan, weights_for(plan), max_context=256)
+        logits = model.prefill(ids, reserve=steps + 1)
+        tokens = model.generate(ids, max_new_tokens=steps, eos_token_id=[])[0, ids.shape[1]:].tolist()
+        got[kind] = (logits, tokens, read_manifest(plan).graph.config.get("placement", {}))
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    (a, ta, plan_h), (b, tb, _) = got["hybrid"], got["gpu"]
+    err = float((a.double() - b.double()).norm() / b.double().norm())
+    same = sum(x == y for x, y in zip(ta, tb, strict=True))
+    results["correctness"] = {"layers": 4, "quant": "none", "cpu_experts": plan_h.get("cpu_experts"),
+                              "gpu_experts": plan_h.get("gpu_experts"), "prefill_logits_rel_err": err,
+                              "greedy_tokens_equal": same, "greedy_tokens": steps}
+    log(f"correctness (4 real-shape layers, --quant none, {plan_h.get('cpu_experts')} experts on the CPU): "
+        f"hybrid vs all-GPU logits rel err {err:.2e}; greedy tokens equal {same}/{steps}")
+
+
+def cmd_run(args) -> None:
+    plans = Path(args.plans)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0),
+                     "torch": torch.__version__, "threads": os.environ.get("KTC_NUM_THREADS"),
+                     "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                                  if ln.startswith("model name")), "?")}
+
+    def save():
+        (out / "hetero.json").write_text(json.dumps(results, indent=1, default=str))
+
+    steps = [("correctness", lambda: correctness(plans, results))] if "correctness" in args.only else []
+    variants = (("int8-uniform", "q30-int8", False, False), ("int4-uniform", "q30-int4", False, False),
+                ("int8-skewed-uniform-placement", "q30-int8", True, False),
+                ("int8-skewed-calibrated-placement", "q30-int8", True, True),
+                ("dsv2lite-int8-uniform", "dsv2lite-int8", False, False))
+    for name, plan, skewed, calibrated in variants:
+        if name in args.only or "all" in args.only:
+            steps.append((name, lambda n=name, p=plan, s=skewed, c=calibrated:
+                          run_variant(n, plans / f"{p}.ktc", results, s, c)))
+    if "accelerate" in args.only or "all" in args.only:
+        steps.append(("accelerate", lambda: accelerate_baseline(results)))
+    for name, fn in steps:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - report and go on with the other measurements
+            import traceback
+
+            traceback.print_exc()
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+        save()
+    if "accelerate" in results and "int8-uniform" in results and "tok_s" in results["int8-uniform"].get("decode", {}):
+        acc = results["accelerate"].get("tok_s_scaled_to_48_layers")
+        if acc:
+            results["ktc_vs_accelerate"] = results["int8-uniform"]["decode"]["tok_s"] / acc
+            log(f"ktc int8 decode vs transformers+accelerate (scaled): {results['ktc_vs_accelerate']:.0f}x")
+    save()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plan")
+    p.add_argument("--out", default=".carry/hetero")
+    p.add_argument("--cpu-target", default="x86-amx")
+    p.add_argument("--gpu-memory", default="24GiB")
+    r = sub.add_parser("run")
+    r.add_argument("--plans", default=".carry/hetero")
+    r.add_argument("--out", default="bench/out")
+    r.add_argument("--only", nargs="+", default=["all", "correctness"])
+    a = ap.parse_args()
+    cmd_plan(a) if a.cmd == "plan" else cmd_run(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,7 @@ import torch
 from ktc.ir import Graph, Node
 
 from .artifact import Manifest, sha256_file
-from .tuning import BATCH_BUCKETS, Candidate, Task, Timer, TuningKey, TuningRecords, bucket_order, bucket_table
+from .tuning import APPLIED, BATCH_BUCKETS, Candidate, Task, Timer, TuningKey, TuningRecords, bucket_order, bucket_table
 
 
 def thread_candidates(n: int) -> list[int]:
@@ -144,8 +144,10 @@ def cpu_tasks(manifest: Manifest, kernels: Any, graph: Graph | None = None, buck
 
 def apply_cpu_records(kernels: Any, graph: Graph | None, records: TuningRecords,
                       files: dict[str, Any] | None = None) -> int:
-    """Give each CPU expert kernel its tuned thread counts (set_tuned_threads); records asking for
-    more threads than num_threads() or for other thread budgets are ignored. Returns kernels tuned."""
+    """Give each CPU expert kernel its tuned thread counts (set_tuned_threads: the records' active
+    configs, so pending records are left out and dropped ones give their bucket num_threads()); records
+    asking for more threads than num_threads() or for other thread budgets are ignored. Returns the
+    kernels that run a searched thread count."""
     from ktc.runtime.cpu_experts import num_threads
 
     if not hasattr(kernels, "set_tuned_threads"):
@@ -155,11 +157,13 @@ def apply_cpu_records(kernels: Any, graph: Graph | None, records: TuningRecords,
     applied = 0
     for name in kernels.kernel_names:
         valid: dict[int, int] = {}
+        searched = False
         for b, rec in records.by_bucket(*kernel_key(kernels.entry, name, sha, n)).items():
-            t = rec.config.get("threads")
+            t = (rec.active_config or {}).get("threads")
             if b in BATCH_BUCKETS and isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= n:
                 valid[b] = t
+                searched = searched or rec.status in APPLIED
         kernels.set_tuned_threads(name, bucket_table(valid) if valid else None)
-        applied += bool(valid)
+        applied += searched
     return applied
 

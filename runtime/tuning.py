@@ -23,6 +23,15 @@ its source (GPU) or library (CPU), so records made for other kernel code never a
 Lookup: a step of T tokens uses the record of batch_bucket(T) if there is one, else the one of
 the nearest tuned bucket (in log2 distance) on the same side of the decode / prefill split,
 else the compiled default. `KTC_TUNING=0` turns records off at load.
+
+Validation (runtime/tune_validate.py): per-kernel winners combined can make the whole step slower,
+so `ktc tune` then times the whole model at each tuned bucket with and without its records. Each
+record has a status: "pending" (searched, not yet validated: never applied), "kept" (validated:
+its config applies), "dropped" (validation found the step faster without it: the compiled default
+applies at its bucket, so the bucket does not borrow a neighbour's config either), "unchecked"
+(`ktc tune --no-validate`: applied unvalidated; a later validating tune checks it). A record file
+without statuses (older ones) is pending throughout. The outcome per bucket is kept in the file's
+"validation" section, per model (model_id: a hash of the artifact's graph).
 """
 
 from __future__ import annotations
@@ -41,6 +50,10 @@ from typing import Any
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 RECORDS_VERSION = 1
 TUNING_DIR = "tuning"
+PENDING, KEPT, DROPPED, UNCHECKED = "pending", "kept", "dropped", "unchecked"
+STATUSES = (PENDING, KEPT, DROPPED, UNCHECKED)
+APPLIED = (KEPT, UNCHECKED)          # statuses whose searched config runs
+TO_VALIDATE = (PENDING, UNCHECKED)   # statuses a validating `ktc tune` checks
 
 
 def cpu_model() -> str:
@@ -140,10 +153,23 @@ class TuningRecord:
     default_seconds: float
     candidates: int
     default: dict[str, Any] | None = None
+    status: str = PENDING
 
     @property
     def speedup(self) -> float:
         return self.default_seconds / self.seconds if self.seconds > 0 else 1.0
+
+    @property
+    def bucket(self) -> int:
+        return int(self.key[self.key.rindex("|b") + 2:])
+
+    @property
+    def active_config(self) -> dict[str, Any] | None:
+        """What runs at this record's bucket: the searched config (kept, unchecked), the compiled
+        default (dropped), nothing (pending: the record is not applied)."""
+        if self.status in APPLIED:
+            return self.config
+        return self.default if self.status == DROPPED else None
 
 
 @dataclass
@@ -152,6 +178,7 @@ class TuningRecords:
 
     host: dict[str, str]
     records: dict[str, TuningRecord] = field(default_factory=dict)
+    validation: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)   # model id -> bucket -> outcome
 
     def add(self, record: TuningRecord) -> None:
         self.records[record.key] = record
@@ -165,16 +192,28 @@ class TuningRecords:
                 out[int(k[len(prefix):])] = r
         return out
 
+    def active_by_bucket(self, kernel: str, shape: Sequence[int], fmt: str) -> dict[int, dict[str, Any]]:
+        """bucket -> the config that runs there (TuningRecord.active_config); pending records left out."""
+        out = {}
+        for b, r in self.by_bucket(kernel, shape, fmt).items():
+            cfg = r.active_config
+            if cfg is not None:
+                out[b] = cfg
+        return out
+
     def lookup(self, kernel: str, shape: Sequence[int], fmt: str, tokens: int,
                split: int | None = None) -> dict[str, Any] | None:
-        """The tuned config for `tokens` tokens: its bucket, else the nearest tuned bucket."""
-        tuned = self.by_bucket(kernel, shape, fmt)
+        """The tuned config for `tokens` tokens: its bucket, else the nearest tuned bucket (records
+        that apply: not pending)."""
+        tuned = self.active_by_bucket(kernel, shape, fmt)
         best = nearest_bucket(tuned, tokens, split)
-        return None if best is None else tuned[best].config
+        return None if best is None else tuned[best]
 
     def to_json(self) -> str:
         return json.dumps({"version": RECORDS_VERSION, "host": self.host,
-                           "records": {k: asdict(r) for k, r in sorted(self.records.items())}}, indent=1)
+                           "records": {k: asdict(r) for k, r in sorted(self.records.items())},
+                           "validation": {m: {str(b): e for b, e in sorted(v.items(), key=lambda x: int(x[0]))}
+                                          for m, v in sorted(self.validation.items())}}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> TuningRecords:
@@ -185,10 +224,12 @@ class TuningRecords:
         recs = {}
         for k, r in d["records"].items():
             rec = TuningRecord(**r)
-            if rec.key != k or not isinstance(rec.config, dict):
+            if rec.key != k or not isinstance(rec.config, dict) or rec.status not in STATUSES:
                 raise ValueError(f"record {k!r} is malformed")
             recs[k] = rec
-        return cls({str(a): str(b) for a, b in dict(d["host"]).items()}, recs)
+        validation = {str(m): {str(b): dict(e) for b, e in dict(v).items()}
+                      for m, v in dict(d.get("validation") or {}).items()}
+        return cls({str(a): str(b) for a, b in dict(d["host"]).items()}, recs, validation)
 
     def save(self, path: Path) -> None:
         """Write atomically, so an interrupted tune keeps every record finished before it."""
@@ -238,6 +279,8 @@ def load_host_records(artifact: str | Path, host: dict[str, str]) -> tuple[Tunin
         if why:
             notes.append(why)
         merged.records.update(recs.records)
+        for model, outcomes in recs.validation.items():
+            merged.validation.setdefault(model, {}).update(outcomes)
     folder = Path(artifact) / TUNING_DIR
     if folder.is_dir():
         mine = artifact_records_path(artifact, host).name
@@ -259,7 +302,14 @@ def save_merged(path: Path, records: TuningRecords) -> None:
     (another tune of another artifact may have written the user cache meanwhile)."""
     current, _ = TuningRecords.load(path, records.host)
     current.records.update(records.records)
+    for model, outcomes in records.validation.items():
+        current.validation.setdefault(model, {}).update(outcomes)
     current.save(path)
+
+
+def model_id(graph_data: Mapping[str, Any]) -> str:
+    """The key of a model's validation outcomes: a hash of its lowered graph (manifest["graph"])."""
+    return hashlib.sha256(json.dumps(graph_data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # -- the search ----------------------------------------------------------------------------------
@@ -470,7 +520,9 @@ def tuning_summary(artifact_path: str | Path) -> str:
         mean = math.exp(sum(math.log(g) for g in gain) / len(gain)) if gain else 1.0
         state = ("used on this host" if path.name == mine and recs.host == host
                  else "another host's records: ignored here")
-        lines.append(f"  {path.name}: {n} records for {host_label(recs.host)}, "
+        by_status = ", ".join(f"{sum(r.status == st for r in recs.records.values())} {st}" for st in STATUSES
+                              if any(r.status == st for r in recs.records.values()))
+        lines.append(f"  {path.name}: {n} records for {host_label(recs.host)} ({by_status or 'none'}), "
                      f"mean speedup {mean:.2f}x: {state}")
     cache, _ = TuningRecords.load(user_records_path(host), host)
     head = (f"tuning: {len(files)} record file(s) in {folder}" if files

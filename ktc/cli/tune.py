@@ -6,14 +6,22 @@ CPU expert kernels (runtime/cpu_tune.py): the thread count, per kernel and bucke
 ARTIFACT/tuning/<host id>.json (not with --cache-only) and to the user cache; both are written
 after every kernel, so an interrupted or budget-limited tune keeps what it finished and a rerun
 continues from there. Only the runtime's dependencies are needed (no TVM compiler, no weights
-loaded for the GPU: its inputs are random). `ktc.load` applies the records of this host.
-`--report` prints each kernel's default vs tuned time and tunes nothing.
+loaded for the GPU search: its inputs are random).
+
+Then validation (runtime/tune_validate.py; `--no-validate` skips it): per batch bucket that got
+records, the whole model (random weights for a weights-free plan) is timed with the bucket's
+records and without, and records that make the step slower are dropped; the outcome per bucket
+goes to the records file. The search gets at most (1 - VALIDATE_SHARE) of --budget, validation the
+rest; a bucket the budget runs out before keeps its records pending: `ktc.load` applies only
+validated records (and --no-validate ones), and a rerun validates the pending ones.
+`--report` prints each kernel's default vs tuned time and the validation table; it tunes nothing.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +32,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from ktc.cli.app import app, err, out
-from ktc.errors import ArtifactError
+from ktc.errors import ArtifactError, KtcError
+
+VALIDATE_SHARE = 0.3      # of --budget kept for validation when the search would use it all
 
 
 def _verify(manifest: Any) -> None:
@@ -84,10 +94,12 @@ def _changes(rec: Any) -> str:
 
 def print_report(artifact: Path, manifest: Any, host: dict[str, str], cache_only: bool) -> None:
     from ktc.runtime.tuning import (
+        TO_VALIDATE,
         TuningRecords,
         artifact_records_path,
         host_label,
         load_host_records,
+        model_id,
         user_records_path,
     )
 
@@ -107,17 +119,57 @@ def print_report(artifact: Path, manifest: Any, host: dict[str, str], cache_only
                   soft_wrap=True)
         return
     table = Table(title=f"tuning records, {host_label(host)}", show_edge=False)
-    for col in ("kernel", "shape", "format", "batch", "default", "tuned", "speedup", "tuned config"):
+    for col in ("kernel", "shape", "format", "batch", "default", "tuned", "speedup", "status", "tuned config"):
         table.add_column(col, justify="right" if col in ("batch", "default", "tuned", "speedup") else "left")
     rows.sort(key=lambda r: (r[0], r[1], r[2], r[3]))
     for kernel, shape, fmt, batch, rec in rows:
         table.add_row(kernel, shape, fmt, str(batch), _fmt_s(rec.default_seconds), _fmt_s(rec.seconds),
-                      f"{rec.speedup:.2f}x", _changes(rec))
-    (out if out.is_terminal else Console(highlight=False, width=200)).print(table)   # a pipe gets whole rows
+                      f"{rec.speedup:.2f}x", rec.status, _changes(rec))
+    _wide().print(table)
     gain = math.exp(sum(math.log(r[4].speedup) for r in rows) / len(rows))
     where = user_records_path(host) if cache_only or not art.records else artifact_records_path(artifact, host)
     out.print(f"{len(rows)} records (from {where}); geometric mean speedup over the defaults {gain:.2f}x",
               soft_wrap=True)
+    print_validation(records, model_id(manifest.data["graph"]))
+    pending = sum(1 for r in rows if r[4].status in TO_VALIDATE)
+    if pending:
+        out.print(f"{pending} records not validated yet (pending ones are not applied): run `ktc tune {artifact}` "
+                  "to validate them", soft_wrap=True)
+
+
+def _wide() -> Console:
+    return out if out.is_terminal else Console(highlight=False, width=200)   # a pipe gets whole rows
+
+
+def _kept(e: dict[str, Any]) -> str:
+    if e.get("state") != "validated":
+        return str(e.get("state"))
+    kept, total = int(e["kept"]), int(e["records"])
+    word = "yes" if kept == total else "no" if kept == 0 else "partly"
+    return f"{word} ({kept}/{total})"
+
+
+def print_validation(records: Any, model: str) -> None:
+    """The validation table: per bucket what was timed, untuned vs tuned ms, and which records were kept."""
+    from ktc.runtime.tune_validate import validation_rows
+
+    rows = validation_rows(records, model)
+    if not rows:
+        return
+    table = Table(title="validation: whole step, median of interleaved rounds", show_edge=False)
+    for col in ("bucket", "step", "untuned", "tuned", "ratio", "kept"):
+        table.add_column(col, justify="left" if col in ("step", "kept") else "right")
+    notes = []
+    for b, e in rows:
+        u, t = e.get("untuned_ms"), e.get("tuned_ms")
+        table.add_row(str(b), str(e.get("step", "")), "-" if u is None else f"{u:.3f} ms",
+                      "-" if t is None else f"{t:.3f} ms", "-" if u is None or t is None else f"{t / u:.3f}",
+                      _kept(e))
+        if e.get("note"):
+            notes.append(f"bucket {b}: {e['note']}")
+    _wide().print(table)
+    for n in notes:
+        out.print(f"  {escape(n)}", soft_wrap=True)
 
 
 def _clock() -> float:
@@ -150,14 +202,19 @@ def tune_cmd(
     budget: str = typer.Option(None, help="Stop after this long, e.g. 10m, 90s, 1h; a rerun continues"),
     batch_sizes: str = typer.Option(None, help="Token counts to tune for, e.g. 1,2,4,8 (each rounded up to its "
                                     "bucket; default every bucket 1..2048)"),
-    report: bool = typer.Option(False, "--report", help="Print each kernel's default vs tuned time; tune nothing"),
+    report: bool = typer.Option(False, "--report", help="Print each kernel's default vs tuned time and the "
+                                "validation table; tune nothing"),
     cache_only: bool = typer.Option(False, "--cache-only", help="Write records to the user cache only, not into "
                                     "ARTIFACT/tuning/ (for a read-only artifact)"),
     retune: bool = typer.Option(False, "--retune", help="Measure again what is already recorded"),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Time the whole model at each tuned "
+                                  "bucket with and without its records and drop records that make it slower "
+                                  "(--no-validate: apply the searched records unchecked)"),
 ) -> None:
     """Time the artifact's GPU kernel configs and CPU kernel thread counts on this host; keep the best."""
     from ktc.runtime.artifact import read_manifest
     from ktc.runtime.tuning import (
+        PENDING,
         TuningRecords,
         artifact_records_path,
         host_key,
@@ -165,7 +222,6 @@ def tune_cmd(
         parse_batch_sizes,
         parse_budget,
         save_merged,
-        tune,
         user_records_path,
     )
 
@@ -207,9 +263,19 @@ def tune_cmd(
     if why:
         err.print(f"[yellow]note:[/] {why}", soft_wrap=True)
     keys = {t.key.id() for _, tasks, _ in groups for t in tasks}
-    work = TuningRecords(host, {k: r for k, r in {**cache.records, **art.records}.items()
-                                if k in keys and not retune})
-    reused = sum(1 for k in work.records if k not in art.records)
+    # this artifact's records (every bucket), and the cache's of the kernels to tune here (another
+    # artifact's search: re-validated for this model, unless the cache is where this one keeps its own)
+    work = TuningRecords(host, dict(art.records), {m: dict(v) for m, v in art.validation.items()})
+    reused = 0
+    for k in keys:
+        if retune:
+            work.records.pop(k, None)
+        elif k not in work.records and k in cache.records:
+            work.records[k] = cache.records[k] if cache_only else replace(cache.records[k], status=PENDING)
+            reused += 1
+    if cache_only:
+        for m, v in cache.validation.items():
+            work.validation.setdefault(m, {}).update(v)
 
     def save(rec: Any) -> None:
         if not cache_only:
@@ -218,7 +284,7 @@ def tune_cmd(
 
     if reused and not cache_only:
         work.save(art_path)      # records of the same kernels tuned before (user cache) join the artifact's
-    pending = [t for _, tasks, _ in groups for t in tasks if t.key.id() not in work.records]
+    pending = [t.key.id() for _, tasks, _ in groups for t in tasks if t.key.id() not in work.records]
     out.print(f"tuning {artifact} on {host_label(host)}: {len(pending)} kernel x batch tasks to measure, "
               f"{len(keys) - len(pending)} already recorded" + (f", budget {budget}" if budget else ""), soft_wrap=True)
     errors: list[str] = []
@@ -227,26 +293,10 @@ def tune_cmd(
         errors.append(f"{task.key.id()} {config}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
     start = _clock()
-    done: list[str] = []
-    stopped = False
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=True) as progress:
-        for label, tasks, timer in groups:
-            todo = [t for t in tasks if t.key.id() not in work.records]
-            if not todo:
-                continue
-            left = None if budget_s is None else budget_s - (_clock() - start)
-            if left is not None and left <= 0:
-                stopped = True
-                break
-            bar = _Bar(progress, len(todo), label)
-            got = tune(todo, work, timer, budget_s=left, on_record=save, on_task=bar.on_task, clock=_clock,
-                       on_error=failed)
-            done += got
-            finished = bar.started == len(todo) and (left is None or _clock() - start < budget_s)
-            bar.close(finished)
-            stopped = stopped or not finished
-    left_over = [t for t in pending if t.key.id() not in work.records]
+    search_s = budget_s * (1 - VALIDATE_SHARE) if budget_s is not None and validate else budget_s
+    done, stopped = _search(groups, work, start, search_s, save, failed)
+    groups.clear()        # the search's tasks and their random inputs: freed before the model is loaded
+    left_over = [k for k in pending if k not in work.records]
     gains = [work.records[k].speedup for k in done]
     mean = math.exp(sum(math.log(g) for g in gains) / len(gains)) if gains else 1.0
     out.print(f"measured {len(done)} tasks in {_clock() - start:.0f} s (geometric mean speedup over the "
@@ -259,3 +309,110 @@ def tune_cmd(
         why = "the budget ran out" if stopped else "their default config failed to run"
         out.print(f"{len(left_over)} tasks not recorded ({why}): run `ktc tune {artifact}` again to continue",
                   soft_wrap=True)
+    _validate_phase(artifact, manifest, work, buckets, validate, cache_only, art_path, cache_path,
+                    over=lambda: budget_s is not None and _clock() - start >= budget_s)
+
+
+def _search(groups: list[tuple[str, list, Any]], work: Any, start: float, search_s: float | None, save: Any,
+            failed: Any) -> tuple[list[str], bool]:
+    """The per-kernel search of every group's tasks not yet in `work`, within search_s seconds of
+    `start`; (the keys recorded, whether the budget stopped it)."""
+    from ktc.runtime.tuning import tune
+
+    done: list[str] = []
+    stopped = False
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as progress:
+        for label, tasks, timer in groups:
+            todo = [t for t in tasks if t.key.id() not in work.records]
+            if not todo:
+                continue
+            left = None if search_s is None else search_s - (_clock() - start)
+            if left is not None and left <= 0:
+                stopped = True
+                break
+            bar = _Bar(progress, len(todo), label)
+            got = tune(todo, work, timer, budget_s=left, on_record=save, on_task=bar.on_task, clock=_clock,
+                       on_error=failed)
+            done += got
+            finished = bar.started == len(todo) and (left is None or _clock() - start < search_s)
+            bar.close(finished)
+            stopped = stopped or not finished
+    return done, stopped
+
+
+def _validate_phase(artifact: Path, manifest: Any, work: Any, buckets: list[int], validate: bool, cache_only: bool,
+                    art_path: Path, cache_path: Path, over: Any) -> None:
+    """Validate the records of every bucket that has records to validate (runtime/tune_validate.py),
+    saving after each bucket; with validate=False mark them unchecked (applied without validation)."""
+    import gc
+
+    from ktc.runtime import tune_validate
+    from ktc.runtime.tuning import TO_VALIDATE, UNCHECKED, TuningRecords, model_id, save_merged
+
+    notes: list[str] = []
+    prefixes = _artifact_prefixes(manifest, notes)
+
+    def mine(key: str) -> bool:
+        return key[: key.rindex("|b") + 2] in prefixes
+
+    def save(keys: list[str], model: str | None = None, bucket: int | None = None) -> None:
+        if not cache_only:
+            work.save(art_path)
+        part = TuningRecords(work.host, {k: work.records[k] for k in keys})
+        if model is not None:
+            part.validation = {model: {str(bucket): work.validation[model][str(bucket)]}}
+        save_merged(cache_path, part)
+
+    todo = tune_validate.buckets_to_validate(work, mine)
+    if not todo:
+        return
+    if not validate:
+        keys = [k for k, r in work.records.items() if r.status in TO_VALIDATE and mine(k)]
+        for k in keys:
+            work.records[k].status = UNCHECKED
+        save(keys)
+        out.print(f"--no-validate: {len(keys)} records applied without validation", soft_wrap=True)
+        return
+    model = model_id(manifest.data["graph"])
+    if over():
+        out.print(f"not validated (the budget ran out): the records of buckets {', '.join(map(str, todo))} are "
+                  f"not applied until `ktc tune {artifact}` validates them", soft_wrap=True)
+        return
+    gc.collect()
+    _empty_cuda_cache()
+    t0 = time.monotonic()
+    try:
+        with err.status("loading the model to validate the records"):
+            bench = tune_validate.load_bench(manifest, sorted({*buckets, *todo}))
+    except (KtcError, RuntimeError, OSError, ImportError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        out.print(f"not validated: the model does not load here ({escape(first)}); the records of buckets "
+                  f"{', '.join(map(str, todo))} are not applied", soft_wrap=True)
+        return
+    load_s = time.monotonic() - t0
+
+    def on_bucket(b: int, entry: dict[str, Any]) -> None:
+        save([k for k, r in work.records.items() if r.bucket == b and mine(k)], model, b)
+
+    with err.status("validating") as status:
+        outcomes = tune_validate.validate(work, bench, model, keep=mine, over=over, on_bucket=on_bucket,
+                                          on_start=lambda b, step: status.update(f"validating bucket {b}: {step}"))
+    del bench
+    gc.collect()
+    _empty_cuda_cache()
+    states = [e.get("state") for e in outcomes.values()]
+    print_validation(TuningRecords(work.host, validation={model: {str(b): e for b, e in outcomes.items()}}), model)
+    out.print(f"validated {states.count('validated')} of {len(outcomes)} buckets (model loaded in {load_s:.0f} s); "
+              f"outcomes saved to {cache_path}" + ("" if cache_only else f" and {art_path}"), soft_wrap=True)
+    if "unvalidated" in states or "error" in states:
+        out.print(f"records of unvalidated buckets are not applied: run `ktc tune {artifact}` again to validate them",
+                  soft_wrap=True)
+
+
+def _empty_cuda_cache() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

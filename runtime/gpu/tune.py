@@ -22,10 +22,11 @@ node's real weight shapes, on the device; decode attention reads a cache of DECO
 tokens. Kernel names in records carry a hash of the family source, so records never outlive
 the code they were measured on. The embedding, rope and router top-k kernels are not tuned.
 
-At load, apply_gpu_records turns records into node.attrs["gpu_tuned"] = {table: {bucket:
-config}} for every bucket (the nearest tuned bucket on the same side of the decode / prefill
-split), which runtime.gpu.ops._cfg reads: a host-side dict lookup, so CUDA graphs capture the
-tuned launch like any other.
+At load, apply_gpu_records turns records (their active configs: validated ones, see
+runtime/tuning.py) into node.attrs["gpu_tuned"] = {table: {bucket: config}} for every bucket
+(the nearest tuned bucket on the same side of the decode / prefill split), which
+runtime.gpu.ops._cfg reads: a host-side dict lookup, so CUDA graphs capture the tuned launch
+like any other.
 """
 
 from __future__ import annotations
@@ -41,7 +42,17 @@ import torch
 
 from ktc.ir import Graph, Node
 
-from ..tuning import BATCH_BUCKETS, Candidate, Task, Timer, TuningKey, TuningRecords, bucket_order, bucket_table
+from ..tuning import (
+    APPLIED,
+    BATCH_BUCKETS,
+    Candidate,
+    Task,
+    Timer,
+    TuningKey,
+    TuningRecords,
+    bucket_order,
+    bucket_table,
+)
 from .ops import DECODE_TOKENS
 
 DECODE_CONTEXT = 4096            # cached tokens decode attention is timed at
@@ -379,8 +390,9 @@ def cuda_event_timer(target_s: float = 0.005, min_reps: int = 5, max_reps: int =
 
 # -- applying records at load ---------------------------------------------------------------------------
 def apply_gpu_records(graph: Graph, kernels: Any, records: TuningRecords, max_shared: int | None = None) -> int:
-    """Set node.attrs["gpu_tuned"] from the records (see the module docstring); a record whose config
-    is not among the kernel's own candidates at that shape is ignored. Returns the tunables applied."""
+    """Set node.attrs["gpu_tuned"] from the records' active configs (see the module docstring; pending
+    records are left out, dropped ones give their bucket the default); a config that is not among the
+    kernel's own candidates at that shape is ignored. Returns the tunables that run a searched config."""
     if max_shared is None:
         try:
             max_shared = device_max_shared(torch.device("cuda")) if torch.cuda.is_available() else DEFAULT_MAX_SHARED
@@ -393,13 +405,15 @@ def apply_gpu_records(graph: Graph, kernels: Any, records: TuningRecords, max_sh
         for t in node_tunables(graph, node, kernels):
             key = (t.kernel, t.shape, t.fmt)
             if key not in memo:
-                valid = {}
+                valid, searched = {}, False
                 for b, rec in records.by_bucket(*key).items():
-                    if b in BATCH_BUCKETS and t.runs_at(b) and rec.config in candidate_configs(node, t, b, kernels,
-                                                                                                max_shared):
-                        valid[b] = rec.config
+                    cfg = rec.active_config
+                    if cfg is not None and b in BATCH_BUCKETS and t.runs_at(b) and cfg in candidate_configs(
+                            node, t, b, kernels, max_shared):
+                        valid[b] = cfg
+                        searched = searched or rec.status in APPLIED
                 memo[key] = bucket_table(valid, DECODE_TOKENS) if valid else None
-                applied += bool(valid)
+                applied += searched
             if memo[key]:
                 tables[t.table] = memo[key]
         if tables:

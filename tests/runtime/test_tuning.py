@@ -2,6 +2,7 @@
 runtime's nearest-bucket lookup (_cfg on a fake node), and the GPU task builder's candidate lists
 (built on the CPU, kernels run once each in Triton's interpreter, never timed here)."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -62,6 +63,10 @@ def test_fastest_candidate_wins_and_speedup_is_against_the_default():
     assert r1.config == {"block": 64} and r1.speedup == pytest.approx(3.0) and r1.default == {"block": 32}
     assert r2.config == {"block": 32} and r2.speedup == 1.0      # tuned never slower than the default
     assert r3.config == {"block": 32} and r3.speedup == 1.0      # 1% faster is noise: the default stays
+    assert all(r.status == "pending" for r in (r1, r2, r3))
+    assert recs.lookup("matmul", (64, 128), "bfloat16", 1) is None     # not validated: not applied
+    for r in (r1, r2, r3):
+        r.status = "kept"
     assert recs.lookup("matmul", (64, 128), "bfloat16", 1) == {"block": 64}
     assert recs.lookup("matmul", (64, 128), "bfloat16", 50) == {"block": 32}    # bucket 64
     assert recs.lookup("matmul", (64, 128), "bfloat16", 3) == {"block": 64}     # bucket 4: nearest is 1
@@ -185,6 +190,7 @@ def test_artifact_records_of_another_host_are_ignored_with_a_note(tmp_path, monk
     assert len(notes) == 1 and "another host (Some Other GPU sm80" in notes[0]
     summary = tuning_summary(art)
     assert "used on this host" in summary and "another host's records: ignored here" in summary
+    assert "1 records for" in summary and "(1 pending)" in summary
     model = SimpleNamespace(graph=SimpleNamespace(nodes=[]), cpu_kernels=None)
     info = apply_artifact_records(model, art)
     assert model.tuning is info and info["records"] == 1 and info["applied"] == 0 and len(info["notes"]) == 1
@@ -359,7 +365,7 @@ def test_apply_gpu_records_sets_tables_and_ignores_configs_that_are_no_candidate
     for t, cfg in ((qkv, good), (o, {"BLOCK_M": 3, "BLOCK_N": 5, "BLOCK_K": 7, "GROUP_M": 1, "num_warps": 4,
                                       "num_stages": 4})):
         key = TuningKey(t.kernel, t.shape, t.fmt, 1).id()
-        recs.add(TuningRecord(key, cfg, 1.0, 2.0, 5))
+        recs.add(TuningRecord(key, cfg, 1.0, 2.0, 5, status="kept"))
     assert apply_gpu_records(g, kernels, recs) == 1
     attn = [n for n in g.nodes if n.op == "attention"]
     assert all(set(n.attrs["gpu_tuned"]) == {"qkv"} for n in attn)     # every layer shares the record
@@ -367,6 +373,12 @@ def test_apply_gpu_records_sets_tables_and_ignores_configs_that_are_no_candidate
         "decode"]["o"]
     assert _cfg(node, _ctx(1, 64), "qkv") == node.attrs["gpu_config"]["prefill"]["qkv"]
     assert apply_gpu_records(g, kernels, TuningRecords(HOST)) == 0 and "gpu_tuned" not in node.attrs
+    qkv_key = TuningKey(qkv.kernel, qkv.shape, qkv.fmt, 1).id()
+    default = node.attrs["gpu_config"]["decode"]["qkv"]
+    for status, applied, want in (("pending", 0, None), ("unchecked", 1, good), ("dropped", 0, default)):
+        recs = TuningRecords(HOST, {qkv_key: TuningRecord(qkv_key, good, 1.0, 2.0, 5, default, status)})
+        assert apply_gpu_records(g, kernels, recs) == applied, status
+        assert node.attrs.get("gpu_tuned", {}).get("qkv", {}).get(1) == want, status
 
 
 # -- CPU thread counts --------------------------------------------------------------------------------
@@ -388,6 +400,10 @@ def test_cpu_thread_tuning_with_a_real_timer_and_applied_thread_counts(compiled,
     for r in recs.records.values():
         assert r.default == {"threads": n} and r.config["threads"] in thread_candidates(n)
         assert r.candidates == len(thread_candidates(n)) and r.seconds > 0
+    assert apply_cpu_records(kernels, m.graph, recs, m.files) == 0        # pending: not applied
+    assert not kernels.__dict__.get("_tuned_threads")
+    for r in recs.records.values():
+        r.status = "kept"
     assert apply_cpu_records(kernels, m.graph, recs, m.files) == len(kernels.kernel_names)
     # a record asking for more threads than this host has is never applied
     name = kernels.kernel_names[0]
@@ -417,3 +433,193 @@ def test_tuned_thread_counts_change_nothing_but_the_split(compiled):
         assert torch.allclose(kernels.moe_experts(name, x, tw, ids, packed), ref, rtol=1e-5, atol=1e-6)
     finally:
         kernels.set_tuned_threads(name, None)
+
+
+# -- validation: the whole step with and without a bucket's records -------------------------------------
+class FakeBench:
+    """Step time at a bucket = base + the sum of the deltas of the records that run their searched
+    config there; records the time of every measurement."""
+
+    def __init__(self, base: dict[int, float], delta: dict[str, float], fail_at: int | None = None):
+        self.base, self.delta, self.fail_at = base, delta, fail_at
+        self.measured: list[tuple[int, int]] = []
+
+    def variant(self, records):
+        if records is None:
+            return frozenset()
+        return frozenset(k for k, r in records.records.items() if r.status in ("kept", "unchecked"))
+
+    def measure(self, bucket, variants, over=None):
+        if bucket == self.fail_at:
+            raise RuntimeError("CUDA out of memory\nmore")
+        self.measured.append((bucket, len(variants)))
+        return [self.base[bucket] + sum(self.delta.get(k, 0.0) for k in v if k.endswith(f"|b{bucket}"))
+                for v in variants]
+
+    def describe(self, bucket):
+        return f"decode b{bucket}" if bucket <= 16 else f"prefill {bucket}"
+
+
+def _recs(spec: dict[str, int], status: str = "pending") -> TuningRecords:
+    """Records kernel@bucket -> a searched config that differs from the default."""
+    out = TuningRecords(HOST)
+    for name, b in spec.items():
+        key = TuningKey(name, (8,), "f", b).id()
+        out.add(TuningRecord(key, {"block": 64}, 1.0, 2.0, 3, {"block": 32}, status))
+    return out
+
+
+def _key(name: str, b: int) -> str:
+    return TuningKey(name, (8,), "f", b).id()
+
+
+def test_validation_keeps_a_faster_bucket_and_drops_a_slower_one():
+    from ktc.runtime.tune_validate import validate
+
+    recs = _recs({"mm": 1, "moe": 2048})
+    bench = FakeBench({1: 0.43, 2048: 3.23}, {_key("mm", 1): -0.01, _key("moe", 2048): +0.27})
+    saved = []
+    out = validate(recs, bench, "m1", on_bucket=lambda b, e: saved.append(b))
+    assert saved == [1, 2048] and set(recs.validation["m1"]) == {"1", "2048"}
+    assert recs.records[_key("mm", 1)].status == "kept" and recs.records[_key("moe", 2048)].status == "dropped"
+    e1, e2 = out[1], out[2048]
+    assert e1["untuned_ms"] == 0.43 and e1["tuned_ms"] == pytest.approx(0.42) and e1["kept"] == 1
+    assert e2["step"] == "prefill 2048" and e2["tuned_ms"] == pytest.approx(3.5) and e2["kept"] == 0
+    assert e2["dropped"] == [_key("moe", 2048)]
+    # a dropped record runs the default at its bucket: the prefill side does not borrow another bucket's
+    assert recs.lookup("moe", (8,), "f", 2048) == {"block": 32} and recs.lookup("mm", (8,), "f", 1) == {"block": 64}
+    assert validate(recs, bench, "m1") == {}                  # nothing left to validate: nothing timed again
+    assert len(bench.measured) == 2
+
+
+def test_equal_times_drop_the_records_no_slack():
+    from ktc.runtime.tune_validate import validate
+
+    recs = _recs({"mm": 4})
+    validate(recs, FakeBench({4: 1.0}, {_key("mm", 4): 0.0}), "m")
+    assert recs.records[_key("mm", 4)].status == "dropped"
+
+
+def test_validation_drops_the_harmful_record_of_a_bucket_and_keeps_the_others():
+    from ktc.runtime.tune_validate import validate
+
+    recs = _recs({"a": 2048, "b": 2048, "c": 2048, "d": 1})
+    delta = {_key("a", 2048): -0.2, _key("b", 2048): +0.5, _key("c", 2048): -0.1, _key("d", 1): -0.1}
+    bench = FakeBench({1: 1.0, 2048: 3.0}, delta)
+    out = validate(recs, bench, "m")
+    st = {k.split("|")[0] + "@" + k.rsplit("b", 1)[1]: r.status for k, r in recs.records.items()}
+    assert st == {"a@2048": "kept", "b@2048": "dropped", "c@2048": "kept", "d@1": "kept"}
+    e = out[2048]
+    assert e["kept"] == 2 and e["records"] == 3 and e["dropped"] == [_key("b", 2048)]
+    assert e["all_ms"] == pytest.approx(3.2) and e["tuned_ms"] == pytest.approx(2.7) and e["untuned_ms"] == 3.0
+    assert bench.measured == [(1, 2), (2048, 2), (2048, 5)]       # all vs none, then one ablation round-up
+
+
+def test_validation_drops_greedily_until_faster_or_all_dropped():
+    from ktc.runtime.tune_validate import validate
+
+    # two records hurt: dropping the worst (by ablation) is not enough, the greedy loop drops the next
+    recs = _recs({"a": 64, "b": 64, "c": 64})
+    delta = {_key("a", 64): +0.3, _key("b", 64): +0.2, _key("c", 64): -0.1}
+    bench = FakeBench({64: 1.0}, delta)
+    out = validate(recs, bench, "m")
+    assert [recs.records[_key(n, 64)].status for n in "abc"] == ["dropped", "dropped", "kept"]
+    assert out[64]["kept"] == 1 and out[64]["tuned_ms"] == pytest.approx(0.9)
+    assert bench.measured == [(64, 2), (64, 5), (64, 2)]
+    bad = _recs({"a": 8, "b": 8})
+    out = validate(bad, FakeBench({8: 1.0}, {_key("a", 8): 0.1, _key("b", 8): 0.1}), "m")
+    assert {r.status for r in bad.records.values()} == {"dropped"} and out[8]["kept"] == 0
+    assert out[8]["tuned_ms"] == pytest.approx(1.2) and "all dropped" in out[8]["note"]
+
+
+def test_default_configs_are_kept_untimed_and_dropped_records_are_not_validated_again():
+    from ktc.runtime.tune_validate import validate
+
+    recs = _recs({"a": 16})
+    recs.records[_key("a", 16)].config = {"block": 32}               # the search kept the default
+    bench = FakeBench({16: 1.0}, {})
+    out = validate(recs, bench, "m")
+    assert bench.measured == [] and out[16]["kept"] == 1 and out[16]["untuned_ms"] is None
+    assert recs.records[_key("a", 16)].status == "kept"
+    # a new record joins a validated bucket (resumed search): the bucket is validated again, the
+    # record dropped before stays dropped, the kept one is timed again with the new one
+    recs.add(TuningRecord(_key("b", 16), {"block": 64}, 1.0, 2.0, 3, {"block": 32}))
+    recs.add(TuningRecord(_key("c", 16), {"block": 64}, 1.0, 2.0, 3, {"block": 32}, "dropped"))
+    out = validate(recs, FakeBench({16: 1.0}, {_key("b", 16): -0.5, _key("c", 16): -0.5}), "m")
+    assert out[16]["records"] == 2 and out[16]["tuned_ms"] == 0.5
+    assert recs.records[_key("c", 16)].status == "dropped" and recs.records[_key("b", 16)].status == "kept"
+
+
+def test_validation_budget_and_errors_leave_records_pending():
+    from ktc.runtime.tune_validate import validate
+
+    recs = _recs({"a": 1, "b": 2048, "c": 4})
+    reads = [0]
+
+    def over():             # the budget runs out after the first bucket's first check
+        reads[0] += 1
+        return reads[0] > 2
+
+    bench = FakeBench({1: 1.0, 4: 1.0, 2048: 1.0}, {_key("a", 1): -0.5, _key("b", 2048): -0.5}, fail_at=4)
+    out = validate(recs, bench, "m", over=over)
+    assert out[1]["state"] == "validated" and recs.records[_key("a", 1)].status == "kept"
+    assert out[2048]["state"] == "unvalidated" and recs.records[_key("b", 2048)].status == "pending"
+    assert out[4]["state"] == "unvalidated"
+    assert recs.lookup("b", (8,), "f", 2048) is None                 # pending: never applied
+    out = validate(recs, bench, "m")                                   # the rerun: no budget
+    assert out[2048]["state"] == "validated" and recs.records[_key("b", 2048)].status == "kept"
+    assert out[4]["state"] == "error" and "CUDA out of memory" in out[4]["note"] and "more" not in out[4]["note"]
+    assert recs.records[_key("c", 4)].status == "pending" and set(out) == {2048, 4}
+    again = TuningRecords.from_json(recs.to_json())
+    assert again.validation == recs.validation and again.records[_key("c", 4)].status == "pending"
+
+
+def test_records_files_without_statuses_are_pending_and_bad_statuses_unreadable(tmp_path):
+    import json
+
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"version": 1, "host": HOST, "records": {"k|8|f|b1": {
+        "key": "k|8|f|b1", "config": {"x": 1}, "seconds": 1, "default_seconds": 2, "candidates": 2}}}))
+    recs, why = TuningRecords.load(path, HOST)
+    assert why is None and recs.records["k|8|f|b1"].status == "pending" and recs.validation == {}
+    data = json.loads(path.read_text())
+    data["records"]["k|8|f|b1"]["status"] = "great"
+    path.write_text(json.dumps(data))
+    assert "unreadable" in TuningRecords.load(path, HOST)[1]
+
+
+def test_model_bench_times_the_tiny_cpu_model_with_and_without_records(compiled, monkeypatch):
+    """The real bench on the tiny CPU artifact: variants switch the kernels' thread tables, decode and
+    prefill buckets are timed, and the decision follows the times."""
+    from ktc.runtime.artifact import read_manifest
+    from ktc.runtime.cpu_experts import num_threads
+    from ktc.runtime.cpu_tune import kernel_key, lib_hash
+    from ktc.runtime.tune_validate import ModelBench, load_model, validate
+
+    monkeypatch.setenv("KTC_NUM_THREADS", "2")
+    m = read_manifest(compiled("qwen3_moe", "int8"))
+    model = load_model(m, [1, 32])
+    kernels = model.cpu_kernels
+    name = kernels.kernel_names[0]
+    assert num_threads() == 2 and model.max_batch_size == 8
+    kernel, shape, fmt = kernel_key(kernels.entry, name, lib_hash(kernels.entry, kernels.kernel_dir, m.files), 2)
+    recs = TuningRecords(HOST)
+    for b in (1, 32):
+        key = TuningKey(kernel, shape, fmt, b).id()
+        recs.add(TuningRecord(key, {"threads": 1}, 1e-4, 2e-4, 2, {"threads": 2}))
+    bench = ModelBench(model, rounds=3, target_s=0.001, min_steps=1, context=8)
+    assert bench.describe(1) == "decode b1" and bench.describe(32) == "prefill 32"
+    assert model.max_context == 256 and bench.describe(1024) == "prefill 1024 (4x256)"    # split to fit the context
+    tuned = bench.variant(TuningRecords(HOST, {k: replace(r, status="kept") for k, r in recs.records.items()}))
+    untuned = bench.variant(None)
+    bench._switch(tuned)
+    assert kernels._tuned_threads[name][1] == 1 and kernels._tuned_threads[name][2048] == 1
+    bench._switch(untuned)
+    assert name not in kernels._tuned_threads
+    out = validate(recs, bench, "tiny")
+    for b in (1, 32):
+        e = out[b]
+        assert e["state"] == "validated" and e["untuned_ms"] > 0 and e["tuned_ms"] > 0
+        key = TuningKey(kernel, shape, fmt, b).id()
+        assert recs.records[key].status == ("kept" if e["tuned_ms"] < e["untuned_ms"] else "dropped")
+    assert model.past_length == 0                       # the bench leaves the model reset

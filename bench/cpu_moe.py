@@ -19,6 +19,22 @@ H * I / time) and the relative error of the layer output against a float32 torch
 on the same (bf16) weights. kt-kernel runs in a subprocess (its queue thread busy-waits, it
 must not share the machine with our timings) with 15 threads, KTMoEWrapper method
 AMXINT8 / AMXINT4, all experts on the CPU.
+
+Regime "decode-1-cold" (only when named in --regimes; ours only): the fixed cost of a
+single-token call and how the thread count moves it, old decode path against new in one run.
+`build` also builds the x86-amx kernels with the other single-token paths of
+tir_experts.KernelConfig.decode ("phased": the path every T took before, "regions": the new
+one as two parallel regions) into DIR/x86-amx_phased, DIR/x86-amx_regions. `run` then
+loads --cold-target's three builds, packs the layer once and clones it into --cold-layers
+separately allocated layers, and calls T=1 with a new routing every call, rotating over the
+layers (48 x ~0.6 GB: nothing stays in L3), the three builds round-robin. Cases: "gpu-mask"
+(top-K of E; the ids of a fixed 3/8 of the experts, the ones a hybrid run keeps on the GPU,
+set to -1: ~5 of 8 active), "all-cpu" (every id valid) and "none" (every id -1: the fixed
+cost). For each of --cold-threads (a fresh host thread per count: TVM's pool is per host
+thread and sized by TVM_NUM_THREADS when it starts) the median ms of the runtime call
+(CpuExpertKernels.moe_experts) and of the bare kernel call, and GB/s: the weight bytes of
+the experts each call actually reads over the bare kernel call's median. results.json holds
+these rows under "cold_rows", table.md a second table.
 """
 
 from __future__ import annotations
@@ -39,7 +55,10 @@ SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "deepseek-v2-lite": (2048, 1408,
 OURS = [("int8-g32", "int8", 32), ("int8-g128", "int8", 128), ("int4-g128", "int4", 128)]
 KT_METHOD = {"int8": "AMXINT8", "int4": "AMXINT4"}
 REGIMES = [("decode-1", 1), ("decode-8", 8), ("prefill-512", 512)]
+COLD = "decode-1-cold"
 TARGETS = ("x86-amx", "x86-avx512")
+ALT_DECODE = ("phased", "regions")   # tir_experts.KernelConfig.decode besides the default "fused"
+COLD_CASES = ("gpu-mask", "all-cpu", "none")
 
 
 def _import_ktc():
@@ -62,24 +81,33 @@ def _import_ktc():
 
 # ---- build (here) ---------------------------------------------------------------------------
 
+def alt_key(target: str, decode: str) -> str:
+    """Manifest key and folder of `target` built with another single-token decode path."""
+    return f"{target}_{decode}"
+
+
 def cmd_build(args) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from ktc.codegen.cpu_experts import ExpertKernelSpec, build_cpu_kernels
+    from ktc.codegen.cpu_experts import ExpertKernelSpec, build_cpu_kernels, kernel_config
     from ktc.targets import get
 
     specs = [ExpertKernelSpec(H, I, E, K, fmt, g) for (H, I, E, K) in SHAPES.values() for _, fmt, g in OURS]  # noqa: E741
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    jobs = [(t, None) for t in TARGETS] + [(t, d) for t in args.decode_targets for d in args.decode_paths]
 
-    def one(t):
+    def one(job):
+        t, decode = job
+        key = t if decode is None else alt_key(t, decode)
+        config = None if decode is None else dict(kernel_config(get(t)), decode=decode)
         t0 = time.time()
-        entry = build_cpu_kernels(specs, get(t), out / t)
-        print(f"built {t} in {time.time() - t0:.0f} s", flush=True)
-        return t, entry
+        entry = build_cpu_kernels(specs, get(t), out / key, config=config)
+        print(f"built {key} in {time.time() - t0:.0f} s", flush=True)
+        return key, entry
 
     with ThreadPoolExecutor(len(TARGETS)) as pool:
-        manifest = dict(pool.map(one, TARGETS))
+        manifest = dict(pool.map(one, jobs))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
@@ -115,6 +143,8 @@ def reference(x, ids, tw, gate_up, down):
     I = down.shape[2]  # noqa: E741
     y = torch.zeros(T, H)
     for e in torch.unique(ids).tolist():
+        if not 0 <= e < down.shape[0]:   # skipped, as the kernels do (experts run elsewhere)
+            continue
         rows, ks = (ids == e).nonzero(as_tuple=True)
         g = x[rows] @ gate_up[e].float().T
         h = F.silu(g[:, :I]) * g[:, I:]
@@ -228,6 +258,147 @@ def _rates(H, I, E, K, T, sec, bytes_per_expert, rts):  # noqa: E741
                 tok_s=T / sec)
 
 
+# ---- decode-1-cold (run, subprocess) -----------------------------------------------------------
+
+def cold_routings(E, K, n, gpu, seed):
+    """n single-token routings per case: top-K of E random scores; "gpu-mask" sets the ids of
+    `gpu` fixed experts (those a hybrid run keeps on the GPU) to -1, "none" sets every id to -1."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    on_gpu = torch.randperm(E, generator=g)[:gpu]
+    out = {c: [] for c in COLD_CASES}
+    for _ in range(n):
+        ids = torch.argsort(torch.rand(1, E, generator=g), dim=1)[:, :K].to(torch.int32)
+        tw = torch.rand(1, K, generator=g)
+        tw = tw / tw.sum(-1, keepdim=True)
+        masked = ids.clone()
+        masked[torch.isin(masked, on_gpu.to(torch.int32))] = -1
+        out["gpu-mask"].append((masked, tw))
+        out["all-cpu"].append((ids, tw))
+        out["none"].append((torch.full_like(ids, -1), tw))
+    return out
+
+
+def _cold_one_count(nthr, builds, layers, xs, rts, spec_name, iters, res):
+    """Runs in a fresh host thread: its TVM pool starts with TVM_NUM_THREADS = nthr."""
+    import torch
+
+    os.environ["TVM_NUM_THREADS"] = os.environ["KTC_NUM_THREADS"] = str(nthr)
+    time.sleep(1.0)   # let the previous count's pool stop spinning
+    nb, nl = len(builds), len(layers)
+    for case, rt in rts.items():
+        for mode in ("ms", "kernel_ms"):
+            ts = {b: [] for b in builds}
+            for i in range(iters[0] + iters[1]):
+                for j, (b, kern) in enumerate(builds.items()):
+                    c = i * nb + j        # every call: another layer and another routing
+                    ids, tw = rt[c % len(rt)]
+                    x, parts = xs[c % len(xs)], layers[c % nl]
+                    if mode == "ms":
+                        t0 = time.perf_counter()
+                        kern.moe_experts(spec_name, x, tw, ids, parts)
+                    else:
+                        k = kern._kernels[spec_name]
+                        args = [x, tw, ids, *[parts[n] for n in k["weights"]], torch.empty(1, x.shape[1]),
+                                *kern._scratch_for(k, 1), nthr]
+                        t0 = time.perf_counter()
+                        k["fn"](*args)
+                    dt = time.perf_counter() - t0
+                    if i >= iters[0]:
+                        ts[b].append(dt)
+            for b, v in ts.items():
+                v.sort()
+                res.setdefault((case, b), {})[mode] = v[len(v) // 2]
+
+
+def measure_cold(args) -> list[dict]:
+    import threading
+
+    import torch
+
+    _import_ktc()
+    from ktc.errors import HostError
+    from ktc.runtime.cpu_experts import CpuExpertKernels
+
+    kdir = Path(args.kernels)
+    manifest = json.loads((kdir / "manifest.json").read_text())
+    builds, target = {}, None
+    for t in [args.cold_target] + [x for x in TARGETS if x != args.cold_target]:
+        keys = [("fused", t)] + [(d, alt_key(t, d)) for d in ALT_DECODE if alt_key(t, d) in manifest]
+        if t not in manifest or len(keys) == 1:
+            continue
+        try:
+            builds = {d: CpuExpertKernels.load(kdir / key, manifest[key]) for d, key in keys}
+        except HostError as e:
+            print(f"skipping {t}: {e.message}", flush=True)
+            continue
+        target = t
+        break
+    if target is None:
+        print("decode-1-cold: no target with alternative decode builds runs here (bench build --decode-targets)")
+        return []
+    print(f"decode-1-cold on {target}: builds {', '.join(builds)}", flush=True)
+    builds = dict(sorted(builds.items(), key=lambda kv: ["phased", "regions", "fused"].index(kv[0])))
+    rows = []
+    for sname in args.shapes:
+        H, I, E, K = SHAPES[sname]  # noqa: E741
+        gate_up, down = make_weights(H, I, E, args.seed)
+        gpu = args.cold_gpu_experts if args.cold_gpu_experts is not None else round(E * 3 / 8)
+        rts = cold_routings(E, K, 256, gpu, args.seed + 11)
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        xs = [torch.randn(1, H, generator=gen) for _ in range(8)]
+        for label, fmt, g in OURS:
+            if args.formats and label not in args.formats:
+                continue
+            name = f"moe_experts_{fmt}_h{H}_i{I}_e{E}_k{K}_g{g}"
+            t0 = time.time()
+            base = _pack(manifest[target]["kernels"][name]["spec"], gate_up, down)
+            layers = [base] + [{n: t.clone() for n, t in base.items()} for _ in range(args.cold_layers - 1)]
+            nbytes = expert_bytes(H, I, fmt, g)
+            gb = len(layers) * sum(t.nbytes for t in base.values()) / 1e9
+            print(f"packed {name} x {len(layers)} layers ({gb:.1f} GB) in {time.time() - t0:.0f} s", flush=True)
+            errs = {}   # rel err vs the float reference; case "none": 0 if y is exactly 0, else -1
+            for case, rt in rts.items():
+                ids, tw = rt[0]
+                ref = reference(xs[0], ids, tw, gate_up, down)
+                for b, kern in builds.items():
+                    y = kern.moe_experts(name, xs[0], tw, ids, layers[0])
+                    errs[(case, b)] = float((y == 0).all()) - 1.0 if case == "none" else rel(y, ref)
+            active = {c: sum(int(((ids >= 0) & (ids < E)).sum()) for ids, _ in rt) / len(rt) for c, rt in rts.items()}
+            touched = {c: sum(len({e for e in ids.flatten().tolist() if 0 <= e < E}) for ids, _ in rt) / len(rt)
+                       for c, rt in rts.items()}
+            for nthr in args.cold_threads:
+                res: dict = {}
+                th = threading.Thread(target=_cold_one_count, args=(nthr, builds, layers, xs, rts, name,
+                                                                    (args.cold_warmup, args.cold_iters), res))
+                th.start()
+                th.join()
+                for (case, b), m in res.items():
+                    rows.append(dict(shape=sname, impl=f"ktc {target}", decode=b, fmt=label, regime=COLD, T=1,
+                                     threads=nthr, case=case, active=active[case], ms=m["ms"] * 1e3,
+                                     kernel_ms=m["kernel_ms"] * 1e3,
+                                     gbs=touched[case] * nbytes / m["kernel_ms"] / 1e9,
+                                     err=errs[(case, b)]))
+                    print(json.dumps(rows[-1]), flush=True)
+            layers = base = None
+    return rows
+
+
+def cold_table(rows) -> str:
+    """One line per (shape, format, threads, case): each decode path's ms, and new vs phased."""
+    lines = ["| shape | format | threads | case | active | decode | ms (runtime call) | ms (kernel) | GB/s | rel err "
+             "| kernel vs phased |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["shape"], r["fmt"], r["threads"], r["case"]): r for r in rows if r["decode"] == "phased"}
+    for r in rows:
+        b = base.get((r["shape"], r["fmt"], r["threads"], r["case"]))
+        vs = f"{r['kernel_ms'] / b['kernel_ms']:.2f}x" if b and b is not r else ""
+        err = "zeros" if r["case"] == "none" and r["err"] == 0 else f"{r['err']:.2e}"
+        lines.append(f"| {r['shape']} | {r['fmt']} | {r['threads']} | {r['case']} | {r['active']:.2f} | {r['decode']} "
+                     f"| {r['ms']:.3f} | {r['kernel_ms']:.3f} | {r['gbs']:.1f} | {err} | {vs} |")
+    return "\n".join(lines)
+
+
 # ---- kt-kernel (run, subprocess) ----------------------------------------------------------------
 
 def measure_kt(args) -> list[dict]:
@@ -316,6 +487,9 @@ def cmd_run(args) -> None:
     if args.kt_only:
         (out / "kt.json").write_text(json.dumps(measure_kt(args)))
         return
+    if args.cold_only:
+        (out / "cold.json").write_text(json.dumps(measure_cold(args)))
+        return
     if args.target:
         (out / f"{args.target}.json").write_text(json.dumps(measure_ours(args)))
         return
@@ -326,15 +500,23 @@ def cmd_run(args) -> None:
     rows = []
     # one subprocess each: kt-kernel's queue thread busy-waits, and a crash of one side must
     # not lose the other's figures
-    jobs = ([] if args.no_kt else [("kt", ["--kt-only", "--kt-threads", str(args.kt_threads)])])
-    jobs += [(t, ["--target", t]) for t in args.targets]
+    regimes = args.regimes if args.regimes is not None else [x for x, _ in REGIMES]
+    plain = [x for x in regimes if x != COLD]
+    jobs = [] if args.no_kt or not plain else [("kt", ["--kt-only", "--kt-threads", str(args.kt_threads)])]
+    jobs += [(t, ["--target", t]) for t in args.targets] if plain else []
+    if COLD in regimes:
+        jobs.append(("cold", ["--cold-only", "--cold-target", args.cold_target, "--cold-layers", str(args.cold_layers),
+                              "--cold-threads", *map(str, args.cold_threads), "--cold-iters", str(args.cold_iters),
+                              "--cold-warmup", str(args.cold_warmup)]
+                     + ([] if args.cold_gpu_experts is None else ["--cold-gpu-experts", str(args.cold_gpu_experts)])))
+    cold_rows = []
     for name, extra in jobs:
         cmd = [sys.executable, __file__, "run", "--out", str(out), "--kernels", args.kernels, "--shapes",
                *args.shapes, "--seed", str(args.seed), *extra]
         if args.formats:
             cmd += ["--formats", *args.formats]
-        if args.regimes:
-            cmd += ["--regimes", *args.regimes]
+        if name != "cold":
+            cmd += ["--regimes", *plain]
         t0 = time.time()
         try:
             r = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=args.job_timeout)
@@ -344,11 +526,13 @@ def cmd_run(args) -> None:
         print(f"{name}: exit {code} after {time.time() - t0:.0f} s", flush=True)
         f = out / f"{name}.json"
         if code == 0 and f.exists():
-            rows += json.loads(f.read_text())
+            (cold_rows if name == "cold" else rows).extend(json.loads(f.read_text()))
     rows.sort(key=lambda r: (r["shape"], [x for x, _ in REGIMES].index(r["regime"]), r["fmt"][:4],
                              not r["impl"].startswith("kt-kernel"), r["impl"], r["fmt"]))
-    (out / "results.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
-    text = table(rows)
+    cold_rows.sort(key=lambda r: (r["shape"], r["fmt"], r["threads"], COLD_CASES.index(r["case"]),
+                                  ["phased", "regions", "fused"].index(r["decode"])))
+    (out / "results.json").write_text(json.dumps({"info": info, "rows": rows, "cold_rows": cold_rows}, indent=1))
+    text = "\n\n".join(t for t in (table(rows) if rows else "", cold_table(cold_rows) if cold_rows else "") if t)
     (out / "table.md").write_text(text + "\n")
     print(text)
 
@@ -358,12 +542,16 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--out", required=True)
+    b.add_argument("--decode-targets", nargs="*", default=["x86-amx"], choices=TARGETS,
+                   help="targets also built with the other single-token decode paths (for decode-1-cold)")
+    b.add_argument("--decode-paths", nargs="*", default=list(ALT_DECODE), choices=ALT_DECODE)
     r = sub.add_parser("run")
     r.add_argument("--kernels", default=str(ROOT / ".carry" / "kernels"))
     r.add_argument("--out", required=True)
     r.add_argument("--shapes", nargs="+", default=list(SHAPES))
     r.add_argument("--formats", nargs="*", default=None, help="subset of " + ", ".join(x for x, _, _ in OURS))
-    r.add_argument("--regimes", nargs="*", default=None, help="subset of " + ", ".join(x for x, _ in REGIMES))
+    r.add_argument("--regimes", nargs="*", default=None,
+                   help="subset of " + ", ".join([x for x, _ in REGIMES] + [COLD]) + f" (default: all but {COLD})")
     r.add_argument("--targets", nargs="*", default=list(TARGETS))
     r.add_argument("--kt-threads", type=int, default=15)
     r.add_argument("--job-timeout", type=float, default=300)
@@ -371,6 +559,15 @@ def main(argv=None) -> None:
     r.add_argument("--target", choices=TARGETS, default=None, help="measure only this target's kernels")
     r.add_argument("--no-kt", action="store_true")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--cold-only", action="store_true")
+    r.add_argument("--cold-target", choices=TARGETS, default="x86-amx",
+                   help=f"{COLD}: this target's builds (the next one if this host cannot run it)")
+    r.add_argument("--cold-layers", type=int, default=48, help=f"{COLD}: separately allocated copies of the layer")
+    r.add_argument("--cold-threads", type=int, nargs="+", default=[8, 12, 16])
+    r.add_argument("--cold-gpu-experts", type=int, default=None,
+                   help=f"{COLD} gpu-mask case: experts whose ids become -1 (default 3/8 of E)")
+    r.add_argument("--cold-iters", type=int, default=200, help=f"{COLD}: timed calls per build, case and mode")
+    r.add_argument("--cold-warmup", type=int, default=20)
     args = p.parse_args(argv)
     (cmd_build if args.cmd == "build" else cmd_run)(args)
 

@@ -17,9 +17,10 @@ Kernel ABI ("abi": 2) of the function `entry["kernels"][name]["functions"]["moe_
       entry["kernels"][name]["scratch"] order), nthreads i32)
 T is symbolic. Scratch buffer i is 1-D, of dtype scratch[i]["dtype"] and
 scratch[i]["fixed"] + scratch[i]["per_token"] * T elements; the caller provides them
-(contents irrelevant). nthreads: the number of tasks the cost-balanced phases are split
-into (the thread pool's size). Pairs whose expert id is outside [0, E) are skipped
-(contribute nothing): a caller may mark experts that run elsewhere (the GPU) with -1.
+(contents irrelevant). nthreads: the number of tasks the cost-balanced phases, and the two
+loops of a single-token call, are split into (the thread pool's size). Pairs whose expert id
+is outside [0, E) are skipped (contribute nothing): a caller may mark experts that run
+elsewhere (the GPU) with -1.
 
 Weight layout (`pack_expert_weights`): gate_up [E, 2I, H] and down [E, H, I] as given
 (row-major, K last); int8/int4 are symmetric group-wise along K with float32 scales
@@ -61,13 +62,14 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 # Micro-kernel shapes per target (see tir_experts.KernelConfig): decode on the FMA
 # micro-kernels (x86-avx2, and token blocks) or, int8/int4 single tokens on x86-avx512 /
 # x86-amx, on vpdpbusd; int8/int4 prefill on VNNI (x86-avx512) or AMX tiles (x86-amx).
+# "decode": the path of single-token calls ("fused": one pool launch, see tir_experts).
 TARGET_CONFIGS: dict[str, dict[str, Any]] = {
     "x86-avx2": {"variant": "fma", "vl": 8, "tile_rows": 4, "block_rows": 1, "block_tokens": 4,
-                 "decode_rows": 2},
+                 "decode_rows": 2, "decode": "fused"},
     "x86-avx512": {"variant": "vnni", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
-                   "decode_rows": 2},
+                   "decode_rows": 2, "decode": "fused"},
     "x86-amx": {"variant": "amx", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
-                "decode_rows": 2},
+                "decode_rows": 2, "decode": "fused"},
 }
 ACT_LEVELS = {"int8": 2, "int4": 1}   # activation quantization levels of the int-dot path
 

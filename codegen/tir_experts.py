@@ -23,6 +23,29 @@ Work items are segment-major, so each thread streams contiguous weight rows of o
 Within a work item the tokens of the segment go in blocks: a weight tile is read (from
 memory) once for all its tokens, which is what makes prefill cheaper than T decodes.
 
+One token (n == 1, KernelConfig.decode "fused", the default) takes its own path, because a
+decode call reads only ~K experts and the steps above cost a fixed amount on top of that
+(measured on a 16-core Xeon: 0.12 ms of a ~0.35 ms call with every id -1, growing with the
+thread count): the E-bucket sort, and a fork/join of the thread pool per parallel phase.
+  - serial, K steps: the valid pairs j (ids in [0, E), in k order) are listed in the int32
+    workspace; none: y = 0 and no thread is woken.
+  - one launch of the pool, `nthr` tasks (the last argument), two loops with a barrier
+    between them (TVM's parallel_launch_point / parallel_barrier_when_finish: the tasks
+    wait for each other in place instead of a join by the caller and a second launch):
+    A. gate/up: the nv * I / decode_rows units (decode_rows row pairs of one pair j) are cut
+       into nthr contiguous spans, so every task gets work however few experts are active
+       and streams consecutive rows of at most a few experts; h[j] into hbuf.
+    B. down: the H / (2 decode_rows) units of hidden rows are cut into nthr spans; each task
+       quantizes all nv rows of h itself (nv * I values: cheaper than a phase of its own),
+       then for every pair j adds w_j * (down_e rows . h[j]) into its rows of y. No yp, no
+       weighted-sum phase; y is written whole (zeros where no pair contributes).
+  The micro-kernels are those of single tokens below (vpdpbusd where DV_GU / DV_DN allow,
+  FMA otherwise, also on the "fma" variant), so results match the phased path's up to the
+  order of float additions (except for a token routed twice to one expert: the phased path
+  runs those two pairs as a token block on the FMA micro-kernels). decode "regions" runs A
+  and B as two parallel regions, "phased" sends n == 1 down the four steps above; both exist
+  to measure the fused path against.
+
 Micro-kernels ("fma" variant, what AVX2 and AVX512 do well): weight rows are read in steps of
 32 elements along K, dequantized in registers to float32 (int8: sign-extend + convert; int4:
 nibble extract + sign fix; bf16/f16: widen), and FMA'd into float32 vector accumulators that
@@ -62,6 +85,7 @@ from ktc.codegen.tir_intdot import make_prefill_body
 KS = 32  # elements of K per inner step (one int4 block); H and I must be multiples
 
 QUANTIZED = ("int8", "int4")
+DECODE_PATHS = ("fused", "regions", "phased")   # KernelConfig.decode
 
 
 @dataclass(frozen=True)
@@ -74,10 +98,17 @@ class KernelConfig:
     block_rows: int = 1      # gate/up row pairs per token-block micro-kernel (down: twice that)
     block_tokens: int = 4    # tokens per block
     decode_rows: int = 2     # gate/up row pairs per single-token micro-kernel (down: twice)
+    # T == 1 (see the module docstring): "fused" gate/up and down in one launch of the thread
+    # pool with a barrier between them; "regions" the same as two parallel regions; "phased"
+    # the path of every other T (sort, gate/up, h quantization, down, weighted sum): what the
+    # benchmark compares the others with
+    decode: str = "fused"
 
     def __post_init__(self) -> None:
         if self.variant not in ("fma", "vnni", "amx", "amx-emu"):
             raise ValueError(f"unknown kernel variant {self.variant!r}")
+        if self.decode not in DECODE_PATHS:
+            raise ValueError(f"unknown decode path {self.decode!r}; expected one of {DECODE_PATHS}")
         if KS % self.vl or 16 % self.vl or self.vl < 4:
             raise ValueError(f"vl must be 4, 8 or 16, got {self.vl}")
         for r in (self.block_rows, self.decode_rows):
@@ -541,8 +572,104 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
             dn_item(dq, ds, hbuf, ybuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
                     iw[O_SEGSTART + s + 1] - p0, (w % NT2) * TR, tok, res, dqf, dc, act, asc, n)
 
+    # ---- one token (decode): gate/up and down in one parallel launch, no sort, no yp -------------
+    NU1 = I // DR          # gate/up units (DR row pairs each) per pair
+    NU2 = H // (2 * DR)    # down units (2 DR hidden rows each)
+    O_NV = K               # iw[0:K]: k of the token's valid pairs, in k order; iw[K]: their number
+    DECODE = cfg.decode
+
     @T.macro
-    def moe_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, ybuf, iw, act, asc, n, nthr, gqf, dqf):
+    def task_span(tsk, total, nthr, lohi):
+        """lohi[0:2] = [lo, hi) of task tsk's units when `total` units go to nthr tasks, contiguous."""
+        lohi[0] = T.Cast("int32", cast64(tsk) * cast64(total) // cast64(nthr))
+        lohi[1] = T.Cast("int32", (cast64(tsk) + T.int64(1)) * cast64(total) // cast64(nthr))
+
+    @T.macro
+    def decode1_gu(x, ids, gq, gs, gc, hbuf, iw, nthr, gqf):
+        # h[j] = silu(gate_e x) * (up_e x) for the valid pairs j: the nv * NU1 units split into
+        # nthr contiguous spans (each task streams consecutive rows of one or two experts)
+        for tsk in T.parallel(nthr):
+            nv = T.Bind(iw[O_NV])
+            xq = T.alloc_buffer((L_D * H if DV_GU else 1,), "uint8", **ALLOC)
+            xs = T.alloc_buffer((1,), "float32", **ALLOC)
+            res = T.alloc_buffer((RES,), "float32", **ALLOC)
+            lohi = T.alloc_buffer((2,), "int32", **ALLOC)
+            task_span(tsk, nv * NU1, nthr, lohi)
+            if lohi[0] < lohi[1]:
+                if DV_GU:
+                    dquant(x, 0, H, 0, xq, xs, 0)   # every task its own copy: no serial phase
+                # loops from 0 only: TVM 0.27's CanonicalizeLoop shifts a loop starting elsewhere
+                # but not the bounds of the loops nested in it that use its variable
+                j0 = T.Bind(lohi[0] // NU1)
+                for jj in range((lohi[1] - 1) // NU1 + 1 - j0):
+                    j = T.Bind(j0 + jj)
+                    e64 = T.Bind(cast64(ids[0, iw[j]]))
+                    u0 = T.Bind(T.max(lohi[0], j * NU1) - j * NU1)
+                    for uu in range(T.min(lohi[1], j * NU1 + NU1) - j * NU1 - u0):
+                        u = T.Bind(u0 + uu)
+                        if DV_GU:
+                            mk_single_vnni(gqf, gs, gc, e64, 2 * I, u * DR, I, 2, DR, H, 0, xq, xs, 0, res)
+                        else:
+                            mk_single(gq, gs, e64, u * DR, I, 2, DR, x, 0, H, res)
+                        silu_mul_store(res, DR, 1, 1, hbuf, j, u * DR)
+
+    @T.macro
+    def decode1_dn(tw, ids, dq, ds, dc, y, hbuf, iw, nthr, dqf):
+        # y[rows] = sum_j w_j * down_e[rows] . h[j]: the NU2 units of hidden rows split into nthr
+        # spans; every task quantizes all nv h rows itself (nv * I values) rather than a phase of
+        # its own doing it once, and writes its rows of y: no yp, no weighted-sum phase
+        for tsk in T.parallel(nthr):
+            nv = T.Bind(iw[O_NV])
+            hq = T.alloc_buffer((K * L_D * I if DV_DN else 1,), "uint8", **ALLOC)
+            hs = T.alloc_buffer((K,), "float32", **ALLOC)
+            res = T.alloc_buffer((RES,), "float32", **ALLOC)
+            lohi = T.alloc_buffer((2,), "int32", **ALLOC)
+            task_span(tsk, NU2, nthr, lohi)
+            if lohi[0] < lohi[1]:
+                for r in range((lohi[1] - lohi[0]) * 2 * DR):
+                    y[0, lohi[0] * 2 * DR + r] = T.float32(0)
+                if DV_DN:
+                    for j in range(nv):
+                        dquant(hbuf, j, I, j * L_D * I, hq, hs, j)
+                for j in range(nv):
+                    e64 = T.Bind(cast64(ids[0, iw[j]]))
+                    wt = T.Bind(tw[0, iw[j]])
+                    for uu in range(lohi[1] - lohi[0]):
+                        u = T.Bind(lohi[0] + uu)
+                        if DV_DN:
+                            mk_single_vnni(dqf, ds, dc, e64, H, u * 2 * DR, 0, 1, 2 * DR, I, j * L_D * I, hq, hs, j,
+                                           res)
+                        else:
+                            mk_single(dq, ds, e64, u * 2 * DR, 0, 1, 2 * DR, hbuf, j, I, res)
+                        for r in T.unroll(2 * DR):
+                            y[0, u * 2 * DR + r] = y[0, u * 2 * DR + r] + wt * res[r]
+
+    @T.macro
+    def decode1_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, iw, nthr, gqf, dqf):
+        iw[O_NV] = 0
+        for k in range(K):
+            e = T.Bind(ids[0, k])
+            if e >= 0 and e < E:
+                iw[iw[O_NV]] = k
+                iw[O_NV] = iw[O_NV] + 1
+        if iw[O_NV] == 0:
+            # nothing routed here (e.g. every expert on the GPU): y = 0, no parallel region
+            for hv in range(H // VL):
+                for v in T.vectorized(VL):
+                    y[0, hv * VL + v] = T.float32(0)
+        elif DECODE == "fused":
+            # one launch of the thread pool; its tasks meet at a barrier between the two loops
+            # (cheaper than a join and a second launch: no round trip through the calling thread)
+            with T.attr(0, "pragma_parallel_launch_point", 1):
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                    decode1_gu(x, ids, gq, gs, gc, hbuf, iw, nthr, gqf)
+                decode1_dn(tw, ids, dq, ds, dc, y, hbuf, iw, nthr, dqf)
+        else:
+            decode1_gu(x, ids, gq, gs, gc, hbuf, iw, nthr, gqf)
+            decode1_dn(tw, ids, dq, ds, dc, y, hbuf, iw, nthr, dqf)
+
+    @T.macro
+    def phased_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, ybuf, iw, act, asc, n, nthr, gqf, dqf):
         # 1. counting sort of the (token, k) pairs by expert
         for e in range(E):
             iw[e] = 0
@@ -593,6 +720,16 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                             o[v] = o[v] + wt * ybuf[pos, hc0 + hv * VL + v]
                 for v in T.vectorized(VL):
                     y[t, hc0 + hv * VL + v] = o[v]
+
+    @T.macro
+    def moe_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, ybuf, iw, act, asc, n, nthr, gqf, dqf):
+        if DECODE != "phased":
+            if n == 1:
+                decode1_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, iw, nthr, gqf, dqf)
+            else:
+                phased_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, ybuf, iw, act, asc, n, nthr, gqf, dqf)
+        else:
+            phased_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, ybuf, iw, act, asc, n, nthr, gqf, dqf)
 
     # ---- the PrimFunc ---------------------------------------------------------------------------
     if fmt == "int4":

@@ -133,7 +133,10 @@ def check_host(entry: dict[str, Any]) -> None:
 
 class _Scratch(threading.local):
     def __init__(self) -> None:
-        self.bufs: dict[tuple, tuple[int, list[Tensor]]] = {}
+        # per scratch layout: (capacity in tokens, its buffers, the views handed out per T).
+        # The views are kept because slicing five tensors costs ~10 us, as much as a whole
+        # single-token kernel call with few experts (decode calls come with one T, again and again)
+        self.bufs: dict[tuple, tuple[int, list[Tensor], dict[int, list[Tensor]]]] = {}
 
 
 class CpuExpertKernels:
@@ -199,9 +202,15 @@ class CpuExpertKernels:
         cur = self._scratch.bufs.get(key)
         if cur is None or cur[0] < T:
             cap = max(T, 2 * cur[0] if cur else 1)
-            cur = (cap, [torch.empty(fixed + per * cap, dtype=dt) for _, dt, fixed, per in k["scratch"]])
+            cur = (cap, [torch.empty(fixed + per * cap, dtype=dt) for _, dt, fixed, per in k["scratch"]], {})
             self._scratch.bufs[key] = cur
-        return [buf[: fixed + per * T] for buf, (_, _, fixed, per) in zip(cur[1], k["scratch"], strict=True)]
+        views = cur[2].get(T)
+        if views is None:
+            if len(cur[2]) >= 8:    # prefill sizes vary: keep a few
+                cur[2].clear()
+            views = cur[2][T] = [buf[: fixed + per * T]
+                                 for buf, (_, _, fixed, per) in zip(cur[1], k["scratch"], strict=True)]
+        return views
 
     def moe_experts(self, kernel_name: str, x: Tensor, topk_weights: Tensor, topk_ids: Tensor,
                     packed: dict[str, Tensor], out: Tensor | None = None) -> Tensor:
@@ -256,8 +265,10 @@ class CpuExpertKernels:
         for t0 in range(0, T, step):
             t1 = min(T, t0 + step)
             scratch = self._scratch_for(k, t1 - t0)
+            # one piece (every decode call): the tensors themselves, no views to make
+            part = (x, tw, ids, y) if t1 - t0 == T else (x[t0:t1], tw[t0:t1], ids[t0:t1], y[t0:t1])
             try:
-                k["fn"](x[t0:t1], tw[t0:t1], ids[t0:t1], *weights, y[t0:t1], *scratch, nthr)
+                k["fn"](*part[:3], *weights, part[3], *scratch, nthr)
             except (TypeError, ValueError) as e:
                 raise InputError(f"{kernel_name}: {str(e).splitlines()[0]}") from None
         return y

@@ -48,21 +48,33 @@ def _root_dir() -> Path:
     return _root
 
 
+def _split(name: str) -> tuple[str, str | None]:
+    """"x86-avx512@phased" -> ("x86-avx512", "phased"): a build with another single-token
+    decode path (tir_experts.KernelConfig.decode), to compare the paths with each other."""
+    base, _, decode = name.partition("@")
+    return base, decode or None
+
+
 def specs_for(name: str) -> list[ExpertKernelSpec]:
-    """x86-amx (never runnable on the test hosts so far) and the emulated AMX build only the
-    quantized kernels."""
-    if name == EMU or (name == "x86-amx" and not get_target(name).runs_here()):
+    """x86-amx (never runnable on the test hosts so far), the emulated AMX build and the other
+    decode paths build only the quantized kernels."""
+    base, decode = _split(name)
+    if decode or base == EMU or (base == "x86-amx" and not get_target(base).runs_here()):
         return [SPECS["int8"], SPECS["int4"]]
     return list(SPECS.values())
 
 
 def target_for(name: str):
-    return get_target("x86-avx512" if name == EMU else name)
+    base = _split(name)[0]
+    return get_target("x86-avx512" if base == EMU else base)
 
 
 def _build(name: str) -> tuple[Path, dict[str, Any]]:
     out = _root_dir() / name
-    config = dict(TARGET_CONFIGS["x86-amx"], variant="amx-emu") if name == EMU else None
+    base, decode = _split(name)
+    config = dict(TARGET_CONFIGS["x86-amx"], variant="amx-emu") if base == EMU else None
+    if decode:
+        config = dict(config or TARGET_CONFIGS[base], decode=decode)
     return out, build_cpu_kernels(specs_for(name), target_for(name), out, config=config)
 
 

@@ -132,6 +132,16 @@ def test_build_contains_the_targets_instructions(all_builds, name):
             assert m in text, m
     for k in entry["kernels"].values():
         assert [d["name"] for d in k["scratch"]] == ["hbuf", "ybuf", "iwork", "act", "asc"]
+    # single tokens: gate/up and down in one launch of the thread pool, a barrier between them
+    assert entry["config"]["decode"] == "fused" and "TVMBackendParallelBarrier" in text
+
+
+def test_decode_paths_are_checked():
+    from ktc.codegen.tir_experts import DECODE_PATHS, KernelConfig
+
+    assert KernelConfig().decode == "fused" and set(DECODE_PATHS) == {"fused", "regions", "phased"}
+    with pytest.raises(ValueError, match="decode path"):
+        KernelConfig(decode="serial")
 
 
 def test_missing_instructions_are_reported():

@@ -113,6 +113,124 @@ def test_prefill_sized_batches_and_skipped_ids(loaded, weights, target, fmt):
         assert torch.equal(y[0], torch.zeros(spec.hidden_size)) and y[1].abs().sum() > 0
 
 
+def _raw_call(kernels, spec, parts, x, tw, ids, nthr, gen):
+    """The kernel itself, with NaN in y and float scratch and random bytes in the rest: every
+    element of y must be written, nothing may be read from scratch before it is written."""
+    k = kernels._kernels[spec.name]
+    T = x.shape[0]
+    y = torch.full((T, spec.hidden_size), float("nan"))
+    scratch = []
+    for _, dt, fixed, per in k["scratch"]:
+        n = fixed + per * T
+        if dt == torch.float32:
+            scratch.append(torch.full((n,), float("nan")))
+        else:
+            lo, hi = (-(2**31), 2**31 - 1) if dt == torch.int32 else (0, 255)
+            scratch.append(torch.randint(lo, hi, (n,), dtype=dt, generator=gen))
+    k["fn"](x, tw, ids, *[parts[n] for n in spec.weight_parts()], y, *scratch, nthr)
+    return y
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+@pytest.mark.parametrize("fmt", list(SPECS))
+def test_single_token_with_no_active_expert_writes_zeros(loaded, weights, target, fmt):
+    """T=1 whose every id is outside [0, E) (all its experts run elsewhere): y is exactly 0,
+    over a poisoned y, whatever the task count (the decode path wakes no thread for it)."""
+    _need(target, fmt)
+    spec = SPECS[fmt]
+    parts = weights[fmt][2]
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(1, spec.hidden_size, generator=gen)
+    tw = torch.rand(1, spec.top_k, generator=gen)
+    for bad in (-1, spec.num_experts, -5):
+        ids = torch.full((1, spec.top_k), -1, dtype=torch.int32)
+        ids[0, -1] = bad
+        for nthr in (1, 2, 7):
+            y = _raw_call(loaded[target], spec, parts, x, tw, ids, nthr, gen)
+            assert torch.equal(y, torch.zeros(1, spec.hidden_size))
+        assert torch.equal(loaded[target].moe_experts(spec.name, x, tw, ids, parts), torch.zeros(1, spec.hidden_size))
+
+
+def _single_token_routings(spec, gen):
+    """T=1 routings mixing valid ids with -1 and other ids outside [0, E): one valid pair
+    (first, last), several, a repeated expert, every pair valid."""
+    E, K = spec.num_experts, spec.top_k
+    out = []
+    for pattern in ("first", "last", "mixed", "repeat", "all"):
+        ids = torch.randperm(E, generator=gen)[:K].to(torch.int32)[None].clone()
+        if pattern == "first":
+            ids[0, 1:] = -1
+        elif pattern == "last":
+            ids[0, :-1] = -1
+            ids[0, 0] = E + 3
+        elif pattern == "mixed":
+            ids[0, ::2] = -1
+            ids[0, -1] = E if K > 2 else ids[0, -1]
+        elif pattern == "repeat" and K > 1:
+            ids[0, 1] = ids[0, 0]
+            ids[0, -1] = -1 if K > 2 else ids[0, -1]
+        tw = torch.rand(1, K, generator=gen)
+        out.append((pattern, tw / tw.sum(-1, keepdim=True), ids))
+    return out
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+@pytest.mark.parametrize("fmt", list(SPECS))
+def test_single_token_with_skipped_ids_matches_reference(loaded, weights, target, fmt):
+    """T=1 with a mix of -1, out-of-range and valid ids against the float64 reference, for task
+    counts below, at and above the number of work units: the split must neither drop nor
+    double a row, so every task count gives the same bits."""
+    _need(target, fmt)
+    spec = SPECS[fmt]
+    _, _, parts, gud, dnd = weights[fmt]
+    gen = torch.Generator().manual_seed(23)
+    for pattern, tw, ids in _single_token_routings(spec, gen):
+        x = torch.randn(1, spec.hidden_size, generator=gen)
+        ref = reference_moe(x, tw, ids, gud, dnd)
+        first = None
+        for nthr in (1, 2, 3, 5, 64, 1000):
+            y = _raw_call(loaded[target], spec, parts, x, tw, ids, nthr, gen)
+            assert rel(y, ref) < tol_deq(target, fmt, 1), (pattern, nthr)
+            if first is None:
+                first = y
+            assert torch.equal(y, first), (pattern, nthr)
+        assert torch.equal(loaded[target].moe_experts(spec.name, x, tw, ids, parts), first), pattern
+
+
+# the other single-token decode paths (tir_experts.KernelConfig.decode), built for the best
+# target this host runs: the benchmarks compare them with the fused path, so they must agree
+DECODE_BASE = next((n for n in ("x86-avx512", "x86-avx2") if n in RUNNABLE), None)
+
+
+@pytest.mark.skipif(DECODE_BASE is None, reason="this host runs no x86 CPU kernels")
+@pytest.mark.parametrize("decode", ["regions", "phased"])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_decode_paths_agree(loaded, weights, decode, fmt):
+    name = f"{DECODE_BASE}@{decode}"
+    (out, entry), = builds([name]).values()
+    assert entry["config"]["decode"] == decode and loaded[DECODE_BASE].entry["config"]["decode"] == "fused"
+    other = CpuExpertKernels.load(out, entry)
+    spec = SPECS[fmt]
+    _, _, parts, gud, dnd = weights[fmt]
+    gen = torch.Generator().manual_seed(29)
+    for pattern, tw, ids in _single_token_routings(spec, gen):
+        x = torch.randn(1, spec.hidden_size, generator=gen)
+        fused = loaded[DECODE_BASE].moe_experts(spec.name, x, tw, ids, parts)
+        y = other.moe_experts(spec.name, x, tw, ids, parts)
+        assert rel(y, reference_moe(x, tw, ids, gud, dnd)) < tol_deq(DECODE_BASE, fmt, 1), pattern
+        if decode == "regions":   # the same tasks and micro-kernels, one launch more
+            assert torch.equal(y, fused), pattern
+        elif pattern != "repeat":  # a repeated expert is a token block on the phased path
+            # the same quantized math; only the compiler's fusing of multiply-adds in the
+            # activation quantization may differ between the two paths' code (a flipped rounding)
+            assert rel(y, fused) < 1e-3, pattern
+    # T > 1 takes the phased path in every build: the same function
+    x = torch.randn(5, spec.hidden_size, generator=gen)
+    tw, ids = _routing(5, spec.top_k, spec.num_experts, gen)
+    assert torch.equal(other.moe_experts(spec.name, x, tw, ids, parts),
+                       loaded[DECODE_BASE].moe_experts(spec.name, x, tw, ids, parts))
+
+
 @pytest.mark.parametrize("target", TARGET_PARAMS)
 def test_kernel_writes_every_output_and_ignores_scratch_contents(loaded, weights, target):
     """Call the raw kernel with poisoned output and scratch buffers."""
@@ -120,21 +238,11 @@ def test_kernel_writes_every_output_and_ignores_scratch_contents(loaded, weights
     spec = SPECS[fmt]
     _, _, parts, gud, dnd = weights[fmt]
     kernels = loaded[target]
-    fn = kernels._kernels[spec.name]["fn"]
     gen = torch.Generator().manual_seed(3)
     T, K, E = 17, spec.top_k, spec.num_experts
     x = torch.randn(T, spec.hidden_size, generator=gen)
     tw, ids = _routing(T, K, E, gen)
-    y = torch.full((T, spec.hidden_size), float("nan"))
-    scratch = []
-    for _, dt, fixed, per in kernels._kernels[spec.name]["scratch"]:
-        n = fixed + per * T
-        if dt == torch.float32:
-            scratch.append(torch.full((n,), float("nan")))
-        else:
-            lo, hi = (-(2**31), 2**31 - 1) if dt == torch.int32 else (0, 255)
-            scratch.append(torch.randint(lo, hi, (n,), dtype=dt, generator=gen))
-    fn(x, tw, ids, *[parts[n] for n in spec.weight_parts()], y, *scratch, 2)
+    y = _raw_call(kernels, spec, parts, x, tw, ids, 2, gen)
     assert torch.isfinite(y).all()
     assert rel(y, reference_moe(x, tw, ids, gud, dnd)) < tol_deq(target, fmt, T)
     # and the wrapper's reused scratch gives the same answer twice

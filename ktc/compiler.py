@@ -79,6 +79,21 @@ def _resolve_targets(target: str, cpu_target: str | None):
         raise KtcError(f"{e}: name a target to cross-compile for, e.g. --target x86-avx2") from None
 
 
+def _read_tuning(path: str | Path):
+    """`ktc tune` records (JSON) to ship in the artifact's tuning/ folder; KtcError if unreadable."""
+    from ktc.runtime.tuning import TuningRecords
+
+    path = Path(path)
+    if not path.is_file():
+        raise KtcError(f"tuning records {path} do not exist: give a file written by `ktc tune` "
+                       "(ARTIFACT/tuning/<host>.json or the user cache's)")
+    try:
+        return TuningRecords.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise KtcError(f"{path} is not a ktc tuning records file ({str(e).splitlines()[0]}): "
+                       "give a file written by `ktc tune`") from None
+
+
 def compile_model(
     model_dir: str | Path,
     output: str | Path,
@@ -91,6 +106,7 @@ def compile_model(
     max_context: int | None = None,
     calibration: str | Path | None = None,
     rules: str | Path | None = None,
+    tuning: str | Path | None = None,
     dump_ir: str | Path | None = None,
     progress: CompileProgress | None = None,
     options: dict[str, Any] | None = None,
@@ -132,6 +148,7 @@ def compile_model(
         options["calibration"] = read_calibration(calibration)
     if max_context is not None:
         options["max_context"] = int(max_context)
+    records = _read_tuning(tuning) if tuning is not None else None
     if output.exists() and not force:
         raise KtcError(f"{output} already exists: choose another -o path or pass --force to replace it")
 
@@ -205,6 +222,11 @@ def compile_model(
                         "gpu_memory": ctx.gpu_memory_bytes, "max_context": options.get("max_context"),
                         "calibration": str(calibration) if calibration else None,
                         "rules": [r.to_dict() for r in options.get("placement_rules", []) if hasattr(r, "to_dict")],
+                        "tuning": str(tuning) if tuning else None,
                         "passes": [r.__dict__ for r in manager.records]},
         })
+        if records is not None:   # tuning/ is not in the manifest's hash list: records are checked on read
+            from ktc.runtime.tuning import artifact_records_path
+
+            records.save(artifact_records_path(folder, records.host))
     return CompileReport(str(output), time.perf_counter() - start, phases, graph)

@@ -183,3 +183,35 @@ def test_usage_errors_are_usage_errors_not_internal_errors(capsys):
     assert main(["inspect"]) == 2
     text = capsys.readouterr().err
     assert "Missing" in text and "internal error" not in text
+
+
+def test_demo_makes_compiles_and_runs_a_tiny_model(tmp_path, capsys):
+    """The README's first command ends in `ktc demo`: it must work on a fresh machine."""
+    from ktc.cli import main
+
+    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 0
+    text = capsys.readouterr().out
+    assert "With a real model" in text and (tmp_path / "demo" / "tiny-qwen3_moe.ktc" / "manifest.json").is_file()
+
+
+def test_compile_ships_tuning_records_and_refuses_a_bad_file(tmp_path, tiny_models, capsys):
+    from ktc.cli import main
+    from ktc.runtime.tuning import TuningRecord, TuningRecords, artifact_records_path, host_key
+
+    host = host_key()
+    recs = TuningRecords(host)
+    recs.add(TuningRecord(key="matmul.linear|8x8|bfloat16|b1", config={"BLOCK_N": 32}, seconds=1e-6,
+                          default_seconds=2e-6, candidates=3, status="kept"))
+    good = tmp_path / "records.json"
+    recs.save(good)
+    out = tmp_path / "t.ktc"
+    assert main(["compile", str(tiny_models["qwen3_moe"]), "-o", str(out), "--tuning", str(good)]) == 0
+    shipped = artifact_records_path(out, host)
+    assert shipped.is_file() and TuningRecords.from_json(shipped.read_text()).records.keys() == recs.records.keys()
+    assert main(["inspect", str(out)]) == 0
+    assert "used on this host" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["compile", str(tiny_models["qwen3_moe"]), "-o", str(tmp_path / "u.ktc"), "--tuning", str(bad)]) == 1
+    assert "not a ktc tuning records file" in capsys.readouterr().err
+    assert not (tmp_path / "u.ktc").exists()

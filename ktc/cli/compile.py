@@ -46,6 +46,8 @@ def compile_cmd(
     calibration: Path = typer.Option(None, help="Expert activation counts from `ktc calibrate`: the hottest "
                                      "experts go on the GPU"),
     rules: Path = typer.Option(None, help="Placement rules (TOML: [[rule]] match = regex, device, format)"),
+    tuning: Path = typer.Option(None, help="`ktc tune` records to ship in the artifact (used on the host they "
+                                "were measured on)"),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists"),
     dump_ir: Path = typer.Option(None, help="Write the IR after each pass into this folder"),
     weights_free: bool = typer.Option(False, "--weights-free", help="Plan and kernels from config.json alone, no "
@@ -59,8 +61,8 @@ def compile_cmd(
                   TimeElapsedColumn(), console=err, transient=True) as progress:
         report = compile_model(model_dir, output, target=target, cpu_target=cpu_target, quant=quant, force=force,
                                gpu_memory=gpu_memory, gpu_quant=gpu_quant, max_context=max_context,
-                               calibration=calibration, rules=rules, dump_ir=dump_ir, weights_free=weights_free,
-                               progress=RichCompileProgress(progress))
+                               calibration=calibration, rules=rules, tuning=tuning, dump_ir=dump_ir,
+                               weights_free=weights_free, progress=RichCompileProgress(progress))
     g = report.graph
     moe = g.nodes_of("moe_experts") if g else []
     kernels = sorted({n.kernel for n in moe if n.kernel})

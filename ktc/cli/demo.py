@@ -17,21 +17,21 @@ def demo_cmd(
     prompt: str = typer.Option("hello world", help="Prompt to run"),
 ) -> None:
     """Compile and run a tiny random-weight MoE model end to end, then show how to use a real one."""
-    from ktc.cli.compile import compile_cmd
-    from ktc.cli.run import run_cmd
-    from ktc.cli.tiny import tiny_cmd
-
     model_dir, artifact = workdir / f"tiny-{arch}", workdir / f"tiny-{arch}.ktc"
     shutil.rmtree(model_dir, ignore_errors=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    out.print(f"[bold]1. make[/] a tiny random {arch} model:  ktc tiny {arch} {model_dir}")
-    tiny_cmd(arch=arch, out_dir=model_dir, layers=2, seed=0, tokenizer=True)
-    out.print(f"[bold]2. compile[/] it for this CPU:  ktc compile {model_dir} -o {artifact} --target cpu --force")
-    compile_cmd(model_dir=model_dir, output=artifact, target="cpu", cpu_target=None, quant=None, gpu_memory=None,
-                gpu_quant=None, max_context=None, calibration=None, rules=None, force=True, dump_ir=None)
-    out.print(f"[bold]3. run[/] it (random weights, so the text is gibberish):  ktc run {artifact} --prompt ...")
-    run_cmd(artifact=artifact, prompt=prompt, tokens=None, max_new_tokens=16, temperature=0.0, top_k=0, top_p=1.0,
-            seed=None, verify="full")
+    steps = [
+        (f"[bold]1. make[/] a tiny random {arch} model", ["tiny", arch, str(model_dir)]),
+        ("[bold]2. compile[/] it for this CPU", ["compile", str(model_dir), "-o", str(artifact), "--target", "cpu",
+                                                "--force"]),
+        ("[bold]3. run[/] it (random weights, so the text is gibberish)", ["run", str(artifact), "--prompt", prompt,
+                                                                           "--max-new-tokens", "16"]),
+    ]
+    for title, argv in steps:   # through the CLI itself, so every option keeps its command-line default
+        out.print(f"{title}:  ktc {' '.join(argv)}")
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            raise typer.Exit(code)
     out.print("\n[bold]With a real model[/] (a Hugging Face folder with config.json and *.safetensors):\n"
               "  ktc compile ./Qwen3-30B-A3B -o qwen.ktc --target cpu --quant int8\n"
               "  ktc run qwen.ktc --prompt \"Hello\" --max-new-tokens 64\n"

@@ -79,6 +79,9 @@ def inspect_cmd(
         out.print(f"CPU target: {cpu['target']} ({cpu['lib']}, {len(cpu.get('kernels', {}))} kernels): {state}")
     if any(n.device not in (None, "cpu") for n in g.nodes):
         _print_placement(g)
+    from ktc.runtime.tuning import tuning_summary
+
+    out.print(tuning_summary(artifact), markup=False)
     if graph:
         out.print(str(g), markup=False)
     if png is not None:

@@ -207,14 +207,11 @@ def _prepare_moe(node, w):
 
 
 def expert_table(node: Node, device) -> torch.Tensor | None:
-    """Router expert id -> row in this node's weights (int32, -1 for experts it does not hold),
-    for a node holding a subset (attrs["experts"]); None when it holds them all."""
-    experts = node.attrs.get("experts")
-    if experts is None:
-        return None
-    table = torch.full((int(node.attrs["num_global_experts"]),), -1, dtype=torch.int32)
-    table[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts), dtype=torch.int32)
-    return table.to(device)
+    """runtime.ops.moe.expert_table on `device` (router id -> row of this node, -1 elsewhere)."""
+    from ktc.runtime.ops.moe import expert_table as table_of
+
+    table = table_of(node)
+    return None if table is None else table.to(device)
 
 
 def _moe(node, inputs, w, ctx):

@@ -35,12 +35,21 @@ def _prepare(node, weights):
         else:
             packed.update({f"{role}.{part}": t for part, t in w.items()})
     out = {"packed": packed}
-    experts = node.attrs.get("experts")
-    if experts is not None:   # a subset of the router's experts: other ids map to -1, which kernels skip
-        table = torch.full((int(node.attrs["num_global_experts"]),), -1, dtype=torch.int32)
-        table[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts), dtype=torch.int32)
+    table = expert_table(node)
+    if table is not None:   # a subset of the router's experts: other ids map to -1, which kernels skip
         out["table"] = table
     return out
+
+
+def expert_table(node) -> torch.Tensor | None:
+    """Router expert id -> row in this node's weights (int32, -1 for experts it does not hold),
+    for a node holding a subset (attrs["experts"]); None when it holds them all."""
+    experts = node.attrs.get("experts")
+    if experts is None:
+        return None
+    table = torch.full((int(node.attrs["num_global_experts"]),), -1, dtype=torch.int32)
+    table[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts), dtype=torch.int32)
+    return table
 
 
 def run(node, inputs: list[torch.Tensor], weights: Weights, ctx: RunContext) -> tuple[torch.Tensor]:

@@ -55,15 +55,21 @@ def layer_specs(graph: Graph) -> dict[int, LayerSpec]:
 
 
 class KVCache:
+    """`generation` changes whenever the buffers are re-allocated or dropped: a CUDA graph captured
+    over them is valid only while it stays the same (runtime/gpu/model.py)."""
+
     def __init__(self, specs: dict[int, LayerSpec], max_batch_size: int | None = None,
-                 max_context: int | None = None, dtype: torch.dtype = torch.float32):
+                 max_context: int | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         self.specs = dict(specs)
         self.max_batch_size = max_batch_size
         self.max_context = max_context
         self.dtype = dtype
+        self.device = torch.device(device)
         self.length = 0
         self.batch = 0
         self.capacity = 0
+        self.generation = 0
         self._buffers: dict[int, tuple[torch.Tensor, ...]] = {}
 
     @classmethod
@@ -73,9 +79,10 @@ class KVCache:
     # -- allocation -------------------------------------------------------------
     def _alloc(self, spec: LayerSpec, batch: int, capacity: int) -> tuple[torch.Tensor, ...]:
         if spec.kind == "mla":
-            return (torch.empty(batch, capacity, spec.width, dtype=self.dtype),)
+            return (torch.empty(batch, capacity, spec.width, dtype=self.dtype, device=self.device),)
         shape = (batch, spec.heads, capacity, spec.width)
-        return torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+        return (torch.empty(shape, dtype=self.dtype, device=self.device),
+                torch.empty(shape, dtype=self.dtype, device=self.device))
 
     def reserve(self, batch: int, length: int) -> None:
         """Make room for `batch` rows of `length` tokens, keeping what is cached."""
@@ -91,6 +98,12 @@ class KVCache:
                     new_t.narrow(seq_dim, 0, self.length).copy_(old_t.narrow(seq_dim, 0, self.length))
             self._buffers[layer] = new
         self.batch, self.capacity = batch, capacity
+        self.generation += 1
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """(k, v) of a GQA layer; (rows,) of an MLA layer: the whole buffers, for kernels that
+        write and read them in place."""
+        return self._buffers[layer]
 
     def advance(self, seq: int) -> None:
         self.length += seq
@@ -99,6 +112,7 @@ class KVCache:
         """Forget every token and free the buffers."""
         self._buffers.clear()
         self.length = self.batch = self.capacity = 0
+        self.generation += 1
 
     @property
     def nbytes(self) -> int:

@@ -13,7 +13,13 @@ import torch
 
 from ktc.runtime.gpu.kv_cache import GpuKVCache
 from ktc.runtime.kv_cache import layer_specs
-from tests.runtime.gpu.test_gpu_model import HAS_CUDA, _executor, _run_prefill_then_decode, bf16_weights_ref
+from tests.runtime.gpu.test_gpu_model import (
+    HAS_CUDA,
+    _executor,
+    _run_prefill_then_decode,
+    bf16_weights_ref,
+    check_generate_with_cuda_graphs,
+)
 from tests.runtime.helpers import Builder, causal_mask, hf_model, mla_attrs, mla_weights
 from tests.test_end_to_end import hf_model as hf_folder_model
 from tests.test_end_to_end import prompts, rel_err
@@ -190,21 +196,7 @@ def test_gpu_executor_prefill_after_cached_tokens(tiny_models, mla_compiled):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_generate_with_cuda_graphs_matches_transformers(tiny_models, mla_compiled):
-    import ktc
-
-    model = ktc.load(str(mla_compiled("deepseek_v3")))
-    ref = bf16_weights_ref(tiny_models["deepseek_v3"]).to(torch.bfloat16)
-    ids = prompts(ref.config.vocab_size, 5, seed=3)
-    got = model.generate(ids, max_new_tokens=12, eos_token_id=[])
-    model.cuda_graphs = False
-    again = model.generate(ids, max_new_tokens=12, eos_token_id=[])
-    assert got.tolist() == again.tolist()                 # graph replay == eager steps
-    with torch.no_grad():
-        expected = ref.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0,
-                                eos_token_id=None)
-    agree = (got[:, 5:] == expected[:, 5:]).float().mean().item()
-    print(f"\ngreedy tokens agreeing with transformers bf16: {agree:.0%}")
-    assert agree >= 0.5
+    check_generate_with_cuda_graphs(mla_compiled("deepseek_v3"), tiny_models["deepseek_v3"])
 
 
 def test_hf_folder_model_is_deepseek(tiny_models):

@@ -39,6 +39,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _scatter_slots(ids, s, smask, e, running, sorted_ptr):
+    """Write slots s (expert ids `ids`) to their places sorted by expert, after `running[e]` slots
+    already placed per expert (rank = slot order); ids of no expert here are dropped. -> new running."""
+    eq = (ids[:, None] == e[None, :]).to(tl.int32)
+    before = tl.cumsum(eq, axis=0) - eq
+    dest = tl.sum(eq * (before + running[None, :]), axis=1)
+    tl.store(sorted_ptr + dest, s, mask=smask & (tl.sum(eq, axis=1) > 0))
+    return running + tl.sum(eq, axis=0)
+
+
+@triton.jit
 def moe_align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, total_ptr, num_slots, max_padded, max_blocks,
                      NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
                      CHUNK: tl.constexpr):
@@ -66,11 +77,7 @@ def moe_align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, total_ptr, num_slots
         s = s0 + tl.arange(0, CHUNK)
         smask = s < num_slots
         ids = tl.load(ids_ptr + s, mask=smask, other=-1)
-        eq = (ids[:, None] == e[None, :]).to(tl.int32)
-        before = tl.cumsum(eq, axis=0) - eq
-        dest = tl.sum(eq * (before + running[None, :]), axis=1)
-        tl.store(sorted_ptr + dest, s, mask=smask & (tl.sum(eq, axis=1) > 0))   # ids of no expert here: dropped
-        running += tl.sum(eq, axis=0)
+        running = _scatter_slots(ids, s, smask, e, running, sorted_ptr)
 
 
 @triton.jit
@@ -122,11 +129,7 @@ def moe_scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, num_slots, BLOCK_E: tl.
         s = p * CHUNK + sub + tl.arange(0, SUB)
         smask = s < num_slots
         ids = tl.load(ids_ptr + s, mask=smask, other=-1)
-        eq = (ids[:, None] == e[None, :]).to(tl.int32)
-        before = tl.cumsum(eq, axis=0) - eq
-        dest = tl.sum(eq * (before + running[None, :]), axis=1)
-        tl.store(sorted_ptr + dest, s, mask=smask & (tl.sum(eq, axis=1) > 0))   # ids of no expert here: dropped
-        running += tl.sum(eq, axis=0)
+        running = _scatter_slots(ids, s, smask, e, running, sorted_ptr)
 
 
 @triton.jit

@@ -310,6 +310,10 @@ class ModelBench:
             self._per_round[b] = self._count(self._ms(lambda: step(tok), 4), self.min_steps, MAX_STEPS)
         v = len(variants)
         steps = max(self.min_steps, min(self._per_round[b], (MAX_DECODE - 2 * v) // (self.rounds * v) - 1))
+        fits = (limit - 4 - 2 * v) // (self.rounds * v) - 1   # most steps that leave a 1-token prompt in context
+        steps = min(steps, fits)
+        if steps < 1:
+            raise KtcError(f"{self.rounds} rounds of {v} variants do not fit the model's context ({limit} tokens)")
         reserve = 2 * v + self.rounds * v * (1 + steps) + 2
         if reserve >= limit:
             raise KtcError(f"{reserve} decode steps do not fit the model's context ({limit} tokens)")

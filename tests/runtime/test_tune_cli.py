@@ -281,3 +281,18 @@ def test_validation_with_the_real_model_on_the_tiny_artifact(searched, monkeypat
         assert r.status == ("kept" if e["tuned_ms"] < e["untuned_ms"] else "dropped")
     text = _flat(capsys.readouterr().out)
     assert "decode b2" in text and "prefill 32" in text and " ms " in text
+
+
+def test_decode_validation_of_a_fast_step_fits_a_short_context(artifact, monkeypatch):
+    """A fast host times many steps per round; the rounds still fit the artifact's 256-token context
+    (CI once failed with '336 decode steps do not fit')."""
+    import ktc.runtime.tune_validate as tv
+
+    monkeypatch.setattr(tv, "MAX_STEPS", 1000)
+    model = ktc.load(str(artifact))
+    assert model.max_context == 256
+    bench = tv.ModelBench(model, rounds=5)
+    bench._per_round[4] = 1000                  # as if one step took microseconds
+    state = bench.current()
+    times = bench.measure(4, [state, state])
+    assert len(times) == 2 and all(t > 0 for t in times)

@@ -3,11 +3,14 @@
 Run by ktc.codegen.cpu_experts.build_cpu_kernels, never imported by the compiler process: it
 imports TVM, builds every requested spec into one IRModule, compiles it with tvm.compile for
 the request's JSON target, exports the shared library, writes the assembly (for the
-instruction check when no objdump is around) and a result JSON.
+instruction check when no objdump is around) and a result JSON. The config's
+"prefill_variants" (amx targets) add, per quantized spec, the same kernel built with each
+other int8/int4 prefill path as symbol "<name>__<path>", for the runtime to choose by tuning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -21,15 +24,26 @@ def main(argv: list[str]) -> int:
     from ktc.codegen.cpu_experts import ExpertKernelSpec
     from ktc.codegen.tir_experts import KernelConfig, make_moe_prim_func
 
-    cfg = KernelConfig(**req["config"])
+    config = dict(req["config"])
+    extra = [p for p in config.pop("prefill_variants", []) if p != config.get("prefill", "int")]
+    cfg = KernelConfig(**config)
     funcs = {}
     symbols = {}
+    variants: dict[str, dict[str, str]] = {}
     for d in req["specs"]:
         spec = ExpertKernelSpec.from_dict(d)
         sym = spec.name
+        more = extra if spec.quantized and cfg.variant in ("amx", "amx-emu") else []
+        paths = [cfg.prefill, *more]
         funcs[sym] = make_moe_prim_func(spec.hidden_size, spec.intermediate_size, spec.num_experts,
-                                        spec.top_k, spec.format, spec.group_size, cfg, sym)
+                                        spec.top_k, spec.format, spec.group_size, cfg, sym, paths)
         symbols[spec.name] = sym
+        for path in more:      # the same kernel with another int8/int4 prefill path
+            vsym = f"{sym}__{path}"
+            funcs[vsym] = make_moe_prim_func(spec.hidden_size, spec.intermediate_size, spec.num_experts,
+                                             spec.top_k, spec.format, spec.group_size,
+                                             dataclasses.replace(cfg, prefill=path), vsym, paths)
+            variants.setdefault(spec.name, {})[path] = vsym
     target = tvm.target.Target(req["target"])
     ex = tvm.compile(tvm.IRModule(funcs), target=target)
     ex.export_library(req["lib"])
@@ -37,7 +51,7 @@ def main(argv: list[str]) -> int:
         f.write(ex.mod.inspect_source("s"))
     runtime_lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime.so")
     with open(req["result"], "w") as f:
-        json.dump({"symbols": symbols, "needs_runtime": True, "runtime_lib": runtime_lib}, f)
+        json.dump({"symbols": symbols, "variants": variants, "needs_runtime": True, "runtime_lib": runtime_lib}, f)
     return 0
 
 

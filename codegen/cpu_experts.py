@@ -69,18 +69,23 @@ TARGET_CONFIGS: dict[str, dict[str, Any]] = {
     "x86-avx512": {"variant": "vnni", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
                    "decode_rows": 2, "decode": "fused"},
     "x86-amx": {"variant": "amx", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
-                "decode_rows": 2, "decode": "fused"},
+                "decode_rows": 2, "decode": "fused", "prefill": "int", "prefill_variants": ["bf16"]},
 }
+# "prefill_variants": other int8/int4 prefill paths built into the same library as
+# "moe_experts@<path>" functions (codegen/cpu_build); `ktc tune` picks one per batch bucket
 ACT_LEVELS = {"int8": 2, "int4": 1}   # activation quantization levels of the int-dot path
 
 
-def scratch_parts(H: int, I: int, E: int, K: int, fmt: str, intdot: bool) -> list[dict[str, Any]]:  # noqa: E741
+def scratch_parts(H: int, I: int, E: int, K: int, fmt: str, intdot: bool,  # noqa: E741
+                  prefill: str = "int") -> list[dict[str, Any]]:
     """The kernel's scratch buffers (ABI 2): name, dtype, fixed + per_token * T elements.
-    Column blocks of the int-dot path: at most E + T * ceil(K * levels / 16) (see tir_intdot)."""
-    lv = ACT_LEVELS.get(fmt, 1)
+    Column blocks of the int-dot path: at most E + T * ceil(K * levels / 16) (see tir_intdot),
+    of `levels` bytes per value; of the bf16 paths (tir_amx_bf16) E + T * ceil(K * levels / 16),
+    2 bytes per value."""
+    lv = {"bf16": 1, "bf16x2": 2}.get(prefill, ACT_LEVELS.get(fmt, 1))
     nb_per = -(-K * lv // 16)
     nb_fix = E
-    km = max(H, I)
+    km = max(H, I) * (1 if prefill == "int" else 2)
     parts = [
         {"name": "hbuf", "dtype": "float32", "fixed": 0, "per_token": K * I},
         {"name": "ybuf", "dtype": "float32", "fixed": 0, "per_token": K * H},
@@ -249,10 +254,15 @@ def _disassemble(lib: Path) -> str | None:
     return None
 
 
-def missing_instructions(text: str, target: CpuTarget, quantized: bool = False) -> list[str]:
+def missing_instructions(text: str, target: CpuTarget, quantized: bool = False,
+                         prefill: str = "int") -> list[str]:
     """The target's expected instruction mnemonics (substrings) absent from disassembly `text`
-    (with `quantized`, also those of its int8/int4 kernels)."""
-    want = list(target.expected_instructions) + (list(target.quant_instructions) if quantized else [])
+    (with `quantized`, also those of its int8/int4 kernels; the bf16 prefill path has AMX-BF16
+    tile products instead of the integer ones)."""
+    quant = list(target.quant_instructions) if quantized else []
+    if prefill != "int" and quant:
+        quant = ["tdpbf16ps" if m == "tdpbsud" else m for m in quant] + ["vcvtne2ps2bf16"]
+    want = list(target.expected_instructions) + quant
     return [m for m in want if m not in text]
 
 
@@ -294,7 +304,9 @@ def build_cpu_kernels(specs: list[ExpertKernelSpec], target: CpuTarget, out_dir:
         if text is None:
             text = Path(result["asm"]).read_text()
         quantized = cfg.get("variant", "fma") in ("vnni", "amx") and any(s.quantized for s in uniq.values())
-        missing = missing_instructions(text, target, quantized)
+        missing = missing_instructions(text, target, quantized, cfg.get("prefill", "int"))
+        for path in {p for v in result.get("variants", {}).values() for p in v}:
+            missing += [m for m in missing_instructions(text, target, quantized, path) if m not in missing]
         if missing:
             raise KtcError(f"the {target.name} CPU kernels lack the expected instructions "
                            f"{', '.join(missing)}: the TVM target {json.dumps(target.tvm_target)} "
@@ -313,10 +325,33 @@ def build_cpu_kernels(specs: list[ExpertKernelSpec], target: CpuTarget, out_dir:
         "abi": ABI_VERSION,
         "config": cfg,
         "kernels": {
-            name: {"spec": s.to_dict(), "functions": {"moe_experts": result["symbols"][name]},
+            name: {"spec": s.to_dict(),
+                   "functions": {"moe_experts": result["symbols"][name],
+                                 **{f"moe_experts@{p}": sym
+                                    for p, sym in result.get("variants", {}).get(name, {}).items()}},
+                   "prefill": cfg.get("prefill", "int"),
+                   "prefill_from_pairs": PREFILL_PAIRS_PER_EXPERT * s.num_experts,
                    "weights": list(s.weight_parts()),
-                   "scratch": scratch_parts(s.hidden_size, s.intermediate_size, s.num_experts, s.top_k, s.format,
-                                            s.quantized and cfg.get("variant", "fma") != "fma")}
+                   "scratch": _scratch_of_paths(s, cfg.get("variant", "fma"),
+                                                [cfg.get("prefill", "int"),
+                                                 *result.get("variants", {}).get(name, {})])}
             for name, s in uniq.items()
         },
     }
+
+
+def _scratch_of_paths(s: ExpertKernelSpec, variant: str, paths: list[str]) -> list[dict[str, Any]]:
+    return scratch_parts_of_paths(s.hidden_size, s.intermediate_size, s.num_experts, s.top_k, s.format,
+                                  s.quantized and variant != "fma", paths)
+
+
+def scratch_parts_of_paths(H: int, I: int, E: int, K: int, fmt: str, intdot: bool,  # noqa: E741
+                           paths: list[str]) -> list[dict[str, Any]]:
+    """Scratch parts big enough for every prefill path of `paths` (each part's max): what every
+    function of a library that holds the kernel with several paths takes."""
+    layouts = [scratch_parts(H, I, E, K, fmt, intdot, p) for p in paths]
+    out = [dict(d) for d in layouts[0]]
+    for other in layouts[1:]:
+        for d, o in zip(out, other, strict=True):
+            d["fixed"], d["per_token"] = max(d["fixed"], o["fixed"]), max(d["per_token"], o["per_token"])
+    return out

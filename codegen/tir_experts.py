@@ -67,6 +67,9 @@ the lone tail token of a segment) run gate/up and down on vpdpbusd micro-kernels
 (mk_single_vnni: x quantized once per token, h once per pair in a short parallel phase, int8
 in two u8 levels, int4 in one) where the shapes allow (int8: K a multiple of 64; int4: of 128,
 group >= 64); token blocks of 2-8 stay on the FMA micro-kernels (float32 activations).
+On "amx" / "amx-emu", `prefill = "bf16"` takes the AMX-BF16 prefill path instead
+(codegen/tir_amx_bf16.py: weights dequantized to bf16 per work item, tdpbf16ps, no
+activation quantization and no per-group fold).
 
 Int4 layout (see cpu_experts.pack_expert_weights): along K, blocks of 32 values are 16 bytes;
 byte j of a block holds value j (low nibble) and value j + 16 (high nibble), two's complement.
@@ -74,18 +77,20 @@ byte j of a block holds value j (low nibble) and value j + 16 (high nibble), two
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ktc.codegen.cpu_experts import PREFILL_PAIRS_PER_EXPERT, scratch_parts
-from ktc.codegen.tir_intdot import make_prefill_body
+from ktc.codegen import tir_amx_bf16, tir_intdot
+from ktc.codegen.cpu_experts import PREFILL_PAIRS_PER_EXPERT, scratch_parts_of_paths
 
 KS = 32  # elements of K per inner step (one int4 block); H and I must be multiples
 
 QUANTIZED = ("int8", "int4")
 DECODE_PATHS = ("fused", "regions", "phased")   # KernelConfig.decode
+PREFILL_PATHS = ("int", "bf16", "bf16x2")        # KernelConfig.prefill
 
 
 @dataclass(frozen=True)
@@ -103,10 +108,18 @@ class KernelConfig:
     # the path of every other T (sort, gate/up, h quantization, down, weighted sum): what the
     # benchmark compares the others with
     decode: str = "fused"
+    # int8/int4 prefill on the vnni / amx variants: "int" integer dot products on quantized
+    # activations (tir_intdot), "bf16" AMX-BF16 tiles on dequantized weights (amx only),
+    # "bf16x2" the same with activations in two bf16 terms (tir_amx_bf16 levels=2)
+    prefill: str = "int"
 
     def __post_init__(self) -> None:
         if self.variant not in ("fma", "vnni", "amx", "amx-emu"):
             raise ValueError(f"unknown kernel variant {self.variant!r}")
+        if self.prefill not in PREFILL_PATHS:
+            raise ValueError(f"unknown prefill path {self.prefill!r}; expected one of {PREFILL_PATHS}")
+        if self.prefill != "int" and self.variant not in ("amx", "amx-emu"):
+            raise ValueError("the bf16 prefill path needs the amx (or amx-emu) variant")
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"unknown decode path {self.decode!r}; expected one of {DECODE_PATHS}")
         if KS % self.vl or 16 % self.vl or self.vl < 4:
@@ -161,8 +174,11 @@ def fast_exp(x):
 
 
 def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                       fmt: str, group_size: int | None, cfg: KernelConfig, symbol: str):
-    """The PrimFunc computing `moe_experts` for one spec (see the module docstring)."""
+                       fmt: str, group_size: int | None, cfg: KernelConfig, symbol: str,
+                       scratch_paths: list[str] | None = None):
+    """The PrimFunc computing `moe_experts` for one spec (see the module docstring). Its scratch
+    buffers are sized for every prefill path of `scratch_paths` (default: its own), so that the
+    functions of one library built with several paths take the same buffers."""
     H, I, E, K = hidden_size, intermediate_size, num_experts, top_k  # noqa: E741
     VL = cfg.vl
     NSUB = KS // VL
@@ -541,7 +557,11 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
     # ---- the whole layer -----------------------------------------------------------------------
     intdot = quant and cfg.variant != "fma"
     if intdot:
-        prefill_body = make_prefill_body(
+        if cfg.prefill == "int":
+            make = tir_intdot.make_prefill_body
+        else:
+            make = functools.partial(tir_amx_bf16.make_prefill_body, levels=2 if cfg.prefill == "bf16x2" else 1)
+        prefill_body = make(
             H=H, I=I, E=E, K=K, G=G, fmt=fmt, variant=cfg.variant, O_SEGEXP=O_SEGEXP, O_SEGSTART=O_SEGSTART,
             O_NSEG=O_NSEG, O_SORTED=O_SORTED, silu=lambda v: v / (T.float32(1) + fast_exp(T.float32(0) - v)))
 
@@ -742,7 +762,7 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
     i64 = T.int64
     gu_shape = (i64(E), i64(2 * I), i64(gq_k))
     dn_shape = (i64(E), i64(H), i64(dq_k))
-    sp = {d["name"]: d for d in scratch_parts(H, I, E, K, fmt, intdot)}
+    sp = {d["name"]: d for d in scratch_parts_of_paths(H, I, E, K, fmt, intdot, scratch_paths or [cfg.prefill])}
 
     def ssize(name, n):
         return sp[name]["fixed"] + sp[name]["per_token"] * n

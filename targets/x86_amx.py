@@ -2,7 +2,9 @@
 
 Routed-expert kernels: decode on the AVX512 dequantize-and-FMA micro-kernels (memory bound),
 int8/int4 prefill on AMX-INT8 tiles (tdpbsud: int8 weights x u8 activations quantized on the
-fly), see codegen/tir_intdot.py. The runtime asks Linux for the tile state
+fly), see codegen/tir_intdot.py; the library also holds each int8/int4 kernel with the AMX-BF16
+prefill path (tdpbf16ps on weights dequantized to bf16, codegen/tir_amx_bf16.py), which
+`ktc tune` chooses per batch bucket where it is faster on the host. The runtime asks Linux for the tile state
 (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)) before the first call.
 """
 

@@ -25,6 +25,10 @@ from ktc.targets import get as get_target
 # built for x86-avx512: runs the AMX code path (layouts, tile loops, epilogues) on hosts
 # without AMX; only the tile instructions themselves are not exercised.
 EMU = "x86-amx-emu"
+# the same with the AMX-BF16 prefill path (KernelConfig.prefill = "bf16", tir_amx_bf16)
+EMU_BF16 = "x86-amx-emu-bf16"
+EMU_BF16X2 = "x86-amx-emu-bf16x2"     # two bf16 activation levels
+EMUS = (EMU, EMU_BF16, EMU_BF16X2)
 
 # one kernel per format; odd little shapes (multiples of 32), several group sizes
 SPECS = {
@@ -59,20 +63,22 @@ def specs_for(name: str) -> list[ExpertKernelSpec]:
     """x86-amx (never runnable on the test hosts so far), the emulated AMX build and the other
     decode paths build only the quantized kernels."""
     base, decode = _split(name)
-    if decode or base == EMU or (base == "x86-amx" and not get_target(base).runs_here()):
+    if decode or base in EMUS or (base == "x86-amx" and not get_target(base).runs_here()):
         return [SPECS["int8"], SPECS["int4"]]
     return list(SPECS.values())
 
 
 def target_for(name: str):
     base = _split(name)[0]
-    return get_target("x86-avx512" if base == EMU else base)
+    return get_target("x86-avx512" if base in EMUS else base)
 
 
 def _build(name: str) -> tuple[Path, dict[str, Any]]:
     out = _root_dir() / name
     base, decode = _split(name)
-    config = dict(TARGET_CONFIGS["x86-amx"], variant="amx-emu") if base == EMU else None
+    config = dict(TARGET_CONFIGS["x86-amx"], variant="amx-emu") if base in EMUS else None
+    if base in (EMU_BF16, EMU_BF16X2):
+        config["prefill"] = "bf16" if base == EMU_BF16 else "bf16x2"
     if decode:
         config = dict(config or TARGET_CONFIGS[base], decode=decode)
     return out, build_cpu_kernels(specs_for(name), target_for(name), out, config=config)

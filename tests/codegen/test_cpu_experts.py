@@ -113,7 +113,7 @@ def test_build_contains_the_targets_instructions(all_builds, name):
     assert entry["required_features"] == list(target.required_features)
     assert set(entry["kernels"]) == {s.name for s in specs_for(name)}
     for k in entry["kernels"].values():
-        assert k["functions"] == {"moe_experts": ExpertKernelSpec.from_dict(k["spec"]).name}
+        assert k["functions"]["moe_experts"] == ExpertKernelSpec.from_dict(k["spec"]).name
     assert entry["runtime_libs"] == ["libtvm_runtime.so"]
     assert (out / "libtvm_runtime.so").is_file()
     json.dumps(entry)   # JSON-able
@@ -127,9 +127,13 @@ def test_build_contains_the_targets_instructions(all_builds, name):
         assert "zmm" in text                     # 512-bit vectors
     if name == "x86-avx512":
         assert "vpdpbusd" in text                # int8/int4 prefill: VNNI dot products
-    if name == "x86-amx":                        # int8/int4 prefill: AMX tiles
-        for m in ("ldtilecfg", "tileloadd", "tdpbsud", "tilestored", "tilerelease"):
+    if name == "x86-amx":                        # int8/int4 prefill: AMX tiles, integer and bf16 paths
+        for m in ("ldtilecfg", "tileloadd", "tdpbsud", "tilestored", "tilerelease", "tdpbf16ps", "vcvtne2ps2bf16"):
             assert m in text, m
+        for k in entry["kernels"].values():
+            fns = k["functions"]
+            assert k["prefill"] == "int" and set(fns) == {"moe_experts", "moe_experts@bf16"}
+            assert fns["moe_experts@bf16"] == fns["moe_experts"] + "__bf16" and k["prefill_from_pairs"] > 0
     for k in entry["kernels"].values():
         assert [d["name"] for d in k["scratch"]] == ["hbuf", "ybuf", "iwork", "act", "asc"]
     # single tokens: gate/up and down in one launch of the thread pool, a barrier between them

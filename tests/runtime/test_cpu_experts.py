@@ -9,9 +9,9 @@ import torch
 from ktc.codegen.cpu_experts import PREFILL_PAIRS_PER_EXPERT, pack_expert_weights, unpack_expert_weights
 from ktc.errors import HostError, InputError
 from ktc.runtime.cpu_experts import CpuExpertKernels, check_host, num_threads
-from tests.codegen.cpu_builds import EMU, SPECS, builds, reference_moe, rel, specs_for, target_for
+from tests.codegen.cpu_builds import EMU, EMU_BF16, EMU_BF16X2, SPECS, builds, reference_moe, rel, specs_for, target_for
 
-NAMES = ("x86-avx2", "x86-avx512", "x86-amx", EMU)
+NAMES = ("x86-avx2", "x86-avx512", "x86-amx", EMU, EMU_BF16, EMU_BF16X2)
 RUNNABLE = [n for n in NAMES if target_for(n).runs_here()]
 TARGET_PARAMS = [
     pytest.param(n, marks=pytest.mark.skipif(n not in RUNNABLE, reason=f"this host cannot run {n} kernels"))
@@ -23,6 +23,7 @@ TARGET_PARAMS = [
 # path (gate/up on vpdpbusd) at any batch size.
 TOL_DEQ = {"float32": 1e-5, "bfloat16": 1e-5, "float16": 1e-5, "int8": 1e-4, "int4": 1e-4}
 TOL_DEQ_INTDOT = {"int8": 5e-4, "int4": 4e-2}
+TOL_DEQ_BF16 = 1e-2      # the AMX-BF16 prefill path: bf16 weights and activations (~2^-9 each)
 TOL_ORIG = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3, "int8": 2e-2, "int4": 0.15}
 
 
@@ -31,7 +32,7 @@ def tol_deq(target: str, fmt: str, T: int) -> float:
     if target != "x86-avx2" and fmt == "int4":
         return TOL_DEQ_INTDOT[fmt]     # int4 decode on VNNI quantizes the activations too (one level)
     if target != "x86-avx2" and fmt in TOL_DEQ_INTDOT and T * spec.top_k >= PREFILL_PAIRS_PER_EXPERT * spec.num_experts:
-        return TOL_DEQ_INTDOT[fmt]
+        return max(TOL_DEQ_INTDOT[fmt], TOL_DEQ_BF16) if target in (EMU_BF16, EMU_BF16X2) else TOL_DEQ_INTDOT[fmt]
     return TOL_DEQ[fmt]
 
 
@@ -337,3 +338,48 @@ def test_thread_count_from_environment(monkeypatch):
     monkeypatch.delenv("KTC_NUM_THREADS")
     monkeypatch.delenv("TVM_NUM_THREADS")
     assert num_threads() >= 1
+
+
+@pytest.mark.skipif(EMU not in RUNNABLE, reason=f"this host cannot run {EMU} kernels")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_prefill_paths_are_chosen_per_bucket_by_tuning_records(loaded, weights, fmt):
+    """x86-amx libraries carry the kernel with both prefill paths; `ktc tune` records pick one per
+    batch bucket, from the prefill crossover on, and the default runs elsewhere."""
+    from ktc.runtime.cpu_tune import _paths_at, apply_cpu_records, kernel_key, lib_hash
+    from ktc.runtime.tuning import TuningKey, TuningRecord, TuningRecords
+
+    kern, spec = loaded[EMU], SPECS[fmt]
+    name = spec.name
+    _, _, parts, gud, dnd = weights[fmt]
+    assert kern.prefill_paths(name) == ["int", "bf16"]
+    start = kern.prefill_from_tokens(name)
+    assert start == -(-PREFILL_PAIRS_PER_EXPERT * spec.num_experts // spec.top_k)
+    assert _paths_at(kern, name, 1) == [None] and _paths_at(kern, name, 64) == ["int", "bf16"]
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(40, spec.hidden_size, generator=gen)
+    tw, ids = _routing(40, spec.top_k, spec.num_experts, gen)
+    ref = reference_moe(x, tw, ids, gud, dnd)
+    y_default = kern.moe_experts(name, x, tw, ids, parts)
+    kern.set_tuned_prefill(name, dict.fromkeys([64], "bf16"))
+    try:
+        y_bf16 = kern.moe_experts(name, x, tw, ids, parts)
+    finally:
+        kern.set_tuned_prefill(name, None)
+    assert not torch.equal(y_default, y_bf16)                  # another code path ran
+    assert rel(y_default, ref) < tol_deq(EMU, fmt, 40) and rel(y_bf16, ref) < TOL_DEQ_BF16
+
+    # records: bf16 at bucket 64 (kept); the decode bucket's record has no path
+    n = num_threads()
+    kernel, shape, f = kernel_key(kern.entry, name, lib_hash(kern.entry, kern.kernel_dir), n)
+    recs = TuningRecords({"cpu": "test"})
+    recs.add(TuningRecord(TuningKey(kernel, shape, f, 64).id(), {"threads": n, "prefill": "bf16"}, 1.0, 2.0, 8,
+                          {"threads": n, "prefill": "int"}, "kept"))
+    recs.add(TuningRecord(TuningKey(kernel, shape, f, 1).id(), {"threads": n}, 1.0, 1.1, 4, {"threads": n}, "kept"))
+    try:
+        assert apply_cpu_records(kern, None, recs) == 1
+        assert torch.equal(kern.moe_experts(name, x, tw, ids, parts), y_bf16)
+        table = kern.__dict__["_tuned_prefill"][name]
+        assert table[1] == "int" and table[2048] == "bf16"       # below the crossover: the default
+    finally:
+        kern.set_tuned_prefill(name, None)
+        kern.set_tuned_threads(name, None)

@@ -20,6 +20,11 @@ on the same (bf16) weights. kt-kernel runs in a subprocess (its queue thread bus
 must not share the machine with our timings) with 15 threads, KTMoEWrapper method
 AMXINT8 / AMXINT4, all experts on the CPU.
 
+`build` also builds x86-amx with the AMX-BF16 prefill paths (PREFILL_BUILDS, "x86-amx+bf16":
+weights dequantized to bf16 per work item, tdpbf16ps; "+bf16x2": activations in two bf16
+terms) into DIR/x86-amx+bf16 and DIR/x86-amx+bf16x2; `run` measures every build the
+manifest holds, each a row "ktc <build>".
+
 Regime "decode-1-cold" (only when named in --regimes; ours only): the fixed cost of a
 single-token call and how the thread count moves it, old decode path against new in one run.
 `build` also builds the x86-amx kernels with the other single-token paths of
@@ -57,6 +62,9 @@ KT_METHOD = {"int8": "AMXINT8", "int4": "AMXINT4"}
 REGIMES = [("decode-1", 1), ("decode-8", 8), ("prefill-512", 512)]
 COLD = "decode-1-cold"
 TARGETS = ("x86-amx", "x86-avx512")
+# x86-amx built with the other int8/int4 prefill paths (tir_experts.KernelConfig.prefill)
+PREFILL_BUILDS = ("x86-amx+bf16", "x86-amx+bf16x2")
+BUILDS = TARGETS + PREFILL_BUILDS
 ALT_DECODE = ("phased", "regions")   # tir_experts.KernelConfig.decode besides the default "fused"
 COLD_CASES = ("gpu-mask", "all-cpu", "none")
 
@@ -96,11 +104,15 @@ def cmd_build(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(t, None) for t in TARGETS] + [(t, d) for t in args.decode_targets for d in args.decode_paths]
+    jobs += [(b, None) for b in args.prefill_builds]
 
     def one(job):
         t, decode = job
         key = t if decode is None else alt_key(t, decode)
+        t, _, prefill = t.partition("+")
         config = None if decode is None else dict(kernel_config(get(t)), decode=decode)
+        if prefill:     # only that path (the plain x86-amx build holds the int path and "bf16" as a variant)
+            config = dict(kernel_config(get(t)), prefill=prefill, prefill_variants=[])
         t0 = time.time()
         entry = build_cpu_kernels(specs, get(t), out / key, config=config)
         print(f"built {key} in {time.time() - t0:.0f} s", flush=True)
@@ -210,8 +222,8 @@ def measure_ours(args) -> list[dict]:
     from ktc.errors import HostError
 
     loaded = {}
-    for t in TARGETS:
-        if args.target and t != args.target:
+    for t in BUILDS:
+        if (args.target and t != args.target) or t not in manifest:
             continue
         try:
             loaded[t] = CpuExpertKernels.load(kdir / t, manifest[t])
@@ -503,7 +515,8 @@ def cmd_run(args) -> None:
     regimes = args.regimes if args.regimes is not None else [x for x, _ in REGIMES]
     plain = [x for x in regimes if x != COLD]
     jobs = [] if args.no_kt or not plain else [("kt", ["--kt-only", "--kt-threads", str(args.kt_threads)])]
-    jobs += [(t, ["--target", t]) for t in args.targets] if plain else []
+    built = json.loads((Path(args.kernels) / "manifest.json").read_text())
+    jobs += [(t, ["--target", t]) for t in args.targets if t in built] if plain else []
     if COLD in regimes:
         jobs.append(("cold", ["--cold-only", "--cold-target", args.cold_target, "--cold-layers", str(args.cold_layers),
                               "--cold-threads", *map(str, args.cold_threads), "--cold-iters", str(args.cold_iters),
@@ -545,6 +558,8 @@ def main(argv=None) -> None:
     b.add_argument("--decode-targets", nargs="*", default=["x86-amx"], choices=TARGETS,
                    help="targets also built with the other single-token decode paths (for decode-1-cold)")
     b.add_argument("--decode-paths", nargs="*", default=list(ALT_DECODE), choices=ALT_DECODE)
+    b.add_argument("--prefill-builds", nargs="*", default=list(PREFILL_BUILDS), choices=PREFILL_BUILDS,
+                   help="x86-amx also built with these int8/int4 prefill paths (AMX-BF16 tiles)")
     r = sub.add_parser("run")
     r.add_argument("--kernels", default=str(ROOT / ".carry" / "kernels"))
     r.add_argument("--out", required=True)
@@ -552,11 +567,11 @@ def main(argv=None) -> None:
     r.add_argument("--formats", nargs="*", default=None, help="subset of " + ", ".join(x for x, _, _ in OURS))
     r.add_argument("--regimes", nargs="*", default=None,
                    help="subset of " + ", ".join([x for x, _ in REGIMES] + [COLD]) + f" (default: all but {COLD})")
-    r.add_argument("--targets", nargs="*", default=list(TARGETS))
+    r.add_argument("--targets", nargs="*", default=list(BUILDS), help="builds to measure (those in the manifest)")
     r.add_argument("--kt-threads", type=int, default=15)
     r.add_argument("--job-timeout", type=float, default=300)
     r.add_argument("--kt-only", action="store_true")
-    r.add_argument("--target", choices=TARGETS, default=None, help="measure only this target's kernels")
+    r.add_argument("--target", choices=BUILDS, default=None, help="measure only this build's kernels")
     r.add_argument("--no-kt", action="store_true")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--cold-only", action="store_true")

@@ -149,13 +149,21 @@ class CpuExpertKernels:
         self._kernels: dict[str, dict[str, Any]] = {}
         for name, k in entry["kernels"].items():
             spec = k["spec"]
-            fn = module[k["functions"]["moe_experts"]]
-            try:
-                fn.release_gil = True   # other Python threads (GPU work) run meanwhile
-            except AttributeError:
-                pass
+            # the kernel as built, and the same kernel with other int8/int4 prefill paths
+            # ("moe_experts@<path>", x86-amx: "bf16"), chosen per batch bucket by `ktc tune`
+            paths = {k.get("prefill", "int"): module[k["functions"]["moe_experts"]]}
+            for key, sym in k["functions"].items():
+                if key.startswith("moe_experts@"):
+                    paths[key.split("@", 1)[1]] = module[sym]
+            for fn in paths.values():
+                try:
+                    fn.release_gil = True   # other Python threads (GPU work) run meanwhile
+                except AttributeError:
+                    pass
+            fn = paths[k.get("prefill", "int")]
             self._kernels[name] = {
-                "fn": fn, "H": int(spec["hidden_size"]), "I": int(spec["intermediate_size"]),
+                "fn": fn, "paths": paths, "prefill_from_pairs": int(k.get("prefill_from_pairs", 0)),
+                "H": int(spec["hidden_size"]), "I": int(spec["intermediate_size"]),
                 "E": int(spec["num_experts"]), "K": int(spec["top_k"]), "weights": list(k["weights"]),
                 "scratch": [(d["name"], _DTYPES[d["dtype"]], int(d["fixed"]), int(d["per_token"]))
                             for d in k["scratch"]],
@@ -194,6 +202,26 @@ class CpuExpertKernels:
         tuned = self.__dict__.setdefault("_tuned_threads", {})
         if by_bucket:
             tuned[kernel_name] = {int(b): max(1, int(n)) for b, n in by_bucket.items()}
+        else:
+            tuned.pop(kernel_name, None)
+
+    def prefill_paths(self, kernel_name: str) -> list[str]:
+        """The int8/int4 prefill paths `kernel_name` was built with, its default first."""
+        return list(self._kernels[kernel_name]["paths"])
+
+    def prefill_from_tokens(self, kernel_name: str) -> int:
+        """The batch size from which calls can take the prefill path (0: unknown)."""
+        k = self._kernels[kernel_name]
+        return -(-k["prefill_from_pairs"] // k["K"]) if k["prefill_from_pairs"] else 0
+
+    def set_tuned_prefill(self, kernel_name: str, by_bucket: dict[int, str] | None) -> None:
+        """The prefill path of `kernel_name` by batch bucket, from `ktc tune` records (paths this
+        build lacks are ignored); None: the default path again."""
+        tuned = self.__dict__.setdefault("_tuned_prefill", {})
+        paths = self._kernels[kernel_name]["paths"] if kernel_name in self._kernels else {}
+        table = {int(b): p for b, p in (by_bucket or {}).items() if p in paths}
+        if table:
+            tuned[kernel_name] = table
         else:
             tuned.pop(kernel_name, None)
 
@@ -257,18 +285,22 @@ class CpuExpertKernels:
         step = max(1, min(MAX_INDEX // (K * max(H, k["I"])), (MAX_INDEX - max(f for _, _, f, _ in k["scratch"]))
                           // max(1, per_token)))
         nthr = num_threads()
+        fn = k["fn"]
         tuned = self.__dict__.get("_tuned_threads", {}).get(kernel_name)
-        if tuned:   # `ktc tune` records (set_tuned_threads): the thread count of T's batch bucket
+        paths = self.__dict__.get("_tuned_prefill", {}).get(kernel_name)
+        if tuned or paths:   # `ktc tune` records: the thread count and prefill path of T's batch bucket
             from ktc.runtime.tuning import batch_bucket
 
-            nthr = tuned.get(batch_bucket(T), nthr)
+            b = batch_bucket(T)
+            nthr = tuned.get(b, nthr) if tuned else nthr
+            fn = k["paths"][paths.get(b, next(iter(k["paths"])))] if paths else fn
         for t0 in range(0, T, step):
             t1 = min(T, t0 + step)
             scratch = self._scratch_for(k, t1 - t0)
             # one piece (every decode call): the tensors themselves, no views to make
             part = (x, tw, ids, y) if t1 - t0 == T else (x[t0:t1], tw[t0:t1], ids[t0:t1], y[t0:t1])
             try:
-                k["fn"](*part[:3], *weights, part[3], *scratch, nthr)
+                fn(*part[:3], *weights, part[3], *scratch, nthr)
             except (TypeError, ValueError) as e:
                 raise InputError(f"{kernel_name}: {str(e).splitlines()[0]}") from None
         return y

@@ -1,14 +1,18 @@
-"""CPU tuning: the thread count of each CPU expert kernel, per batch bucket.
+"""CPU tuning: the thread count and prefill path of each CPU expert kernel, per batch bucket.
 
 An artifact carries one TVM-built library per CPU target, and in it one kernel per expert shape
-and format, with its tile shapes, decode / prefill crossover and int-dot vs dequantize choice
-fixed at compile time: choosing among those would need the compiler to build several variants
-into the artifact, which it does not. What a host can choose at run time is how many tasks the
-kernel's parallel phases are split into (its last argument, `nthr`): all cores, one fewer (room
-for the thread that drives the GPU or the OS), three quarters or half of them (memory-bound
-decode often saturates bandwidth before it runs out of cores). That is what is tuned here, per
-kernel and batch bucket, on one layer's real weights read from the artifact and random routing;
-CpuExpertKernels.set_tuned_threads applies the winners at load.
+and format, with its tile shapes and decode / prefill crossover fixed at compile time. What a
+host can choose at run time:
+- how many tasks the kernel's parallel phases are split into (its last argument, `nthr`): all
+  cores, one fewer (room for the thread that drives the GPU or the OS), three quarters or half
+  of them (memory-bound decode often saturates bandwidth before it runs out of cores);
+- where the library holds the kernel built with several int8/int4 prefill paths (x86-amx: AMX
+  integer tiles on quantized activations, or AMX-BF16 tiles on dequantized weights; see
+  codegen/tir_amx_bf16.py), which one runs, for the buckets that reach the prefill path: which
+  is faster depends on the machine (tile throughput against dequantization and bandwidth).
+Both are tuned here together, per kernel and batch bucket, on one layer's real weights read from
+the artifact and random routing; CpuExpertKernels.set_tuned_threads / set_tuned_prefill apply
+the winners at load.
 
 Record keys: kernel "cpu.<kernel name>#<library sha256 prefix>", shape (E, H, I, top_k), format
 "<format>-g<group>/<target>/t<threads>" where threads is num_threads() on the tuning host: a run
@@ -125,21 +129,38 @@ def cpu_tasks(manifest: Manifest, kernels: Any, graph: Graph | None = None, buck
                 ids = torch.rand(b, e, generator=gen).topk(k, dim=-1).indices.to(torch.int32)
                 tw = torch.softmax(torch.randn(b, k, generator=gen), dim=-1)
 
-                def run(threads: int) -> Callable[[], None]:
+                def run(threads: int, path: str | None) -> Callable[[], None]:
                     table = dict.fromkeys(BATCH_BUCKETS, threads)
 
                     def go() -> None:
                         kernels.set_tuned_threads(name, table)
+                        if path is not None:
+                            kernels.set_tuned_prefill(name, dict.fromkeys(BATCH_BUCKETS, path))
                         try:
                             kernels.moe_experts(name, x, tw, ids, packed)
                         finally:
                             kernels.set_tuned_threads(name, None)
+                            kernels.set_tuned_prefill(name, None)
                     return go
 
-                return [Candidate({"threads": t}, run(t)) for t in thread_candidates(n)]
+                paths = _paths_at(kernels, name, b)
+                return [Candidate({"threads": t} if p is None else {"threads": t, "prefill": p}, run(t, p))
+                        for p in paths for t in thread_candidates(n)]
 
-            tasks.append(Task(TuningKey(kernel, shape, fmt, b), {"threads": n}, build))
+            paths = _paths_at(kernels, name, b)
+            default = {"threads": n} if paths == [None] else {"threads": n, "prefill": paths[0]}
+            tasks.append(Task(TuningKey(kernel, shape, fmt, b), default, build))
     return tasks
+
+
+def _paths_at(kernels: Any, name: str, bucket: int) -> list[str | None]:
+    """The prefill paths worth a candidate at `bucket` (default first), or [None] where there is no
+    choice: one path built, or a bucket below the prefill crossover (all paths run the same code)."""
+    paths = kernels.prefill_paths(name) if hasattr(kernels, "prefill_paths") else []
+    start = kernels.prefill_from_tokens(name) if len(paths) > 1 else 0
+    if len(paths) < 2 or not start or bucket < start:
+        return [None]
+    return paths
 
 
 def apply_cpu_records(kernels: Any, graph: Graph | None, records: TuningRecords,
@@ -157,13 +178,23 @@ def apply_cpu_records(kernels: Any, graph: Graph | None, records: TuningRecords,
     applied = 0
     for name in kernels.kernel_names:
         valid: dict[int, int] = {}
+        paths: dict[int, str] = {}
+        known = kernels.prefill_paths(name) if hasattr(kernels, "prefill_paths") else []
         searched = False
         for b, rec in records.by_bucket(*kernel_key(kernels.entry, name, sha, n)).items():
-            t = (rec.active_config or {}).get("threads")
+            cfg = rec.active_config or {}
+            t = cfg.get("threads")
             if b in BATCH_BUCKETS and isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= n:
                 valid[b] = t
                 searched = searched or rec.status in APPLIED
+                if cfg.get("prefill") in known:
+                    paths[b] = cfg["prefill"]
         kernels.set_tuned_threads(name, bucket_table(valid) if valid else None)
+        if hasattr(kernels, "set_tuned_prefill"):
+            # the nearest recorded bucket's path, but the default below the prefill crossover
+            start = kernels.prefill_from_tokens(name)
+            table = {b: p if b >= start else known[0] for b, p in bucket_table(paths).items()} if paths else None
+            kernels.set_tuned_prefill(name, table)
         applied += searched
     return applied
 

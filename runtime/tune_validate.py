@@ -178,10 +178,12 @@ def validate(records: TuningRecords, bench: Bench, model: str, keep: Callable[[s
 # -- timing the real model ----------------------------------------------------------------------------
 @dataclass
 class _State:
-    """A tuned state of a loaded model: each node's gpu_tuned tables and each CPU kernel's threads."""
+    """A tuned state of a loaded model: each node's gpu_tuned tables and each CPU kernel's threads
+    and prefill paths."""
 
     nodes: list[tuple[Any, Any]] = field(default_factory=list)
     threads: dict[str, dict[int, int] | None] = field(default_factory=dict)
+    prefill: dict[str, dict[int, str] | None] = field(default_factory=dict)
 
 
 def _on_gpu(model: Any) -> bool:
@@ -191,7 +193,7 @@ def _on_gpu(model: Any) -> bool:
 
 class ModelBench:
     """Bench of a loaded model (GpuModel or CompiledModel): variants are snapshots of the tuned state
-    that apply_records leaves (node.attrs["gpu_tuned"], the CPU kernels' thread tables)."""
+    that apply_records leaves (node.attrs["gpu_tuned"], the CPU kernels' thread and prefill tables)."""
 
     def __init__(self, model: Any, rounds: int = 5, target_s: float = 0.02, context: int = DECODE_CONTEXT,
                  min_steps: int = 4, seed: int = 0):
@@ -217,6 +219,8 @@ class ModelBench:
         if cpu is not None and hasattr(cpu, "set_tuned_threads"):
             tuned = cpu.__dict__.get("_tuned_threads", {})
             state.threads = {name: dict(tuned[name]) if name in tuned else None for name in cpu.kernel_names}
+            paths = cpu.__dict__.get("_tuned_prefill", {})
+            state.prefill = {name: dict(paths[name]) if name in paths else None for name in cpu.kernel_names}
         return state
 
     def _switch(self, state: _State) -> None:
@@ -227,6 +231,8 @@ class ModelBench:
                 node.attrs.pop("gpu_tuned", None)
         for name, table in state.threads.items():
             self.model.cpu_kernels.set_tuned_threads(name, table)
+        for name, paths in state.prefill.items():
+            self.model.cpu_kernels.set_tuned_prefill(name, paths)
 
     # what runs
     def _decodes(self, bucket: int) -> bool:

@@ -51,6 +51,7 @@ class GpuModel(CompiledModel):
         self._cache = self._new_cache()
         self.cuda_graphs = cuda_graphs
         self._cuda_graph: dict[str, Any] | None = None
+        self._sample_stream: tuple[torch.Generator | None, int, int] | None = None   # see _sampling_stream
 
     def _new_cache(self) -> GpuKVCache:
         return GpuKVCache(self._specs, self.device, self.max_batch_size, self.max_context)
@@ -157,8 +158,8 @@ class GpuModel(CompiledModel):
         self._check_length(self._cache.length + 1, f"the sequence ({self._cache.length + 1} tokens)")
         return self.step(ids[:, 0]).clone().cpu()
 
-    # Hooks of CompiledModel.generate: logits stay on the GPU; greedy tokens are chosen there
-    # (Triton argmax), sampled ones on the CPU.
+    # Hooks of CompiledModel.generate: logits stay on the GPU and the token is chosen there (Triton
+    # argmax, or the Triton sampler for temperature > 0); only the chosen ids [batch] come back.
     def _first_logits(self, ids: torch.Tensor, reserve: int) -> torch.Tensor:
         return self._prefill(ids, reserve)
 
@@ -167,8 +168,26 @@ class GpuModel(CompiledModel):
         if temperature == 0.0:
             token_dev = self.kernels.sampling.argmax(logits)
             return token_dev.cpu(), token_dev
-        token = sample(logits.cpu(), temperature, top_k, top_p, generator)
-        return token, token.to(self.device)
+        device_sample = getattr(self.kernels.sampling, "sample", None)
+        if device_sample is None:       # an artifact whose kernel sources predate the device sampler
+            token = sample(logits.cpu(), temperature, top_k, top_p, generator)
+            return token, token.to(self.device)
+        seed, step = self._sampling_stream(generator)
+        token_dev = device_sample(logits, temperature, top_k, top_p, seed, step)
+        return token_dev.cpu(), token_dev
+
+    def _sampling_stream(self, generator: torch.Generator | None) -> tuple[int, int]:
+        """(kernel seed, step) for the next sampled token. generate() makes one generator per call
+        from the user's seed: its first token draws the kernel seed from it (so the same seed gives
+        the same tokens), later tokens with the same generator advance the step. Without a seed
+        every token draws a fresh kernel seed from torch's global RNG, as the CPU sampler would."""
+        stream = self._sample_stream
+        if generator is not None and stream is not None and stream[0] is generator:
+            self._sample_stream = (generator, stream[1], stream[2] + 1)
+        else:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            self._sample_stream = (generator, seed, 0)
+        return self._sample_stream[1], self._sample_stream[2]
 
     def _to_device(self, token: torch.Tensor) -> torch.Tensor:
         return token.to(self.device)

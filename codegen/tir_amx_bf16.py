@@ -36,6 +36,8 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from ktc.codegen.tir_amx import tile_ops
+
 NCOL = 16           # columns (pairs) per activation block
 RT = 16             # rows per weight tile
 ITEM_ROWS = 32      # weight rows per work item (2 tiles)
@@ -161,38 +163,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
 
     # ---- tile operations: real AMX, or emulated with plain loops -----------------------------
     if not emu:
-        @T.macro
-        def tl_config(cfg):
-            for i in range(64):
-                cfg[i] = T.uint8(0)
-            cfg[0] = T.uint8(1)
-            for t in range(8):            # every tile: 16 rows x 64 bytes
-                cfg[16 + 2 * t] = T.uint8(64)
-                cfg[48 + t] = T.uint8(16)
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
-
-        @T.macro
-        def tl_release():
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
-
-        @T.macro
-        def tl_zero(c, creg):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(c)))
-
-        @T.macro
-        def tl_load(t, buf, off, stride, treg):
-            """Tile t <- 16 rows of 64 bytes from buf (uint16 elements) at element off, stride bytes."""
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(t), T.address_of(buf[off]),
-                                          T.int64(stride)))
-
-        @T.macro
-        def tl_dp(c, a, bt, treg, creg):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbf16ps", T.int8(c), T.int8(a), T.int8(bt)))
-
-        @T.macro
-        def tl_store(c, cbuf, creg):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(c), T.address_of(cbuf[c * 256]),
-                                          T.int64(64)))
+        tl_config, tl_release, tl_zero, tl_load, tl_dp, tl_store = tile_ops(
+            "llvm.x86.tdpbf16ps", [(16, 64)] * 8)     # every tile: 16 rows x 64 bytes
     else:
         @T.macro
         def tl_config(cfg):

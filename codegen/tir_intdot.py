@@ -45,6 +45,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ktc.codegen.tir_amx import tile_ops
+
 NCOL = 16           # columns per activation block
 RT = 16             # rows per weight tile
 ITEM_ROWS = 32      # weight rows per work item (2 tiles)
@@ -156,43 +158,10 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
 
     # ---- tile operations: real AMX, or emulated with plain loops -------------------------
     if not emu:
-        @T.macro
-        def tl_config(cfg):
-            for i in range(64):
-                cfg[i] = T.uint8(0)
-            cfg[0] = T.uint8(1)
-            for t in range(4):            # C tiles: 16 rows x 64 bytes
-                cfg[16 + 2 * t] = T.uint8(64)
-                cfg[48 + t] = T.uint8(16)
-            for t in range(4, 6):         # weight tiles: 16 rows x KT bytes
-                cfg[16 + 2 * t] = T.uint8(KT)
-                cfg[48 + t] = T.uint8(16)
-            for t in range(6, 8):         # activation tiles: KT / 4 rows x 64 bytes
-                cfg[16 + 2 * t] = T.uint8(64)
-                cfg[48 + t] = T.uint8(KT // 4)
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
-
-        @T.macro
-        def tl_release():
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
-
-        @T.macro
-        def tl_zero(c, creg):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(c)))
-
-        @T.macro
-        def tl_load(t, buf, off, stride, treg):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(t), T.address_of(buf[off]),
-                                          T.int64(stride)))
-
-        @T.macro
-        def tl_dp(c, a, bt, treg, creg):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbsud", T.int8(c), T.int8(a), T.int8(bt)))
-
-        @T.macro
-        def tl_store(c, cbuf, creg):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(c), T.address_of(cbuf[c * 256]),
-                                          T.int64(64)))
+        # C tiles 0-3: 16 rows x 64 bytes; weight tiles 4-5: 16 rows x KT bytes; activation tiles
+        # 6-7: KT / 4 rows x 64 bytes
+        tl_config, tl_release, tl_zero, tl_load, tl_dp, tl_store = tile_ops(
+            "llvm.x86.tdpbsud", [(16, 64)] * 4 + [(16, KT)] * 2 + [(KT // 4, 64)] * 2)
     else:
         @T.macro
         def tl_config(cfg):

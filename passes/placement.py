@@ -4,7 +4,7 @@
 
 --target cuda: attention, dense layers, shared experts, routers, norms, embeddings and lm_head
 go on the GPU (they must fit, with the KV cache for --max-context and a fixed reserve, or the
-compile is refused with the size needed). With int8 CPU experts the budget also keeps a staging
+compile is refused with the size needed). With int8 / int4 CPU experts the budget also keeps a staging
 buffer for one layer's CPU experts, which long prefills stream to the GPU (runtime/gpu/offload.py).
 Routed experts fill what is left of --gpu-memory, hottest first; the rest stay on the CPU. No
 budget: every expert on the GPU.
@@ -169,12 +169,12 @@ def _gpu_placement(graph: Graph, ctx: PassContext, rules) -> None:
                 f"{kv / 2**30:.2f} GiB, reserve {GPU_RESERVE_BYTES / 2**30:.2f} GiB"
                 + (f", experts pinned by rules {forced / 2**30:.2f} GiB" if forced else "")
                 + f"), more than --gpu-memory {budget / 2**30:.2f} GiB: raise --gpu-memory or lower --max-context")
-        # int8 CPU experts of one layer are streamed to the GPU for long prefills: the budget keeps a
-        # staging buffer for the largest CPU share of a layer, which shrinks as experts go to the GPU
-        streamed = ctx.quant == "int8"
+        # int8 / int4 CPU experts of one layer are streamed to the GPU for long prefills: the budget keeps
+        # a staging buffer for the largest CPU share of a layer, which shrinks as experts go to the GPU
+        streamed = ctx.quant if ctx.quant in ("int8", "int4") else None
         gpu_sets, stream, used = _fill(moe, pinned, gpu_quant, fixed, budget, ctx.target, streamed)
         if used > budget:     # not even the smallest buffer fits: no streaming (the runtime reads stream 0)
-            gpu_sets, stream, used = _fill(moe, pinned, gpu_quant, fixed, budget, ctx.target, False)
+            gpu_sets, stream, used = _fill(moe, pinned, gpu_quant, fixed, budget, ctx.target, None)
     n_gpu = n_cpu = 0
     for node in moe:
         e = int(node.attrs["num_experts"])
@@ -198,13 +198,13 @@ def _gpu_placement(graph: Graph, ctx: PassContext, rules) -> None:
 
 
 def _fill(moe: list[Node], pinned: dict[str, dict[int, str]], gpu_quant: str, fixed: float, budget: int,
-          target: str, streamed: bool) -> tuple[dict[str, set[int]], int, float]:
+          target: str, streamed: str | None) -> tuple[dict[str, set[int]], int, float]:
     """Pinned GPU experts, then one more free expert per layer per round (hottest first, ties:
     lower id) while fixed + GPU experts + the stream buffer (streamed: the largest CPU share of a
-    layer in int8) fit the budget. -> (GPU experts per node, stream buffer bytes, bytes used)."""
+    layer in that CPU format) fit the budget. -> (GPU experts per node, stream buffer bytes, bytes used)."""
     gpu_sets = {n.name: {e for e, d in pinned[n.name].items() if d == target} for n in moe}
     cpu_left = {n.name: int(n.attrs["num_experts"]) - len(gpu_sets[n.name]) for n in moe}
-    per_cpu = {n.name: expert_cpu_int8_bytes(n) if streamed else 0 for n in moe}
+    per_cpu = {n.name: expert_cpu_bytes(n, streamed) if streamed else 0 for n in moe}
 
     def stream() -> int:
         return max((per_cpu[n.name] * cpu_left[n.name] for n in moe), default=0)
@@ -236,6 +236,12 @@ def _fill(moe: list[Node], pinned: dict[str, dict[int, str]], gpu_quant: str, fi
 def expert_cpu_int8_bytes(node: Node) -> int:
     """Bytes of one routed expert in the CPU kernels' int8 layout (codes, a float32 scale per group,
     a float32 compensation per row): what streaming it to the GPU copies."""
+    return expert_cpu_bytes(node, "int8")
+
+
+def expert_cpu_bytes(node: Node, fmt: str) -> int:
+    """Bytes of one routed expert in the CPU kernels' int8 or int4 layout (codes: 1 or 1/2 byte a
+    value, a float32 scale per group, a float32 compensation per row)."""
     from ktc.passes.quantization import expert_group_size
 
     h, i = int(node.attrs["hidden_size"]), int(node.attrs["intermediate_size"])
@@ -243,7 +249,7 @@ def expert_cpu_int8_bytes(node: Node) -> int:
         group = expert_group_size(h, i)
     except KtcError:
         return 0
-    return 3 * h * i + 3 * h * i // group * 4 + (2 * i + h) * 4
+    return 3 * h * i // (2 if fmt == "int4" else 1) + 3 * h * i // group * 4 + (2 * i + h) * 4
 
 
 def placement(graph: Graph, ctx: PassContext) -> Graph:

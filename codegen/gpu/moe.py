@@ -166,14 +166,14 @@ def fused_moe_kernel(a_ptr, w_ptr, scale_ptr, c_ptr, sorted_ptr, block_expert_pt
             packed = tl.load(w_base + wn[None, :] * w_nstride + g * HALF + offs_h[:, None])
             lo = (packed << 4).to(tl.int8, bitcast=True) >> 4
             hi = packed.to(tl.int8, bitcast=True) >> 4
-            sc = tl.load(s_base + wn * s_nstride + g)[None, :]
+            sc = tl.load(s_base + wn * s_nstride + (g * BLOCK_K) // GROUP)[None, :]
             acc = tl.dot(a_lo, (lo.to(tl.float32) * sc).to(a_lo.dtype), acc)
             acc = tl.dot(a_hi, (hi.to(tl.float32) * sc).to(a_lo.dtype), acc)
             if GATED:
                 packed = tl.load(w_base + (wn + N)[None, :] * w_nstride + g * HALF + offs_h[:, None])
                 lo = (packed << 4).to(tl.int8, bitcast=True) >> 4
                 hi = packed.to(tl.int8, bitcast=True) >> 4
-                sc = tl.load(s_base + (wn + N) * s_nstride + g)[None, :]
+                sc = tl.load(s_base + (wn + N) * s_nstride + (g * BLOCK_K) // GROUP)[None, :]
                 acc_up = tl.dot(a_lo, (lo.to(tl.float32) * sc).to(a_lo.dtype), acc_up)
                 acc_up = tl.dot(a_hi, (hi.to(tl.float32) * sc).to(a_lo.dtype), acc_up)
     elif INT8:
@@ -331,6 +331,7 @@ def default_config(num_slots: int, hidden: int, inter: int, group_size: int | No
     return cfg
 
 
+CPU_INT4_PAIR = 32   # the CPU kernels' int4 layout: byte j of each 32 values holds values j and j + 16
 PARALLEL_ALIGN_SLOTS = 512   # more slots than this: the three-launch parallel alignment
 
 
@@ -368,12 +369,14 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     return sorted_slots, block_expert, total
 
 
-def _gemm(a, w, scales, c, align, topk_w, n, k, a_div, gated, mul_weight, block_n, cfg):
+def _gemm(a, w, scales, c, align, topk_w, n, k, a_div, gated, mul_weight, block_n, cfg, pair=None):
+    """pair: int4 values packed in blocks of `pair` (the CPU kernels' layout: 32) instead of one
+    block per scale group (w4a16's own layout)."""
     sorted_slots, block_expert, total = align
     quantized = scales is not None
     int8 = quantized and w.dtype == torch.int8        # else uint8: w4a16 (two values per byte)
     group = k // scales.shape[-1] if quantized else 128
-    block_k = min(cfg["BLOCK_K"], group) if int8 else cfg["BLOCK_K"]
+    block_k = min(cfg["BLOCK_K"], group) if int8 else pair or cfg["BLOCK_K"]
     grid = (block_expert.numel() * triton.cdiv(n, block_n),)
     fused_moe_kernel[grid](
         a, w, scales if quantized else w, c, sorted_slots, block_expert, total, topk_w,
@@ -388,18 +391,21 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
               num_experts: int, inter: int, config: dict | None = None, partial: bool = False) -> torch.Tensor:
     """x [T, H], topk_* [T, K]; weights {"gate_up", "down"} dense, {"gate_up.qweight",
     "gate_up.scales", "down.qweight", "down.scales"} for w4a16, or {"gate_up.q", "gate_up.scales",
-    "down.q", "down.scales"} (+ "comp", unused) for the CPU kernels' int8 layout (w8a16, always the
-    grouped GEMM: it serves prefills that stream CPU experts in). -> y [T, H] in x's dtype.
+    "down.q", "down.scales"} (+ "comp", unused) for the CPU kernels' int8 layout (w8a16) or int4
+    layout (uint8 q: w4a16 with values paired in blocks of CPU_INT4_PAIR, a scale per group), both
+    always on the grouped GEMM: they serve prefills that stream CPU experts in. -> y [T, H] in x's dtype.
     partial: some ids are -1 (experts this node does not hold, run elsewhere): those slots add
     nothing (decode: they run expert 0 with weight 0, keeping every shape static for CUDA graphs;
     prefill: alignment drops them)."""
     t, h = x.shape
     top_k = topk_ids.shape[-1]
     slots = t * top_k
-    int8 = "gate_up.q" in weights          # the CPU experts' int8 layout (q, scales, comp), streamed in
-    int4 = "gate_up.qweight" in weights
+    cpu = "gate_up.q" in weights           # the CPU experts' layout (q, scales[, comp]), streamed in
+    int8 = cpu and weights["gate_up.q"].dtype == torch.int8
+    int4 = "gate_up.qweight" in weights or (cpu and not int8)
+    pair = CPU_INT4_PAIR if cpu and int4 else None
     group = h // weights["gate_up.scales"].shape[-1] if int4 or int8 else None
-    cfg = config or default_config(slots, h, inter, None if int8 else group)
+    cfg = config or default_config(slots, h, inter, None if cpu else group)
     if int8:
         cfg = {**cfg, "BLOCK_K": min(cfg["BLOCK_K"], group)}
     if not (int4 or int8) and t <= GEMV_TOKENS:
@@ -409,15 +415,15 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
             topk_ids = topk_ids.clamp(min=0)
         return _fused_moe_decode(x, topk_weights, topk_ids, weights, inter, {**gemv_config(h, inter), **cfg})
     align = moe_align(topk_ids, num_experts, cfg["BLOCK_M"])
-    key = ".qweight" if int4 else ".q" if int8 else ""
+    key = ".q" if cpu else ".qweight" if int4 else ""
     w_up, w_down = weights["gate_up" + key], weights["down" + key]
     s_up = weights["gate_up.scales"] if int4 or int8 else None
     s_down = weights["down.scales"] if int4 or int8 else None
     tw = topk_weights.reshape(-1).to(torch.float32)
     inter_act = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
-    _gemm(x, w_up, s_up, inter_act, align, tw, inter, h, top_k, True, False, cfg["BLOCK_N_UP"], cfg)
+    _gemm(x, w_up, s_up, inter_act, align, tw, inter, h, top_k, True, False, cfg["BLOCK_N_UP"], cfg, pair)
     out = (torch.zeros if partial else torch.empty)(slots, h, dtype=x.dtype, device=x.device)
-    _gemm(inter_act, w_down, s_down, out, align, tw, h, inter, 1, False, True, cfg["BLOCK_N_DOWN"], cfg)
+    _gemm(inter_act, w_down, s_down, out, align, tw, h, inter, 1, False, True, cfg["BLOCK_N_DOWN"], cfg, pair)
     y = torch.empty(t, h, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(h))
     moe_sum_kernel[(t, triton.cdiv(h, block))](out, y, h, TOP_K=top_k, BLOCK=block, num_warps=4)

@@ -11,8 +11,8 @@ schedules around the GPU work of the same layer:
                        TVM kernel into a pinned output buffer, on this thread (the GIL is released)
     gather   (stream)  copy the pinned output to the device, in the activations' dtype
 
-Long prefills instead stream the layer's CPU experts to the GPU (int8 experts: the GPU's
-fused MoE reads the CPU kernels' int8 layout, w8a16): from `stream_min_tokens` tokens on, copying
+Long prefills instead stream the layer's CPU experts to the GPU (the GPU's fused MoE reads the
+CPU kernels' int8 layout as w8a16 and their int4 layout as w4a16): from `stream_min_tokens` tokens on, copying
 a layer's CPU experts at host-to-device speed (~55 GB/s from pinned memory) beats the CPU
 working through hundreds of tokens per expert. Then stage runs the experts on the GPU and mark,
 run and gather only hand its result on. The packed weights are pinned at load for this.
@@ -120,8 +120,8 @@ class CpuExpertsOffload:
         self._tokens = 0
         self._streamed: torch.Tensor | None = None
         self.gpu_kernels = gpu_kernels
-        int8 = node.format == "int8" and "gate_up.q" in packed
-        self.stream_from = stream_min_tokens() if (int8 and self.pin and gpu_kernels is not None) else None
+        quantized = node.format in ("int8", "int4") and "gate_up.q" in packed
+        self.stream_from = stream_min_tokens() if (quantized and self.pin and gpu_kernels is not None) else None
         if self.stream_from is not None:   # pinned: copies at full host-to-device speed
             self.packed = {k: (v.pin_memory() if k.endswith((".q", ".scales")) else v) for k, v in packed.items()}
 

@@ -6,6 +6,7 @@ from ktc.passes.manager import PassContext, PassManager
 from ktc.passes.placement import (
     DEFAULT_MAX_CONTEXT,
     GPU_RESERVE_BYTES,
+    expert_cpu_bytes,
     expert_cpu_int8_bytes,
     expert_gpu_bytes,
     gpu_model_bytes,
@@ -59,9 +60,15 @@ def test_gpu_budget_puts_the_experts_that_do_not_fit_on_the_cpu():
     assert plan["gpu_bytes_planned"] <= _budget(g, 3)
     moe_in = g.nodes_of("moe_experts")[0]
     assert plan["stream_buffer_bytes"] == (E - 3) * expert_cpu_int8_bytes(moe_in)    # one layer's CPU experts
-    no_stream = placement(g, PassContext(target="cuda", quant="int4", gpu_memory_bytes=_budget(g, 3)))
-    ns = no_stream.nodes_of("moe_experts")[0]                                       # int4 CPU experts: no buffer,
-    assert no_stream.config["placement"]["stream_buffer_bytes"] == 0                # room for more GPU experts
+    int4 = placement(g, PassContext(target="cuda", quant="int4", gpu_memory_bytes=_budget(g, 3)))
+    n4 = int4.nodes_of("moe_experts")[0]                        # int4 GPU experts are smaller: more fit,
+    gpu4 = E if n4.device == "cuda" else len(n4.attrs["gpu_experts"])
+    assert gpu4 > 3                                             # and int4 CPU experts stream at half the bytes
+    assert int4.config["placement"]["stream_buffer_bytes"] == (E - gpu4) * expert_cpu_bytes(moe_in, "int4")
+    assert expert_cpu_bytes(moe_in, "int4") < expert_cpu_int8_bytes(moe_in)
+    no_stream = placement(g, PassContext(target="cuda", quant="none", gpu_memory_bytes=_budget(g, 3)))
+    assert no_stream.config["placement"]["stream_buffer_bytes"] == 0                # float CPU experts: no buffer,
+    ns = no_stream.nodes_of("moe_experts")[0]                                       # room for more GPU experts
     assert ns.device == "cuda" or len(ns.attrs["gpu_experts"]) > 3
     everything = placement(g, PassContext(target="cuda", gpu_memory_bytes=_budget(g, E)))
     assert everything.nodes_of("moe_experts")[0].device == "cuda"

@@ -264,6 +264,29 @@ def test_fused_moe_on_the_cpu_kernels_int8_layout():
     assert rel(y.cpu(), ref) < 3e-3
 
 
+@pytest.mark.parametrize("group", [32, 64])
+def test_fused_moe_on_the_cpu_kernels_int4_layout(group):
+    """Long prefills stream int4 CPU experts too: values paired in blocks of 32 (not per group),
+    a float32 scale per group; the w4a16 path reads them as they are."""
+    from ktc.codegen.cpu_experts import ExpertKernelSpec, pack_expert_weights, unpack_expert_weights
+
+    e, k, h, inter, tokens = 4, 2, 128, 64, 9
+    spec = ExpertKernelSpec(hidden_size=h, intermediate_size=inter, num_experts=e, top_k=k, format="int4",
+                            group_size=group)
+    gate_up, down = rnd(e, 2 * inter, h, seed=41, scale=0.2).cpu(), rnd(e, h, inter, seed=42, scale=0.2).cpu()
+    parts = pack_expert_weights(spec, gate_up, down)
+    assert parts["gate_up.q"].dtype == torch.uint8
+    deq_u, deq_d = unpack_expert_weights(spec, parts)
+    x = rnd(tokens, h, dtype=torch.float16, seed=43)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(tokens)]).to(torch.int32).to(DEV)
+    tw = torch.rand(tokens, k).to(DEV)
+    weights = {name: t.to(DEV) for name, t in parts.items()}
+    cfg = {"BLOCK_M": 16, "BLOCK_N_UP": 16, "BLOCK_N_DOWN": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
+    y = moe.fused_moe(x, tw, ids, weights, e, inter, config=cfg)       # BLOCK_K becomes the pair block (32)
+    ref = moe_ref(x.cpu(), tw.cpu(), ids.cpu(), deq_u, deq_d)
+    assert rel(y.cpu(), ref) < 3e-3
+
+
 @pytest.mark.parametrize("tokens", [2, 9])
 def test_fused_moe_partial_skips_slots_of_experts_held_elsewhere(tokens):
     """ids -1 (an expert another device holds) add nothing, on the decode and the grouped path."""

@@ -24,7 +24,8 @@ HALF_ON_CPU = "[[rule]]\nmatch = 'experts\\.[0-3]$'\ndevice = 'cpu'\n"
 
 def build(tiny_models: dict, root: Path, arch: str, kind: str) -> Path:
     """Compile tiny `arch` as `kind`: "gpu" (all on the GPU), "hybrid" (experts 0-3 on the CPU by a
-    rule, --quant none) or "budget" (int8 CPU experts placed by a GPU budget)."""
+    rule, --quant none), "budget" (int8 CPU experts placed by a GPU budget) or "budget4" (the same
+    with int4 CPU experts, bf16 GPU experts)."""
     from ktc.compiler import compile_model
 
     rules = root / "rules.toml"
@@ -34,9 +35,9 @@ def build(tiny_models: dict, root: Path, arch: str, kind: str) -> Path:
         compile_model(tiny_models[arch], out, target="cuda", quant="none", force=True)
     elif kind == "hybrid":
         compile_model(tiny_models[arch], out, target="cuda", quant="none", rules=rules, force=True)
-    else:   # int8 CPU experts, placed by a GPU budget that holds about half the experts
-        compile_model(tiny_models[arch], out, target="cuda", quant="int8", gpu_memory=_half_budget(tiny_models[arch]),
-                      force=True)
+    else:   # int8 (int4) CPU experts, placed by a GPU budget that holds about half the experts
+        compile_model(tiny_models[arch], out, target="cuda", quant="int4" if kind == "budget4" else "int8",
+                      gpu_quant="none", gpu_memory=_half_budget(tiny_models[arch]), force=True)
     return out
 
 
@@ -182,6 +183,28 @@ def test_hybrid_generate_with_cuda_graphs_follows_all_gpu_for_32_steps(artifacts
     assert max(errs) < 2e-2
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (streaming copies from pinned memory)")
+@pytest.mark.parametrize("kind", ["budget", "budget4"])
+def test_long_prefill_streaming_cpu_experts_matches_the_cpu_kernels(artifacts, monkeypatch, kind):
+    """A prefill that streams the CPU experts (int8 as w8a16, int4 as w4a16, on the GPU) gives the
+    logits of the same prefill run by the CPU kernels."""
+    from ktc.runtime.artifact import read_manifest
+
+    path = artifacts("qwen3_moe", kind)
+    plan = read_manifest(path).graph.config["placement"]
+    assert plan["cpu_experts"] > 0 and plan["stream_buffer_bytes"] > 0
+    ids = prompts(256, 40, batch=2)
+    outs = {}
+    for mode, env in (("cpu", "0"), ("stream", "1")):
+        monkeypatch.setenv("KTC_STREAM_MIN_TOKENS", env)
+        ex, dev = _executor(path, torch.bfloat16)
+        assert all((o.stream_from is not None) == (mode == "stream") for o in ex.offloads)
+        outs[mode] = _run_prefill_then_decode(ex, dev, ids, 0, torch.bfloat16)
+    err = rel_err(outs["stream"], outs["cpu"])
+    print(f"\n{kind}: streamed vs CPU-kernel prefill logits {err:.2e}")
+    assert err < 2e-2
+
+
 if __name__ == "__main__":   # build the artifacts for KTC_TEST_ARTIFACTS: python -m tests.runtime.gpu.test_hybrid DIR
     from ktc.tiny import make_tiny_model
 
@@ -191,6 +214,6 @@ if __name__ == "__main__":   # build the artifacts for KTC_TEST_ARTIFACTS: pytho
     for a in ("qwen3_moe", "qwen2_moe"):
         make_tiny_model(a, dest / "models" / a, seed=1, tokenizer=(a == "qwen3_moe"))
         folders[a] = dest / "models" / a
-    for arch, kind in (("qwen3_moe", "gpu"), ("qwen3_moe", "hybrid"), ("qwen3_moe", "budget"), ("qwen2_moe", "gpu"),
-                       ("qwen2_moe", "hybrid")):
+    for arch, kind in (("qwen3_moe", "gpu"), ("qwen3_moe", "hybrid"), ("qwen3_moe", "budget"),
+                       ("qwen3_moe", "budget4"), ("qwen2_moe", "gpu"), ("qwen2_moe", "hybrid")):
         print(build(folders, dest, arch, kind))

@@ -15,6 +15,7 @@ from ktc.ir import Graph
 
 TARGET_CHOICES = ("cpu", "auto", "x86-avx2", "x86-avx512", "x86-amx", "cuda")
 QUANT_CHOICES = ("none", "int8", "int4")
+GPU_DENSE_QUANT_CHOICES = ("none", "int4")
 
 
 class CompileProgress(Protocol):
@@ -103,6 +104,7 @@ def compile_model(
     force: bool = False,
     gpu_memory: str | int | None = None,
     gpu_quant: str | None = None,
+    gpu_dense_quant: str = "none",
     max_context: int | None = None,
     calibration: str | Path | None = None,
     rules: str | Path | None = None,
@@ -115,7 +117,9 @@ def compile_model(
     """Compile the Hugging Face model folder `model_dir` into the artifact `output`.
 
     weights_free: the plan and its kernels from config.json alone (no safetensors read, weight
-    dtypes taken from config.json) and no weight shards: `ktc pack` (ktc.pack) adds them later."""
+    dtypes taken from config.json) and no weight shards: `ktc pack` (ktc.pack) adds them later.
+    gpu_dense_quant: "int4" stores the GPU dense linears (attention projections, dense MLPs, shared
+    experts; not the lm_head) int4 w4a16, group-wise (passes/quantization.py); "none" keeps them bf16."""
     from ktc.artifact import copy_tokenizer, staging_folder, write_manifest
     from ktc.checkpoint import Checkpoint, read_config
     from ktc.codegen.cpu_experts import build_cpu_kernels
@@ -135,6 +139,8 @@ def compile_model(
         raise KtcError(f"--quant {quant!r} is not one of {', '.join(QUANT_CHOICES)}")
     if gpu_quant is not None and gpu_quant not in ("none", "int4"):
         raise KtcError(f"--gpu-quant {gpu_quant!r} is not one of none, int4")
+    if gpu_dense_quant not in GPU_DENSE_QUANT_CHOICES:
+        raise KtcError(f"--gpu-dense-quant {gpu_dense_quant!r} is not one of {', '.join(GPU_DENSE_QUANT_CHOICES)}")
     if max_context is not None and int(max_context) < 1:
         raise KtcError(f"--max-context must be at least 1, got {max_context}")
     options = dict(options or {})
@@ -172,7 +178,7 @@ def compile_model(
         counter = iter(range(100))
         instruments.append(lambda name, g: (dump_dir / f"{next(counter):02d}-{name}.txt").write_text(str(g) + "\n"))
     ctx = PassContext(target=device, cpu_target=cpu.name, quant=quant, gpu_memory_bytes=parse_size(gpu_memory),
-                      gpu_quant=gpu_quant, options=options)
+                      gpu_quant=gpu_quant, gpu_dense_quant=gpu_dense_quant, options=options)
     manager = PassManager(DEFAULT_PIPELINE, instruments)
     graph = manager.run(graph, ctx)
     phases["passes"] = time.perf_counter() - t
@@ -219,6 +225,7 @@ def compile_model(
             "tokenizer": tokenizer,
             "compile": {"target": target, "cpu_target": cpu.name, "quant": quant, "weights_free": weights_free,
                         "gpu_quant": ctx.gpu_expert_quant if device != "cpu" else None,
+                        "gpu_dense_quant": gpu_dense_quant if device != "cpu" else None,
                         "gpu_memory": ctx.gpu_memory_bytes, "max_context": options.get("max_context"),
                         "calibration": str(calibration) if calibration else None,
                         "rules": [r.to_dict() for r in options.get("placement_rules", []) if hasattr(r, "to_dict")],

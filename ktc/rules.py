@@ -19,7 +19,9 @@ A rule has `match` and at least one of `device` ("cuda" | "cpu") and `format`. F
 routed experts are matched by their own name (`layers.7.mlp.experts.42`) and by their layer's
 node name, other ops by node name; a format applies to the nodes a rule matches, including the
 parts of a split layer (`layers.7.mlp.experts.cpu` / `.gpu`), and a rule with both a device and
-a format sets the format only of that device's part. Read with `read_rules`; the placement and
+a format sets the format only of that device's part. On a GPU target a format rule (int4 | none)
+matching a dense node's name (attention, mlp, linear; never the lm_head) sets the format of its
+linear weights, as --gpu-dense-quant does for all. Read with `read_rules`; the placement and
 quantization passes apply them.
 """
 

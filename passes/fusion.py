@@ -56,6 +56,7 @@ def _rewrite_gate_up(graph: Graph, node: Node, producers: dict[str, Node]) -> No
     graph.weights[name] = Weight(
         name=name, shape=[gate.shape[0] + up.shape[0], *gate.shape[1:]], dtype=gate.dtype,
         source={"concat": [gate.source, up.source], "dim": 0}, format=gate.format, device=gate.device,
+        group_size=gate.group_size,   # int4 gate and up (same K, so the same group) stay int4 concatenated
     )
     node.weights["gate_up"] = name
     used = {w for n in graph.nodes for w in n.weights.values()}

@@ -33,6 +33,15 @@ def _shape(graph: Graph, node: Node, role: str) -> list[int]:
     return [int(d) for d in graph.weights[node.weights[role]].shape]
 
 
+def _linear_config(graph: Graph, node: Node, role: str, m: int, n: int, k: int) -> dict[str, Any]:
+    """The GEMM config of the weight in `role`: matmul.linear's, or linear_w4a16's for an int4 weight."""
+    from ktc.codegen.gpu import matmul
+
+    if role in node.weights and graph.weights[node.weights[role]].format == "int4":
+        return matmul.default_config_w4a16(m, n, k)
+    return matmul.default_config(m, n, k)
+
+
 def gpu_configs(graph: Graph, node: Node) -> dict[str, dict[str, Any]]:
     from ktc.codegen.gpu import attention, embedding, matmul, moe, norm, rope, router
 
@@ -48,7 +57,7 @@ def gpu_configs(graph: Graph, node: Node) -> dict[str, dict[str, Any]]:
             cfg["embedding"] = embedding.default_config(_shape(graph, node, "weight")[1])
         elif node.op == "linear":
             n, k = _shape(graph, node, "weight")
-            cfg["linear"] = matmul.default_config(m, n, k)
+            cfg["linear"] = _linear_config(graph, node, "weight", m, n, k)
         elif node.op == "router":
             e, h = _shape(graph, node, "weight")
             cfg["logits"] = matmul.default_config(m, e, h)
@@ -56,8 +65,9 @@ def gpu_configs(graph: Graph, node: Node) -> dict[str, dict[str, Any]]:
                 cfg["fused"] = router.fused_config(e, h)
         elif node.op == "mlp":
             inter, h = _shape(graph, node, "down")[1], _shape(graph, node, "down")[0]
-            cfg["gate_up"] = matmul.default_config(m, 2 * inter, h)
-            cfg["down"] = matmul.default_config(m, h, inter)
+            cfg["gate_up"] = _linear_config(graph, node, "gate_up" if "gate_up" in node.weights else "gate", m,
+                                            2 * inter, h)
+            cfg["down"] = _linear_config(graph, node, "down", m, h, inter)
         elif node.op == "moe_experts":
             a = node.attrs
             group = graph.weights[node.weights["gate_up"]].group_size if node.format == "int4" else None
@@ -67,8 +77,8 @@ def gpu_configs(graph: Graph, node: Node) -> dict[str, dict[str, Any]]:
             a = node.attrs
             h, hkv, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
             hidden = _shape(graph, node, "q")[1]
-            cfg["qkv"] = matmul.default_config(m, (h + 2 * hkv) * d, hidden)
-            cfg["o"] = matmul.default_config(m, hidden, h * d)
+            cfg["qkv"] = _linear_config(graph, node, "q", m, (h + 2 * hkv) * d, hidden)
+            cfg["o"] = _linear_config(graph, node, "o", m, hidden, h * d)
             cfg["rope"] = rope.default_config(d)
             if phase == "decode":
                 cfg["attention"] = attention.decode_config(d, DECODE_CONTEXT)
@@ -115,4 +125,6 @@ def select_gpu_kernel(graph: Graph, node: Node) -> None:
         node.kernel = "mla.attention"
     if node.op == "moe_experts" and node.format == "int4":
         node.kernel = "moe.fused_moe_w4a16"
+    if node.op == "linear" and graph.weights[node.weights["weight"]].format == "int4":
+        node.kernel = "matmul.linear_w4a16"
     node.attrs["gpu_config"] = gpu_configs(graph, node)

@@ -6,7 +6,8 @@ writer packs them and the runtime hands them to the kernel untouched. Dense CPU 
 the runtime's built-in implementations and get no kernel name.
 
 Every GPU-placed node gets a Triton kernel from ktc.codegen.gpu and its configs (see
-passes/gpu_kernels.py); int4 GPU experts are marked as packed in the w4a16 layout.
+passes/gpu_kernels.py); int4 GPU weights (experts, and dense linears with --gpu-dense-quant
+int4) are marked as packed in the w4a16 layout.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def kernel_selection(graph: Graph, ctx: PassContext) -> Graph:
             if node.op == "moe_experts" and node.format == "int4":
                 for role in ("gate_up", "down"):
                     graph.weights[node.weights[role]].layout = GPU_W4A16_LAYOUT
+            elif node.op != "moe_experts":
+                for name in node.weights.values():
+                    if graph.weights[name].format == "int4":
+                        graph.weights[name].layout = GPU_W4A16_LAYOUT
     for node in graph.nodes_of("moe_experts"):
         if node.device != "cpu":
             continue

@@ -4,7 +4,9 @@
 
 --target cuda: attention, dense layers, shared experts, routers, norms, embeddings and lm_head
 go on the GPU (they must fit, with the KV cache for --max-context and a fixed reserve, or the
-compile is refused with the size needed). With int8 / int4 CPU experts the budget also keeps a staging
+compile is refused with the size needed; they are counted as the quantization pass stores them:
+bf16, or packed int4 values + scales for the dense linears --gpu-dense-quant int4 quantizes, which
+leaves that much more room for experts). With int8 / int4 CPU experts the budget also keeps a staging
 buffer for one layer's CPU experts, which long prefills stream to the GPU (runtime/gpu/offload.py).
 Routed experts fill what is left of --gpu-memory, hottest first; the rest stay on the CPU. No
 budget: every expert on the GPU.
@@ -31,7 +33,7 @@ import re
 from ktc.errors import KtcError
 from ktc.ir import Graph, Node
 from ktc.passes.manager import PassContext
-from ktc.rules import first_match, parse_rules
+from ktc.rules import Rule, first_match, parse_rules
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
 GPU_FLOAT_BYTES = 2          # GPU weights are stored bf16 (quantization pass)
@@ -53,14 +55,32 @@ def gpu_resident_bytes(graph: Graph) -> int:
     return weight_bytes(graph, set(graph.weights) - _expert_weights(graph))
 
 
-def _gpu_dense_bytes(graph: Graph) -> int:
-    """The must-be-on-GPU weights as the GPU stores them (bf16; float32 tables stay float32)."""
-    total = 0
+def int4_bytes(numel: int, group: int) -> float:
+    """Bytes of a w4a16 weight: half a byte a value and a float32 scale per group."""
+    return numel * 0.5 + numel // group * 4
+
+
+def _gpu_dense_bytes(graph: Graph, int4: dict[str, int] | None = None) -> int:
+    """The must-be-on-GPU weights as the GPU stores them: bf16 (float32 tables stay float32), and the
+    weights in `int4` (name -> group size: --gpu-dense-quant int4) packed, values and scales."""
+    int4 = int4 or {}
+    total = 0.0
     for name in set(graph.weights) - _expert_weights(graph):
         w = graph.weights[name]
+        if name in int4:
+            total += int4_bytes(w.numel, int4[name])
+            continue
         total += w.numel * (GPU_FLOAT_BYTES if w.dtype in ("float32", "bfloat16", "float16") else
                             BYTES.get(w.dtype, 4))
     return int(total)
+
+
+def _dense_int4(graph: Graph, dense_quant: str, rules: list[Rule] | None = None,
+                assume_gpu: bool = False) -> dict[str, int]:
+    """The dense weights the quantization pass will store int4 (name -> group), for byte accounting."""
+    from ktc.passes.quantization import gpu_dense_int4_weights
+
+    return gpu_dense_int4_weights(graph, dense_quant, rules, assume_gpu) if dense_quant != "none" or rules else {}
 
 
 def expert_gpu_bytes(node: Node, quant: str) -> float:
@@ -71,10 +91,11 @@ def expert_gpu_bytes(node: Node, quant: str) -> float:
     return numel * (0.5 + 4 / 128 if quant == "int4" else GPU_FLOAT_BYTES)
 
 
-def gpu_model_bytes(graph: Graph, quant: str) -> int:
-    """Bytes of every weight as the GPU stores it with every expert on the GPU."""
+def gpu_model_bytes(graph: Graph, quant: str, dense_quant: str = "none") -> int:
+    """Bytes of every weight as the GPU stores it with every expert on the GPU (experts in `quant`,
+    dense linears in `dense_quant`: see --gpu-dense-quant)."""
     experts = sum(expert_gpu_bytes(n, quant) * int(n.attrs["num_experts"]) for n in graph.nodes_of("moe_experts"))
-    return int(_gpu_dense_bytes(graph) + experts)
+    return int(_gpu_dense_bytes(graph, _dense_int4(graph, dense_quant, assume_gpu=True)) + experts)
 
 
 def kv_cache_bytes(graph: Graph, max_context: int, batch: int = 1) -> int:
@@ -148,7 +169,7 @@ def _gpu_placement(graph: Graph, ctx: PassContext, rules) -> None:
 
     max_context = int(ctx.options.get("max_context") or min(DEFAULT_MAX_CONTEXT, int(
         graph.config.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)))
-    dense = _gpu_dense_bytes(graph)
+    dense = _gpu_dense_bytes(graph, _dense_int4(graph, ctx.gpu_dense_quant, rules))
     kv = kv_cache_bytes(graph, max_context)
     budget = ctx.gpu_memory_bytes
     gpu_sets: dict[str, set[int]] = {}
@@ -165,8 +186,9 @@ def _gpu_placement(graph: Graph, ctx: PassContext, rules) -> None:
         if fixed + forced > budget:
             raise KtcError(
                 f"--target {ctx.target}: the GPU part needs {(fixed + forced) / 2**30:.2f} GiB (attention, dense "
-                f"layers, embeddings and lm_head {dense / 2**30:.2f} GiB bf16, KV cache for {max_context} tokens "
-                f"{kv / 2**30:.2f} GiB, reserve {GPU_RESERVE_BYTES / 2**30:.2f} GiB"
+                f"layers, embeddings and lm_head {dense / 2**30:.2f} GiB "
+                f"{'bf16' if ctx.gpu_dense_quant == 'none' else 'with int4 linears'}, KV cache for {max_context} "
+                f"tokens {kv / 2**30:.2f} GiB, reserve {GPU_RESERVE_BYTES / 2**30:.2f} GiB"
                 + (f", experts pinned by rules {forced / 2**30:.2f} GiB" if forced else "")
                 + f"), more than --gpu-memory {budget / 2**30:.2f} GiB: raise --gpu-memory or lower --max-context")
         # int8 / int4 CPU experts of one layer are streamed to the GPU for long prefills: the budget keeps
@@ -193,6 +215,7 @@ def _gpu_placement(graph: Graph, ctx: PassContext, rules) -> None:
         "kv_cache_bytes": int(kv) if budget else 0, "reserve_bytes": GPU_RESERVE_BYTES if budget else 0,
         "stream_buffer_bytes": int(stream) if budget else 0,
         "max_context": max_context, "gpu_experts": n_gpu, "cpu_experts": n_cpu, "gpu_expert_format": gpu_quant,
+        "gpu_dense_format": ctx.gpu_dense_quant,
         "calibrated": bool(ctx.options.get("calibration")),
     }
 

@@ -9,17 +9,32 @@ GPU-resident weights are stored bfloat16 (small float32 tables such as rope's in
 float32); GPU routed experts are bfloat16 (--gpu-quant none, the default) or int4 weight-only
 (w4a16, group-wise, symmetric; --gpu-quant int4, implied by --quant int4). int8 experts exist
 only for the CPU kernels. A placement rule with `format` sets one layer part's format.
+
+GPU dense linears (--gpu-dense-quant int4; default none = bf16): the weights of gqa attention's
+q / k / v / o projections, of dense MLPs and shared experts (gate / up / gate_up / down) and of
+linear nodes other than the lm_head become int4 w4a16 (symmetric, group-wise along K, the group
+the largest of 128/64/32 dividing K; a weight whose K none divides stays bf16), packed like the
+GPU experts (kernel selection marks them gpu_w4a16). Never quantized: embeddings, norms, router
+and shared-expert-gate logits (router weight, mlp output_gate), rope tables, biases, the lm_head
+(it decides the tokens), and MLA attention (its runtime reads kv_b per head, in place). A rule
+with `format` int4 / none matching a GPU dense node's name sets that node's linears (int8 is a
+CPU expert format: such a rule leaves dense nodes as the option says).
 """
 
 from __future__ import annotations
 
 from ktc.errors import KtcError
-from ktc.ir import Graph
+from ktc.ir import Graph, Node
 from ktc.passes.manager import PassContext
-from ktc.rules import parse_rules
+from ktc.rules import Rule, parse_rules
 
 FLOAT_FORMATS = ("float32", "bfloat16", "float16")
 QUANT_FORMATS = ("int8", "int4")
+GPU_DENSE_QUANT = ("none", "int4")
+GROUP_SIZES = (128, 64, 32)
+# weight roles that are dense linear [N, K] weights a w4a16 GEMM may run (per op; gqa attention only)
+DENSE_LINEAR_ROLES = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "gate_up", "down"),
+                      "linear": ("weight",)}
 
 
 def expert_group_size(hidden_size: int, intermediate_size: int) -> int:
@@ -33,15 +48,78 @@ def expert_group_size(hidden_size: int, intermediate_size: int) -> int:
     )
 
 
+def dense_group_size(k: int) -> int | None:
+    """Largest group in (128, 64, 32) dividing K, None if none does (the weight stays bf16)."""
+    return next((g for g in GROUP_SIZES if k % g == 0), None)
+
+
+def check_gpu_dense_quant(value: str) -> None:
+    if value not in GPU_DENSE_QUANT:
+        raise KtcError(f"--gpu-dense-quant {value!r} is not one of {', '.join(GPU_DENSE_QUANT)}")
+
+
+def _is_lm_head(graph: Graph, node: Node) -> bool:
+    return node.op == "linear" and (node.name == "lm_head" or any(o in graph.outputs for o in node.outputs))
+
+
+def _dense_linear_roles(graph: Graph, node: Node) -> tuple[str, ...]:
+    if node.op == "attention" and node.attrs.get("kind") != "gqa":
+        return ()
+    if _is_lm_head(graph, node):
+        return ()
+    return tuple(r for r in DENSE_LINEAR_ROLES.get(node.op, ()) if r in node.weights)
+
+
+def gpu_dense_int4_weights(graph: Graph, dense_quant: str, rules: list[Rule] | None = None,
+                           assume_gpu: bool = False) -> dict[str, int]:
+    """Weight name -> group size of the GPU dense linear weights that are stored int4 w4a16 (see the
+    module docstring). Nodes count as GPU-resident when placed on a non-CPU device, or all of them
+    with `assume_gpu` (the placement pass's byte estimates before it places anything). A weight is
+    int4 only if every use of it is such a linear role of a node choosing int4."""
+    check_gpu_dense_quant(dense_quant)
+    rules = rules or []
+    chosen: dict[str, int] = {}
+    refused: set[str] = set()
+    for node in graph.nodes:
+        roles = _dense_linear_roles(graph, node)
+        on_gpu = node.device not in (None, "cpu") or (assume_gpu and node.device is None)
+        fmt = _dense_rule_format(rules, node) or dense_quant
+        for role, name in node.weights.items():
+            w = graph.weights[name]
+            group = dense_group_size(int(w.shape[-1])) if len(w.shape) == 2 else None
+            if (role in roles and on_gpu and fmt == "int4" and group is not None and w.dtype in FLOAT_FORMATS
+                    and "values" not in w.source):
+                chosen[name] = group
+            else:
+                refused.add(name)
+    return {name: g for name, g in chosen.items() if name not in refused}
+
+
+def _dense_rule_format(rules: list[Rule], node: Node) -> str | None:
+    """int4 / none from the first format rule matching a dense node (int8 rules are for CPU experts)."""
+    for rule in rules:
+        if rule.format in ("int4", "none") and rule.device in (None, node.device) and rule.matches(node.name):
+            return rule.format
+    return None
+
+
 def quantization(graph: Graph, ctx: PassContext) -> Graph:
     if ctx.quant not in ("none", *QUANT_FORMATS):
         raise KtcError(f"--quant {ctx.quant!r} is not one of none, int8, int4")
+    check_gpu_dense_quant(ctx.gpu_dense_quant)
     graph = graph.copy()
     rules = parse_rules(ctx.options.get("placement_rules", []))
     for w in graph.weights.values():
         w.format = w.dtype
         if w.device not in (None, "cpu") and w.dtype in FLOAT_FORMATS and "values" not in w.source:
             w.format = "bfloat16"
+    int4 = gpu_dense_int4_weights(graph, ctx.gpu_dense_quant, rules)
+    for name, group in int4.items():
+        graph.weights[name].format = "int4"
+        graph.weights[name].group_size = group
+    for node in graph.nodes:
+        if node.op != "moe_experts" and any(w in int4 for w in node.weights.values()):
+            node.format = "int4"
     for node in graph.nodes_of("moe_experts"):
         if node.device not in (None, "cpu"):
             _gpu_experts(graph, node, ctx, rules)

@@ -4,9 +4,19 @@ One tiled kernel for every dense linear (q/k/v/o, dense MLP, router logits, lm_h
 Programs are ordered in GROUP_M bands of M blocks so that neighbours share weight tiles in
 L2 (prefill); decode (M <= 16) uses narrow N blocks so that the N / BLOCK_N programs cover
 the multiprocessors while each streams its slice of the weight once.
+
+matmul_w4a16_kernel is the same product with a weight-only int4 weight (--gpu-dense-quant int4):
+symmetric, group-wise along K, in the layout of the GPU experts (moe.pack_w4a16): qweight uint8
+[N, K/2] where, in each group of G values, byte j holds value j in its low nibble and value
+j + G/2 in its high nibble (two's complement), and float32 scales [N, K/G]. A K step of BLOCK_K
+values reads BLOCK_K/2 bytes per weight row, dequantizes both nibble planes in registers
+(value * its group's scale, in the activation dtype) and multiplies each by the matching half of
+the activations: two tl.dot per step, float32 accumulation.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -48,7 +58,57 @@ def matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, 
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-KERNELS = {"matmul_kernel": matmul_kernel}
+@triton.jit
+def matmul_w4a16_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_qn, stride_sn, stride_cm,
+                        HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+
+    HALF_G: tl.constexpr = GROUP // 2       # bytes per group
+    BLOCK_KB: tl.constexpr = BLOCK_K // 2   # bytes per K step
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_KB)
+    a_rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    w_rows = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    a_base = a_ptr + a_rows[:, None] * stride_am
+    q_base = qw_ptr + w_rows[None, :] * stride_qn
+    s_base = s_ptr + w_rows * stride_sn
+    kbytes = K // 2
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb0 in range(0, kbytes, BLOCK_KB):
+        kb = kb0 + offs_b
+        kmask = kb < kbytes
+        if BLOCK_K <= GROUP:
+            # the step lies in one group: contiguous activations, one scale per weight row
+            k_lo = kb0 + (kb0 // HALF_G) * HALF_G + offs_b
+            sc = tl.load(s_base + kb0 // HALF_G)[None, :]
+        else:
+            # several whole groups: byte b of group g holds values g*G + b and g*G + G/2 + b
+            k_lo = kb + (kb // HALF_G) * HALF_G
+            sc = tl.load(s_base[None, :] + (kb // HALF_G)[:, None], mask=kmask[:, None], other=0.0)
+        a_lo = tl.load(a_base + k_lo[None, :], mask=kmask[None, :], other=0.0)
+        a_hi = tl.load(a_base + (k_lo + HALF_G)[None, :], mask=kmask[None, :], other=0.0)
+        packed = tl.load(q_base + kb[:, None], mask=kmask[:, None], other=0)
+        lo = (packed << 4).to(tl.int8, bitcast=True) >> 4
+        hi = packed.to(tl.int8, bitcast=True) >> 4
+        acc = tl.dot(a_lo, (lo.to(tl.float32) * sc).to(a_lo.dtype), acc)
+        acc = tl.dot(a_hi, (hi.to(tl.float32) * sc).to(a_lo.dtype), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+KERNELS = {"matmul_kernel": matmul_kernel, "matmul_w4a16_kernel": matmul_w4a16_kernel}
 
 NUM_SMS = 132   # H100 / H200; only used to pick block sizes, never for correctness
 
@@ -85,27 +145,81 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, c
     return out.view(*x.shape[:-1], n)
 
 
+def default_config_w4a16(m: int, n: int, k: int) -> dict:
+    """Block sizes for an [m, k] x int4 [n, k]^T product (group `group` along K). Decode (m <= 16):
+    as the bf16 product's (narrow N blocks, so many programs each stream their rows once) with twice
+    the K values per step (512: 256 bytes of every weight row, what bf16 reads with 128 values);
+    prefill: the bf16 tiles. BLOCK_K is at least 32 (16 bytes, tl.dot's smallest K)."""
+    cfg = dict(default_config(m, n, k))
+    if m <= 16:
+        cfg["BLOCK_K"] = min(512, max(32, triton.next_power_of_2(k)))
+    cfg["BLOCK_K"] = max(32, cfg["BLOCK_K"])
+    return cfg
+
+
+def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                 config: dict | None = None, out_dtype: torch.dtype | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(qweight, scales)^T (+ bias): qweight uint8 [N, K/2] and float32 scales [N, K/G] in
+    moe.pack_w4a16's layout (G = K / scales.shape[1], a power of two >= 32). Config keys as linear's."""
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    if qweight.shape[-1] * 2 != k or k % scales.shape[-1]:
+        raise ValueError(f"w4a16 weight {tuple(qweight.shape)} / scales {tuple(scales.shape)} do not fit K={k}")
+    group = k // scales.shape[-1]
+    if group < 32 or group & (group - 1):
+        raise ValueError(f"w4a16 group size {group} is not a power of two >= 32")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    cfg = config or default_config_w4a16(m, n, k)
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    matmul_w4a16_kernel[grid](x2, qweight, scales, scales if bias is None else bias, out, m, n, k, x2.stride(0),
+                              qweight.stride(0), scales.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                              GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                              GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out.view(*x.shape[:-1], n)
+
 
 def candidate_configs(m: int, n: int, k: int, max_shared: int = 232448, elem_bytes: int = 2) -> list[dict]:
     """Configs `ktc tune` times for an [m, k] x [n, k]^T product, default first. Tiles are at least 16
     (tl.dot), no larger than the problem rounded up to a power of two, and their pipelined A and W tiles
     fit `max_shared` bytes of shared memory (the device's opt-in limit; the default too, or it is left
     out); M blocks of at least a quarter of the rows (up to 128), narrow N blocks with deep K for decode."""
-    def cap(dim: int) -> int:
-        return max(16, triton.next_power_of_2(dim))
-
     def fits(cfg: dict) -> bool:
         return cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem_bytes <= max_shared
 
+    return _candidates(m, n, k, default_config(m, n, k), fits, (64, 128, 256, 512), (64, 128))
+
+
+def candidate_configs_w4a16(m: int, n: int, k: int, max_shared: int = 232448, elem_bytes: int = 2) -> list[dict]:
+    """Configs `ktc tune` times for linear_w4a16 at [m, k] x int4 [n, k]^T, default first: the tiles of
+    candidate_configs with K steps of 64 to 1024 values for decode (up to 512 bytes per weight row), whose
+    pipelined activation tile and packed weight tile (half a byte a value) fit `max_shared`."""
+    def fits(cfg: dict) -> bool:
+        bk = cfg["BLOCK_K"]
+        return cfg["num_stages"] * (cfg["BLOCK_M"] * bk * elem_bytes + cfg["BLOCK_N"] * bk // 2) <= max_shared
+
+    return _candidates(m, n, k, default_config_w4a16(m, n, k), fits, (64, 128, 256, 512, 1024), (64, 128))
+
+
+def _candidates(m: int, n: int, k: int, default: dict, fits: Callable[[dict], bool], decode_ks: tuple[int, ...],
+                prefill_ks: tuple[int, ...]) -> list[dict]:
+    def cap(dim: int) -> int:
+        return max(16, triton.next_power_of_2(dim))
+
     if m <= 16:
-        tiles = [(16, bn, bk) for bn in (16, 32, 64, 128) for bk in (64, 128, 256, 512)]
+        tiles = [(16, bn, bk) for bn in (16, 32, 64, 128) for bk in decode_ks]
         group_m = 1
     else:
         tiles = [(bm, bn, bk) for bm, bn in ((16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (64, 128),
                                               (128, 64), (128, 128), (128, 256), (256, 128))
-                 for bk in (64, 128) if min(cap(m), 128) // 4 <= bm <= cap(m)]
+                 for bk in prefill_ks if min(cap(m), 128) // 4 <= bm <= cap(m)]
         group_m = 8
-    out = [cfg for cfg in (default_config(m, n, k),) if fits(cfg)]
+    out = [cfg for cfg in (default,) if fits(cfg)]
     for bm, bn, bk in tiles:
         if bn > cap(n) or bk > cap(k):
             continue

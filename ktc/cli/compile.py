@@ -41,6 +41,9 @@ def compile_cmd(
                                    "dense layers and KV cache leave is filled with the hottest routed experts; the "
                                    "rest run on the CPU"),
     gpu_quant: str = typer.Option(None, help="GPU-resident routed experts: none (bf16, default) or int4 (w4a16)"),
+    gpu_dense_quant: str = typer.Option("none", help="GPU dense linears (attention projections, dense MLP, shared "
+                                        "experts; never the lm_head): none (bf16, default) or int4 (w4a16, "
+                                        "group-wise): more GPU memory left for experts"),
     max_context: int = typer.Option(None, help="Tokens the GPU KV cache is sized for (default min(4096, the "
                                     "model's))"),
     calibration: Path = typer.Option(None, help="Expert activation counts from `ktc calibrate`: the hottest "
@@ -60,7 +63,8 @@ def compile_cmd(
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=True) as progress:
         report = compile_model(model_dir, output, target=target, cpu_target=cpu_target, quant=quant, force=force,
-                               gpu_memory=gpu_memory, gpu_quant=gpu_quant, max_context=max_context,
+                               gpu_memory=gpu_memory, gpu_quant=gpu_quant, gpu_dense_quant=gpu_dense_quant,
+                               max_context=max_context,
                                calibration=calibration, rules=rules, tuning=tuning, dump_ir=dump_ir,
                                weights_free=weights_free, progress=RichCompileProgress(progress))
     g = report.graph

@@ -7,6 +7,10 @@ and router weights float32, router ids int32. Every op is Triton kernels only: a
 one q/k/v GEMM, a kernel that norms + ropes q/k and writes k/v into the cache, the flash
 attention kernel (prefill) or split-KV decode kernel, and the o GEMM; MLA attention (DeepSeek)
 is in attention_mla.py.
+
+Dense linear weights are bf16 tensors, or (--gpu-dense-quant int4) packed w4a16 dicts
+{"qweight": uint8 [N, K/2], "scales": float32 [N, K/G]} that `linear` sends to
+matmul.linear_w4a16; prepare concatenates packed q/k/v or gate/up part by part (rows along N).
 """
 
 from __future__ import annotations
@@ -62,6 +66,53 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+W4A16_PARTS = frozenset(("qweight", "scales"))
+
+
+def linear(kernels: Any, x: torch.Tensor, w: torch.Tensor | dict[str, torch.Tensor], bias: torch.Tensor | None = None,
+           config: dict | None = None, out_dtype: torch.dtype | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T (+ bias) with the artifact's matmul family: matmul.linear for a dense weight,
+    matmul.linear_w4a16 for a packed w4a16 one (a dict qweight / scales)."""
+    if isinstance(w, torch.Tensor):
+        return kernels.matmul.linear(x, w, bias, config, out_dtype=out_dtype, out=out)
+    launch = getattr(kernels.matmul, "linear_w4a16", None)
+    if launch is None:
+        raise ArtifactError("the artifact's matmul kernels have no linear_w4a16 for its int4 weights; recompile it")
+    return launch(x, w["qweight"], w["scales"], bias, config, out_dtype=out_dtype, out=out)
+
+
+def _check_linear_weight(node: Node, role: str, w: Any) -> None:
+    if not isinstance(w, torch.Tensor) and set(w) != W4A16_PARTS:
+        raise ArtifactError(f"node {node.name}: {role} is packed as {sorted(w)}, not w4a16")
+
+
+def cat_rows(parts: list[torch.Tensor | dict[str, torch.Tensor]]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Linear weights stacked along N (one GEMM for q/k/v or gate/up): dense tensors concatenated, packed
+    w4a16 weights part by part (the rows of qweight and scales are the weight's rows); a mix (a weight
+    whose K fits no group, beside int4 ones) is dequantized to the dense weights' dtype."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts, dim=0).contiguous()
+    if all(not isinstance(p, torch.Tensor) for p in parts) and len({p["scales"].shape[-1] for p in parts}) == 1:
+        return {k: torch.cat([p[k] for p in parts], dim=0).contiguous() for k in ("qweight", "scales")}
+    dtype = next((p.dtype for p in parts if isinstance(p, torch.Tensor)), torch.bfloat16)
+    return torch.cat([p if isinstance(p, torch.Tensor) else _dequant_w4a16(p).to(dtype) for p in parts],
+                     dim=0).contiguous()
+
+
+def _dequant_w4a16(w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 weight behind a w4a16 dict (moe.unpack_w4a16's arithmetic, on w's device)."""
+    qweight, scales = w["qweight"], w["scales"]
+    groups = scales.shape[-1]
+    b = qweight.to(torch.int16).reshape(*qweight.shape[:-1], groups, -1)
+    q = torch.cat((((b & 0xF) ^ 8) - 8, ((b >> 4) ^ 8) - 8), dim=-1).to(torch.float32)
+    return (q * scales.unsqueeze(-1)).reshape(*qweight.shape[:-1], -1)
+
+
+def _rows_of(w: torch.Tensor | dict[str, torch.Tensor]) -> int:
+    return int((w if isinstance(w, torch.Tensor) else w["qweight"]).shape[0])
+
+
 # -- simple ops ------------------------------------------------------------------------
 def _embedding(node, inputs, w, ctx):
     return (ctx.kernels.embedding.embedding(inputs[0], w["weight"], _cfg(node, ctx, "embedding")),)
@@ -85,9 +136,14 @@ def _add(node, inputs, w, ctx):
     return (ctx.kernels.activation.add(inputs[0], inputs[1]),)
 
 
+def _prepare_linear(node, w):
+    _check_linear_weight(node, "weight", w["weight"])
+    return w
+
+
 def _linear(node, inputs, w, ctx):
     x = inputs[0]
-    y = ctx.kernels.matmul.linear(_rows(x), w["weight"], w.get("bias"), _cfg(node, ctx, "linear"))
+    y = linear(ctx.kernels, _rows(x), w["weight"], w.get("bias"), _cfg(node, ctx, "linear"))
     return (y.view(*x.shape[:-1], -1),)
 
 
@@ -96,8 +152,11 @@ def _prepare_mlp(node, w):
     if node.attrs.get("act", "silu") != "silu":
         raise ArtifactError(f"node {node.name}: activation {node.attrs['act']!r} has no GPU kernel")
     w = dict(w)
+    for role in ("gate", "up", "gate_up", "down"):
+        if role in w:
+            _check_linear_weight(node, role, w[role])
     if "gate_up" not in w:
-        w["gate_up"] = torch.cat((w.pop("gate"), w.pop("up")), dim=0).contiguous()
+        w["gate_up"] = cat_rows([w.pop("gate"), w.pop("up")])
     return w
 
 
@@ -105,8 +164,8 @@ def _mlp(node, inputs, w, ctx):
     x = inputs[0]
     k = ctx.kernels
     x2 = _rows(x)
-    gu = k.matmul.linear(x2, w["gate_up"], None, _cfg(node, ctx, "gate_up"))
-    y = k.matmul.linear(k.activation.silu_mul(gu), w["down"], None, _cfg(node, ctx, "down"))
+    gu = linear(k, x2, w["gate_up"], None, _cfg(node, ctx, "gate_up"))
+    y = linear(k, k.activation.silu_mul(gu), w["down"], None, _cfg(node, ctx, "down"))
     if "output_gate" in w:
         y = k.activation.sigmoid_gate_mul(y, k.matmul.linear(x2, w["output_gate"]))
     return (y.view(x.shape),)
@@ -124,13 +183,19 @@ def _prepare_attention(node, w):
     for r in ("q", "k", "v", "o"):
         if r not in w:
             raise ArtifactError(f"node {node.name}: gqa attention needs weight {r!r}")
-    out = {"qkv": torch.cat((w["q"], w["k"], w["v"]), dim=0).contiguous(), "o": w["o"], "o_bias": w.get("o_bias")}
+    for r in ("q", "k", "v", "o"):
+        _check_linear_weight(node, r, w[r])
+    out = {"qkv": cat_rows([w["q"], w["k"], w["v"]]), "o": w["o"], "o_bias": w.get("o_bias")}
+    # the activations' dtype: a dense projection's, else a bias's or a norm's (int4 projections)
+    ref = next((t for t in (w["q"], w["k"], w["v"], w["o"], *(w.get(f"{r}_bias") for r in "qkvo"),
+                            w.get("q_norm"), w.get("k_norm")) if isinstance(t, torch.Tensor)), None)
+    dtype, device = (ref.dtype, ref.device) if ref is not None else (torch.bfloat16, w["q"]["qweight"].device)
     if any(f"{r}_bias" in w for r in "qkv"):
         out["qkv_bias"] = torch.cat([w[f"{r}_bias"] if f"{r}_bias" in w else
-                                     torch.zeros(w[r].shape[0], dtype=w[r].dtype, device=w[r].device)
+                                     torch.zeros(_rows_of(w[r]), dtype=dtype, device=device)
                                      for r in "qkv"]).contiguous()
     if "q_norm" in w or "k_norm" in w:
-        one = torch.ones(int(a["head_dim"]), dtype=w["q"].dtype, device=w["q"].device)
+        one = torch.ones(int(a["head_dim"]), dtype=dtype, device=device)
         out["q_norm"], out["k_norm"] = w.get("q_norm", one), w.get("k_norm", one)
     return out
 
@@ -145,7 +210,7 @@ def _attention(node, inputs, w, ctx):
     k = ctx.kernels
     h, hkv, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
     b, s = ctx.batch, ctx.seq
-    qkv = k.matmul.linear(_rows(x), w["qkv"], w.get("qkv_bias"), _cfg(node, ctx, "qkv"))
+    qkv = linear(k, _rows(x), w["qkv"], w.get("qkv_bias"), _cfg(node, ctx, "qkv"))
     k_cache, v_cache = ctx.cache.layer(int(a["layer"]))
     q = k.rope.qk_rope_cache(qkv, cos.reshape(b * s, -1), sin.reshape(b * s, -1), ctx.positions, k_cache, v_cache,
                              h, hkv, d, s, w.get("q_norm"), w.get("k_norm"), float(a.get("qk_norm_eps") or 1e-6),
@@ -160,7 +225,7 @@ def _attention(node, inputs, w, ctx):
     else:
         cfg = _cfg(node, ctx, "attention", phase="prefill")
         o = k.attention.attention_prefill(q, k_cache, v_cache, b, s, ctx.past, scale, window, cfg)
-    y = k.matmul.linear(o.view(b * s, h * d), w["o"], w.get("o_bias"), _cfg(node, ctx, "o"))
+    y = linear(k, o.view(b * s, h * d), w["o"], w.get("o_bias"), _cfg(node, ctx, "o"))
     return (y.view(b, s, -1),)
 
 
@@ -245,7 +310,7 @@ GPU_OPS: dict[str, GpuOp] = {
     "router": GpuOp(_router, _prepare_router),
     "moe_experts": GpuOp(_moe, _prepare_moe),
     "mlp": GpuOp(_mlp, _prepare_mlp),
-    "linear": GpuOp(_linear),
+    "linear": GpuOp(_linear, _prepare_linear),
 }
 
 

@@ -8,7 +8,7 @@ one tunable), so a 48-layer model is tuned at the cost of one layer (+ the head)
 
     table               launcher                    shape                 buckets
     linear/gate_up/     matmul.linear               (N, K) of the weight  all
-      down/qkv/o
+      down/qkv/o        (matmul.linear_w4a16 for int4 weights: format w4a16-g<group>)
     logits              matmul.linear (fp32 out)    (E, H)                past router.FUSED_TOKENS
     norm                norm.rms_norm / add_rms_norm (H,)                 all
     moe                 moe.fused_moe               (E, H, I, top_k)      all
@@ -102,6 +102,12 @@ def _wfmt(graph: Graph, node: Node, role: str) -> str:
     return str(w.format or w.dtype)
 
 
+def _wgroup(graph: Graph, node: Node, role: str) -> int | None:
+    """The group size of an int4 (w4a16) weight, None for a dense one."""
+    w = graph.weights[node.weights[role]]
+    return int(w.group_size) if w.format == "int4" and w.group_size else None
+
+
 def node_tunables(graph: Graph, node: Node, kernels: Any) -> list[Tunable]:
     """The tunable launches of one GPU node (none for nodes without gpu_config)."""
     if node.device != "cuda" or not node.attrs.get("gpu_config"):
@@ -113,11 +119,17 @@ def node_tunables(graph: Graph, node: Node, kernels: Any) -> list[Tunable]:
         return f"{family}.{launcher}#{source_hash(getattr(kernels, family))}"
 
     def linear(table: str, n: int, k: int, fmt: str, bias: bool, min_tokens: int = 1,
-               out_dtype: str | None = None) -> None:
-        if "matmul" in fams:
-            f = fmt + ("+bias" if bias else "") + (f">{out_dtype}" if out_dtype else "")
-            out.append(Tunable(table, table, "matmul", kid("matmul", "linear"), (n, k), f, min_tokens,
-                               {"bias": bias, "out_dtype": out_dtype}))
+               out_dtype: str | None = None, group: int | None = None) -> None:
+        if "matmul" not in fams:
+            return
+        launcher = "linear"
+        if group:   # w4a16: its own launcher and candidates (none in older kernel sources: not tuned)
+            if not callable(getattr(kernels.matmul, "candidate_configs_w4a16", None)):
+                return
+            launcher, fmt = "linear_w4a16", f"w4a16-g{group}"
+        f = fmt + ("+bias" if bias else "") + (f">{out_dtype}" if out_dtype else "")
+        out.append(Tunable(table, table, "matmul", kid("matmul", launcher), (n, k), f, min_tokens,
+                           {"bias": bias, "out_dtype": out_dtype, "group": group}))
 
     op = node.op
     if op in ("rms_norm", "add_rms_norm") and "norm" in fams:
@@ -126,12 +138,14 @@ def node_tunables(graph: Graph, node: Node, kernels: Any) -> list[Tunable]:
                            {"residual": op == "add_rms_norm", "eps": float(node.attrs.get("eps") or 1e-6)}))
     elif op == "linear":
         n, k = _wshape(graph, node, "weight")
-        linear("linear", n, k, _wfmt(graph, node, "weight"), "bias" in node.weights)
+        linear("linear", n, k, _wfmt(graph, node, "weight"), "bias" in node.weights,
+               group=_wgroup(graph, node, "weight"))
     elif op == "mlp":
         h, inter = _wshape(graph, node, "down")
         fmt = _wfmt(graph, node, "down")
-        linear("gate_up", 2 * inter, h, fmt, False)
-        linear("down", h, inter, fmt, False)
+        gate = "gate_up" if "gate_up" in node.weights else "gate"
+        linear("gate_up", 2 * inter, h, fmt, False, group=_wgroup(graph, node, gate))
+        linear("down", h, inter, fmt, False, group=_wgroup(graph, node, "down"))
     elif op == "router":
         e, h = _wshape(graph, node, "weight")
         fused = getattr(getattr(kernels, "router", None), "router_fused", None) is not None
@@ -142,8 +156,9 @@ def node_tunables(graph: Graph, node: Node, kernels: Any) -> list[Tunable]:
         h, hkv, d = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
         hidden = _wshape(graph, node, "q")[1]
         fmt = _wfmt(graph, node, "q")
-        linear("qkv", (h + 2 * hkv) * d, hidden, fmt, any(f"{r}_bias" in node.weights for r in "qkv"))
-        linear("o", hidden, h * d, fmt, "o_bias" in node.weights)
+        linear("qkv", (h + 2 * hkv) * d, hidden, fmt, any(f"{r}_bias" in node.weights for r in "qkv"),
+               group=_wgroup(graph, node, "q"))
+        linear("o", hidden, h * d, fmt, "o_bias" in node.weights, group=_wgroup(graph, node, "o"))
         if "attention" in fams:
             window = int(a.get("sliding_window") or 0)
             p = {"window": window, "scale": float(a.get("scaling") or d ** -0.5)}
@@ -185,7 +200,8 @@ def candidate_configs(node: Node, t: Tunable, tokens: int, kernels: Any,
     fam = getattr(kernels, t.family)
     if t.family == "matmul":
         n, k = t.shape
-        cands = fam.candidate_configs(tokens, n, k, max_shared)
+        candidates = fam.candidate_configs_w4a16 if t.params.get("group") else fam.candidate_configs
+        cands = candidates(tokens, n, k, max_shared)
     elif t.family == "norm":
         cands = fam.candidate_configs(t.shape[0])
     elif t.family == "attention":
@@ -249,10 +265,17 @@ def make_runner(t: Tunable, tokens: int, kernels: Any, inputs: _Inputs, dtype: t
     if t.family == "matmul":
         n, kk = t.shape
         x = inputs.randn((tokens, kk), dtype, keep=False)
-        w = inputs.randn((n, kk), dtype, 0.02)
+        group = t.params.get("group")
+        if group:   # w4a16: random nibbles, scales of the size a 0.02-std weight's would have
+            qw = inputs.bytes((n, kk // 2))
+            sc = inputs.randn((n, kk // group), torch.float32, 0.002)
+        else:
+            w = inputs.randn((n, kk), dtype, 0.02)
         bias = inputs.randn((n,), dtype, 0.02) if t.params.get("bias") else None
         out_dtype = torch.float32 if t.params.get("out_dtype") == "float32" else dtype
         out = torch.empty(tokens, n, dtype=out_dtype, device=inputs.device)
+        if group:
+            return lambda cfg: lambda: k.matmul.linear_w4a16(x, qw, sc, bias, cfg, out_dtype=out_dtype, out=out)
         return lambda cfg: lambda: k.matmul.linear(x, w, bias, cfg, out_dtype=out_dtype, out=out)
     if t.family == "norm":
         (h,) = t.shape

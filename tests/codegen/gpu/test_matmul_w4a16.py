@@ -1,0 +1,142 @@
+"""The w4a16 linear (matmul.linear_w4a16) against a float64 reference, and its ahead-of-time builds.
+
+Without a GPU the kernel runs in Triton's interpreter (conftest): activations are float16 /
+float32 (the interpreter multiplies bf16 wrongly), shapes tiny and odd (M = 1, N and M not
+multiples of the blocks, K steps smaller than, equal to and larger than the group, a K step
+past K). The weights are packed by moe.pack_w4a16, the GPU experts' packer the artifact writer
+uses for int4 dense weights too; the reference multiplies by its dequantized weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ktc.codegen.gpu import matmul, moe
+
+from .conftest import HAS_CUDA
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def rnd(*shape, seed=0, scale=1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def packed(n: int, k: int, group: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(pack_w4a16 parts on DEV, the float64 weight they stand for)."""
+    parts = moe.pack_w4a16(rnd(n, k, seed=seed, scale=0.2).float(), group)
+    deq = moe.unpack_w4a16(parts["qweight"], parts["scales"]).double()
+    return {p: t.to(DEV) for p, t in parts.items()}, deq
+
+
+def cfg(bm: int, bn: int, bk: int, group_m: int = 2) -> dict:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "num_warps": 4, "num_stages": 1}
+
+
+@pytest.mark.parametrize("m,n,k,group,block_k,bias,dtype", [
+    (1, 40, 96, 32, 32, True, torch.float16),        # decode row, step = group, 3 groups
+    (1, 24, 128, 128, 64, False, torch.float32),     # step inside a group
+    (3, 33, 128, 64, 128, True, torch.float32),      # step = two groups
+    (5, 17, 64, 32, 256, False, torch.float16),      # step past K (masked), several groups
+    (19, 24, 192, 64, 64, True, torch.float16),      # two M blocks, GROUP_M ordering, K not a power of two
+])
+def test_linear_w4a16_matches_float64(m, n, k, group, block_k, bias, dtype):
+    w, deq = packed(n, k, group, seed=m + n + k)
+    x = rnd(m, k, seed=1).to(dtype)
+    b = rnd(n, seed=2, scale=0.5).to(dtype) if bias else None
+    ref = x.double() @ deq.T + (b.double() if bias else 0)
+    y = matmul.linear_w4a16(x.to(DEV), w["qweight"], w["scales"], None if b is None else b.to(DEV),
+                            cfg(16, 16, block_k), out_dtype=torch.float32)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    # fp16: the dequantized weight is rounded to the activation dtype before the dot
+    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_linear_w4a16_default_configs_and_leading_dims():
+    w, deq = packed(48, 256, 128, seed=7)
+    for shape in ((1, 1, 256), (2, 11, 256)):          # decode (M <= 16) and prefill default configs
+        x = rnd(*shape, seed=8).half()
+        y = matmul.linear_w4a16(x.to(DEV), w["qweight"], w["scales"])
+        assert y.shape == (*shape[:-1], 48) and y.dtype == torch.float16
+        assert rel(y, x.double() @ deq.T) < 2e-3
+    out = torch.empty(3, 48, dtype=torch.float32, device=DEV)
+    x = rnd(3, 256, seed=9).float().to(DEV)
+    assert matmul.linear_w4a16(x, w["qweight"], w["scales"], out=out).data_ptr() == out.data_ptr()
+    assert rel(out, x.double().cpu() @ deq.T) < 1e-5
+
+
+def test_linear_w4a16_refuses_mismatched_parts():
+    w, _ = packed(16, 64, 32, seed=3)
+    with pytest.raises(ValueError, match="do not fit K=128"):
+        matmul.linear_w4a16(torch.zeros(1, 128, device=DEV), w["qweight"], w["scales"])
+
+
+def test_configs_decode_and_prefill_and_candidates():
+    dec, pre = matmul.default_config_w4a16(1, 4096, 2048), matmul.default_config_w4a16(2048, 4096, 2048)
+    assert dec["BLOCK_M"] == 16 and dec["BLOCK_K"] == 512 and dec["GROUP_M"] == 1
+    assert 4096 // dec["BLOCK_N"] >= matmul.NUM_SMS               # many programs, each streams its rows once
+    assert pre["BLOCK_M"] == 128 and pre["GROUP_M"] == 8
+    assert matmul.default_config_w4a16(1, 64, 32)["BLOCK_K"] == 32
+    for m in (1, 16, 64, 2048):
+        cands = matmul.candidate_configs_w4a16(m, 4096, 2048, max_shared=101376)
+        assert cands[0] == matmul.default_config_w4a16(m, 4096, 2048) and len(cands) > 4
+        assert all(c["BLOCK_K"] >= 32 and c not in cands[:i] for i, c in enumerate(cands))
+        assert all(c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] * 2 + c["BLOCK_N"] * c["BLOCK_K"] // 2) <= 101376
+                   for c in cands)
+
+
+def test_pack_w4a16_round_trips_a_2d_weight():
+    w = rnd(5, 96, seed=4).float()
+    parts = moe.pack_w4a16(w, 32)
+    assert parts["qweight"].shape == (5, 48) and parts["qweight"].dtype == torch.uint8
+    assert parts["scales"].shape == (5, 3) and parts["scales"].dtype == torch.float32
+    deq = moe.unpack_w4a16(parts["qweight"], parts["scales"])
+    assert (deq - w).abs().max() <= parts["scales"].max() / 2 + 1e-6
+    assert torch.equal(moe.pack_w4a16(deq, 32)["qweight"], parts["qweight"])
+
+
+_AOT = r"""
+import json
+from ktc.codegen.gpu import matmul
+from ktc.codegen.gpu_aot import TARGETS, AotSpec, _order, _sig, compile_kernel
+
+out = {}
+ptrs = dict(a_ptr="bf16", qw_ptr="u8", s_ptr="fp32", bias_ptr="bf16", c_ptr="bf16")
+ints = ("M", "N", "K", "stride_am", "stride_qn", "stride_sn", "stride_cm")
+for m, group, bias in ((1, 128, False), (2048, 64, True)):     # the decode and prefill defaults
+    c = matmul.default_config_w4a16(m, 4096, 2048)
+    consts = dict(HAS_BIAS=bias, GROUP=group, **{k: v for k, v in c.items() if k.isupper()})
+    sig, consts = _sig(ptrs, ints, consts=consts)
+    spec = AotSpec("matmul", "matmul_w4a16_kernel", _order("matmul", "matmul_w4a16_kernel", sig), consts,
+                   dict(num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    for target in TARGETS:
+        try:
+            k = compile_kernel(spec, target)
+            out[f"m{m}@{target}"] = {"ok": "cubin" in k.asm or "hsaco" in k.asm}
+        except Exception as e:
+            out[f"m{m}@{target}"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+print(json.dumps(out))
+"""
+
+
+def test_w4a16_kernel_builds_ahead_of_time_for_sm80_sm90_gfx942():
+    """triton.compile without a GPU (in a subprocess: the interpreter replaces the builders here)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(results) == {f"m{m}@{t}" for m in (1, 2048) for t in ("sm80", "sm90", "gfx942")}
+    assert all(r["ok"] for r in results.values()), results

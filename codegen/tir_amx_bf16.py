@@ -273,6 +273,32 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         lohi[1] = T.Cast("int32", (i64(tsk) + 1) * i64((iw[o_cum + iw[O_NSEG]] + DEQUANT_COST * iw[O_NSEG]) * nr)
                          // i64(nthr))
 
+    def items_phase(item, nr, kd):
+        """The parallel loop of phase 2 (item gu_item, nr = NR1, K = H) or 4 (dn_item, NR2, I): each
+        task takes its share of the cost axis (split) and runs those items."""
+        @T.macro
+        def phase(wq, ws, wqf, out, iw, act16, o_cum, nthr):
+            for tsk in T.parallel(nthr):
+                cfg = T.alloc_buffer((64,), "uint8", **ALLOC)
+                treg = T.alloc_buffer((2048 if emu else 1,), "uint16", **ALLOC)
+                creg = T.alloc_buffer((1024 if emu else 1,), "float32", **ALLOC)
+                cbuf = T.alloc_buffer((1024,), "float32", **ALLOC)
+                wsc = T.alloc_buffer((ITEM_ROWS * kd,), "uint16", **ALLOC)
+                lohi = T.alloc_buffer((2,), "int32", **ALLOC)
+                split(iw, o_cum, nr, nthr, tsk, lohi)
+                tl_config(cfg)
+                for s in range(iw[O_NSEG]):
+                    pre = T.Bind((iw[o_cum + s] + DEQUANT_COST * s) * nr)
+                    c = T.Bind(iw[o_cum + s + 1] - iw[o_cum + s] + DEQUANT_COST)
+                    if pre < lohi[1] and pre + c * nr > lohi[0]:
+                        for r in range(T.max(0, (lohi[0] - pre + c - 1) // c), T.min(nr, (lohi[1] - pre + c - 1) // c)):
+                            item(s, r, wq, ws, wqf, out, iw, act16, o_cum, cbuf, treg, creg, wsc)
+                tl_release()
+        return phase
+
+    gu_phase = items_phase(gu_item, NR1, H)
+    dn_phase = items_phase(dn_item, NR2, I)
+
     @T.macro
     def prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum, o_bseg, gqf, dqf):
         act16 = T.decl_buffer((act.shape[0] // 2,), "uint16", data=act.data)
@@ -285,41 +311,11 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             iw[o_cum + s + 1] = iw[o_cum + s] + ((iw[O_SEGSTART + s + 1] - iw[O_SEGSTART + s]) * L + NCOL - 1) // NCOL
         # 1. x rows -> bf16 column blocks
         convert_phase(x, H, True, iw, act32, o_cum, o_bseg)
-        # 2. gate/up
-        for tsk in T.parallel(nthr):
-            cfg = T.alloc_buffer((64,), "uint8", **ALLOC)
-            treg = T.alloc_buffer((2048 if emu else 1,), "uint16", **ALLOC)
-            creg = T.alloc_buffer((1024 if emu else 1,), "float32", **ALLOC)
-            cbuf = T.alloc_buffer((1024,), "float32", **ALLOC)
-            wsc = T.alloc_buffer((ITEM_ROWS * H,), "uint16", **ALLOC)
-            lohi = T.alloc_buffer((2,), "int32", **ALLOC)
-            split(iw, o_cum, NR1, nthr, tsk, lohi)
-            tl_config(cfg)
-            for s in range(iw[O_NSEG]):
-                pre = T.Bind((iw[o_cum + s] + DEQUANT_COST * s) * NR1)
-                c = T.Bind(iw[o_cum + s + 1] - iw[o_cum + s] + DEQUANT_COST)
-                if pre < lohi[1] and pre + c * NR1 > lohi[0]:
-                    for r in range(T.max(0, (lohi[0] - pre + c - 1) // c), T.min(NR1, (lohi[1] - pre + c - 1) // c)):
-                        gu_item(s, r, gq, gs, gqf, hbuf, iw, act16, o_cum, cbuf, treg, creg, wsc)
-            tl_release()
+        # 2. gate/up, items (segment, 16 intermediate rows)
+        gu_phase(gq, gs, gqf, hbuf, iw, act16, o_cum, nthr)
         # 3. h rows -> bf16 column blocks
         convert_phase(hbuf, I, False, iw, act32, o_cum, o_bseg)
-        # 4. down
-        for tsk in T.parallel(nthr):
-            cfg = T.alloc_buffer((64,), "uint8", **ALLOC)
-            treg = T.alloc_buffer((2048 if emu else 1,), "uint16", **ALLOC)
-            creg = T.alloc_buffer((1024 if emu else 1,), "float32", **ALLOC)
-            cbuf = T.alloc_buffer((1024,), "float32", **ALLOC)
-            wsc = T.alloc_buffer((ITEM_ROWS * I,), "uint16", **ALLOC)
-            lohi = T.alloc_buffer((2,), "int32", **ALLOC)
-            split(iw, o_cum, NR2, nthr, tsk, lohi)
-            tl_config(cfg)
-            for s in range(iw[O_NSEG]):
-                pre = T.Bind((iw[o_cum + s] + DEQUANT_COST * s) * NR2)
-                c = T.Bind(iw[o_cum + s + 1] - iw[o_cum + s] + DEQUANT_COST)
-                if pre < lohi[1] and pre + c * NR2 > lohi[0]:
-                    for r in range(T.max(0, (lohi[0] - pre + c - 1) // c), T.min(NR2, (lohi[1] - pre + c - 1) // c)):
-                        dn_item(s, r, dq, ds, dqf, ybuf, iw, act16, o_cum, cbuf, treg, creg, wsc)
-            tl_release()
+        # 4. down, items (segment, 32 hidden rows)
+        dn_phase(dq, ds, dqf, ybuf, iw, act16, o_cum, nthr)
 
     return prefill_body

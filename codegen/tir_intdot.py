@@ -332,6 +332,36 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         lohi[0] = T.Cast("int32", i64(tsk) * i64(iw[o_cum + iw[O_NSEG]] * nr) // i64(nthr))
         lohi[1] = T.Cast("int32", (i64(tsk) + 1) * i64(iw[o_cum + iw[O_NSEG]] * nr) // i64(nthr))
 
+    def items_phase(item, nr, kd):
+        """The parallel loop of phase 2 (item gu_item, nr = NR1, K = H) or 4 (dn_item, NR2, I): each
+        task takes the items whose cost starts in its share (task_range)."""
+        @T.macro
+        def phase(wq, ws, wc, wqf, out, iw, act, asc, o_cum, nthr):
+            for tsk in T.parallel(nthr):
+                cfg = T.alloc_buffer((64,), "uint8", **ALLOC)
+                treg = T.alloc_buffer((4096 if emu else 1,), "uint8", **ALLOC)
+                creg = T.alloc_buffer((1024 if emu else 1,), "int32", **ALLOC)
+                cbuf = T.alloc_buffer((1024,), "int32", **ALLOC)
+                facc = T.alloc_buffer((ITEM_ROWS * 2 * 16,), "float32", **ALLOC)
+                wsc = T.alloc_buffer((ITEM_ROWS * kd if int4 else 1,), "int8", **ALLOC)
+                lohi = T.alloc_buffer((2,), "int32", **ALLOC)
+                task_range(iw, o_cum, nr, nthr, tsk, lohi)
+                if amx:
+                    tl_config(cfg)
+                for s in range(iw[O_NSEG]):
+                    if iw[o_cum + s] * nr < lohi[1] and iw[o_cum + s + 1] * nr > lohi[0]:
+                        for r in range(T.max(0, (lohi[0] - iw[o_cum + s] * nr + (iw[o_cum + s + 1] - iw[o_cum + s]) - 1)
+                                             // (iw[o_cum + s + 1] - iw[o_cum + s])),
+                                       T.min(nr, (lohi[1] - iw[o_cum + s] * nr + (iw[o_cum + s + 1] - iw[o_cum + s])
+                                                  - 1) // (iw[o_cum + s + 1] - iw[o_cum + s]))):
+                            item(s, r, wq, ws, wc, wqf, out, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc)
+                if amx:
+                    tl_release()
+        return phase
+
+    gu_phase = items_phase(gu_item, NR1, H)
+    dn_phase = items_phase(dn_item, NR2, I)
+
     @T.macro
     def prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum, o_bseg, gqf, dqf):
         # block bookkeeping: cum[s] = first column block of segment s, bseg[b] = its segment
@@ -343,48 +373,10 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         # 1. quantize x per pair into column blocks
         quant_phase(x, H, True, iw, act, asc, o_cum, o_bseg)
         # 2. gate/up, items (segment, 16 intermediate rows) split by cost
-        for tsk in T.parallel(nthr):
-            cfg = T.alloc_buffer((64,), "uint8", **ALLOC)
-            treg = T.alloc_buffer((4096 if emu else 1,), "uint8", **ALLOC)
-            creg = T.alloc_buffer((1024 if emu else 1,), "int32", **ALLOC)
-            cbuf = T.alloc_buffer((1024,), "int32", **ALLOC)
-            facc = T.alloc_buffer((ITEM_ROWS * 2 * 16,), "float32", **ALLOC)
-            wsc = T.alloc_buffer((ITEM_ROWS * H if int4 else 1,), "int8", **ALLOC)
-            lohi = T.alloc_buffer((2,), "int32", **ALLOC)
-            task_range(iw, o_cum, NR1, nthr, tsk, lohi)
-            if amx:
-                tl_config(cfg)
-            for s in range(iw[O_NSEG]):
-                if iw[o_cum + s] * NR1 < lohi[1] and iw[o_cum + s + 1] * NR1 > lohi[0]:
-                    for r in range(T.max(0, (lohi[0] - iw[o_cum + s] * NR1 + (iw[o_cum + s + 1] - iw[o_cum + s]) - 1)
-                                         // (iw[o_cum + s + 1] - iw[o_cum + s])),
-                                   T.min(NR1, (lohi[1] - iw[o_cum + s] * NR1 + (iw[o_cum + s + 1] - iw[o_cum + s])
-                                               - 1) // (iw[o_cum + s + 1] - iw[o_cum + s]))):
-                        gu_item(s, r, gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc)
-            if amx:
-                tl_release()
+        gu_phase(gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, nthr)
         # 3. quantize h
         quant_phase(hbuf, I, False, iw, act, asc, o_cum, o_bseg)
         # 4. down, items (segment, 32 hidden rows) split by cost
-        for tsk in T.parallel(nthr):
-            cfg = T.alloc_buffer((64,), "uint8", **ALLOC)
-            treg = T.alloc_buffer((4096 if emu else 1,), "uint8", **ALLOC)
-            creg = T.alloc_buffer((1024 if emu else 1,), "int32", **ALLOC)
-            cbuf = T.alloc_buffer((1024,), "int32", **ALLOC)
-            facc = T.alloc_buffer((ITEM_ROWS * 2 * 16,), "float32", **ALLOC)
-            wsc = T.alloc_buffer((ITEM_ROWS * I if int4 else 1,), "int8", **ALLOC)
-            lohi = T.alloc_buffer((2,), "int32", **ALLOC)
-            task_range(iw, o_cum, NR2, nthr, tsk, lohi)
-            if amx:
-                tl_config(cfg)
-            for s in range(iw[O_NSEG]):
-                if iw[o_cum + s] * NR2 < lohi[1] and iw[o_cum + s + 1] * NR2 > lohi[0]:
-                    for r in range(T.max(0, (lohi[0] - iw[o_cum + s] * NR2 + (iw[o_cum + s + 1] - iw[o_cum + s]) - 1)
-                                         // (iw[o_cum + s + 1] - iw[o_cum + s])),
-                                   T.min(NR2, (lohi[1] - iw[o_cum + s] * NR2 + (iw[o_cum + s + 1] - iw[o_cum + s])
-                                               - 1) // (iw[o_cum + s + 1] - iw[o_cum + s]))):
-                        dn_item(s, r, dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc)
-            if amx:
-                tl_release()
+        dn_phase(dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, nthr)
 
     return prefill_body

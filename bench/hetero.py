@@ -6,7 +6,8 @@
 `plan` compiles, from config.json alone (`ktc compile --weights-free`), with --target cuda
 --cpu-target x86-amx --gpu-memory 24GiB:
   q30-int8         CPU experts int8, placement by a uniform expert popularity
-  q30-int4         CPU experts int4
+  q30-int4         CPU experts int4 (GPU experts bf16)
+  q30-int8-dense4  CPU experts int8, the GPU's dense linears int4 (--gpu-dense-quant int4)
   q4-none-hybrid / q4-none-gpu   4 layers, --quant none, half the experts on the CPU / all on
                    the GPU: the correctness pair
 `run` (on the GPU machine, no checkpoint, no TVM) fills each plan with random weights in its
@@ -169,6 +170,8 @@ def cmd_plan(args) -> None:
         jobs = {
             "q30-int8": (full, {"quant": "int8", "gpu_memory": args.gpu_memory}),
             "q30-int4": (full, {"quant": "int4", "gpu_quant": "none", "gpu_memory": args.gpu_memory}),
+            # the dense linears int4 on the GPU (--gpu-dense-quant): the bytes saved go to GPU experts
+            "q30-int8-dense4": (full, {"quant": "int8", "gpu_dense_quant": "int4", "gpu_memory": args.gpu_memory}),
             "q4-none-hybrid": (small, {"quant": "none", "gpu_memory": _half_budget(small)}),
             "q4-none-gpu": (small, {"quant": "none"}),
             "dsv2lite-int8": (ds, {"quant": "int8", "gpu_memory": "12GiB"}),
@@ -583,7 +586,8 @@ def cmd_run(args) -> None:
     variants = (("int8-uniform", "q30-int8", False, False), ("int4-uniform", "q30-int4", False, False),
                 ("int8-skewed-uniform-placement", "q30-int8", True, False),
                 ("int8-skewed-calibrated-placement", "q30-int8", True, True),
-                ("dsv2lite-int8-uniform", "dsv2lite-int8", False, False))
+                ("dsv2lite-int8-uniform", "dsv2lite-int8", False, False),
+                ("int8-dense-int4-uniform", "q30-int8-dense4", False, False))
     for name, plan, skewed, calibrated in variants:
         if name in args.only or "all" in args.only:
             steps.append((name, lambda n=name, p=plan, s=skewed, c=calibrated:

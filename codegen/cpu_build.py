@@ -4,7 +4,7 @@ Run by ktc.codegen.cpu_experts.build_cpu_kernels, never imported by the compiler
 imports TVM, builds every requested spec into one IRModule, compiles it with tvm.compile for
 the request's JSON target, exports the shared library, writes the assembly (for the
 instruction check when no objdump is around) and a result JSON. The config's
-"prefill_variants" (amx targets) add, per quantized spec, the same kernel built with each
+"prefill_variants" (vnni / amx targets) add, per quantized spec, the same kernel built with each
 other int8/int4 prefill path as symbol "<name>__<path>", for the runtime to choose by tuning.
 """
 
@@ -14,6 +14,13 @@ import dataclasses
 import json
 import os
 import sys
+
+
+def _path_fits(path: str, variant: str) -> bool:
+    """Whether a kernel variant can take the int8/int4 prefill path `path` (tir_experts.KernelConfig)."""
+    if path.startswith("bf16"):
+        return variant in ("amx", "amx-emu")
+    return variant != "fma"
 
 
 def main(argv: list[str]) -> int:
@@ -33,7 +40,7 @@ def main(argv: list[str]) -> int:
     for d in req["specs"]:
         spec = ExpertKernelSpec.from_dict(d)
         sym = spec.name
-        more = extra if spec.quantized and cfg.variant in ("amx", "amx-emu") else []
+        more = [p for p in extra if spec.quantized and _path_fits(p, cfg.variant)]
         paths = [cfg.prefill, *more]
         funcs[sym] = make_moe_prim_func(spec.hidden_size, spec.intermediate_size, spec.num_experts,
                                         spec.top_k, spec.format, spec.group_size, cfg, sym, paths)

@@ -67,12 +67,13 @@ TARGET_CONFIGS: dict[str, dict[str, Any]] = {
     "x86-avx2": {"variant": "fma", "vl": 8, "tile_rows": 4, "block_rows": 1, "block_tokens": 4,
                  "decode_rows": 2, "decode": "fused"},
     "x86-avx512": {"variant": "vnni", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
-                   "decode_rows": 2, "decode": "fused"},
+                   "decode_rows": 2, "decode": "fused", "prefill": "int", "prefill_variants": ["fma"]},
     "x86-amx": {"variant": "amx", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
-                "decode_rows": 2, "decode": "fused", "prefill": "int", "prefill_variants": ["bf16"]},
+                "decode_rows": 2, "decode": "fused", "prefill": "int", "prefill_variants": ["bf16", "fma"]},
 }
 # "prefill_variants": other int8/int4 prefill paths built into the same library as
 # "moe_experts@<path>" functions (codegen/cpu_build); `ktc tune` picks one per batch bucket
+# ("fma": no int-dot prefill, i.e. the decode / prefill crossover moved to never)
 ACT_LEVELS = {"int8": 2, "int4": 1}   # activation quantization levels of the int-dot path
 
 
@@ -82,10 +83,11 @@ def scratch_parts(H: int, I: int, E: int, K: int, fmt: str, intdot: bool,  # noq
     Column blocks of the int-dot path: at most E + T * ceil(K * levels / 16) (see tir_intdot),
     of `levels` bytes per value; of the bf16 paths (tir_amx_bf16) E + T * ceil(K * levels / 16),
     2 bytes per value."""
+    bf16 = prefill in ("bf16", "bf16x2")
     lv = {"bf16": 1, "bf16x2": 2}.get(prefill, ACT_LEVELS.get(fmt, 1))
     nb_per = -(-K * lv // 16)
     nb_fix = E
-    km = max(H, I) * (1 if prefill == "int" else 2)
+    km = max(H, I) * (2 if bf16 else 1)
     parts = [
         {"name": "hbuf", "dtype": "float32", "fixed": 0, "per_token": K * I},
         {"name": "ybuf", "dtype": "float32", "fixed": 0, "per_token": K * H},
@@ -260,7 +262,7 @@ def missing_instructions(text: str, target: CpuTarget, quantized: bool = False,
     (with `quantized`, also those of its int8/int4 kernels; the bf16 prefill path has AMX-BF16
     tile products instead of the integer ones)."""
     quant = list(target.quant_instructions) if quantized else []
-    if prefill != "int" and quant:
+    if prefill in ("bf16", "bf16x2") and quant:
         quant = ["tdpbf16ps" if m == "tdpbsud" else m for m in quant] + ["vcvtne2ps2bf16"]
     want = list(target.expected_instructions) + quant
     return [m for m in want if m not in text]

@@ -90,7 +90,7 @@ KS = 32  # elements of K per inner step (one int4 block); H and I must be multip
 
 QUANTIZED = ("int8", "int4")
 DECODE_PATHS = ("fused", "regions", "phased")   # KernelConfig.decode
-PREFILL_PATHS = ("int", "bf16", "bf16x2")        # KernelConfig.prefill
+PREFILL_PATHS = ("int", "bf16", "bf16x2", "fma")  # KernelConfig.prefill
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,8 @@ class KernelConfig:
     decode: str = "fused"
     # int8/int4 prefill on the vnni / amx variants: "int" integer dot products on quantized
     # activations (tir_intdot), "bf16" AMX-BF16 tiles on dequantized weights (amx only),
-    # "bf16x2" the same with activations in two bf16 terms (tir_amx_bf16 levels=2)
+    # "bf16x2" the same with activations in two bf16 terms (tir_amx_bf16 levels=2), "fma" none:
+    # every batch on the token-block micro-kernels (the decode / prefill crossover moved to never)
     prefill: str = "int"
 
     def __post_init__(self) -> None:
@@ -118,8 +119,8 @@ class KernelConfig:
             raise ValueError(f"unknown kernel variant {self.variant!r}")
         if self.prefill not in PREFILL_PATHS:
             raise ValueError(f"unknown prefill path {self.prefill!r}; expected one of {PREFILL_PATHS}")
-        if self.prefill != "int" and self.variant not in ("amx", "amx-emu"):
-            raise ValueError("the bf16 prefill path needs the amx (or amx-emu) variant")
+        if self.prefill.startswith("bf16") and self.variant not in ("amx", "amx-emu"):
+            raise ValueError("the bf16 prefill paths need the amx (or amx-emu) variant")
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"unknown decode path {self.decode!r}; expected one of {DECODE_PATHS}")
         if KS % self.vl or 16 % self.vl or self.vl < 4:
@@ -556,7 +557,8 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
 
     # ---- the whole layer -----------------------------------------------------------------------
     intdot = quant and cfg.variant != "fma"
-    if intdot:
+    use_prefill = intdot and cfg.prefill != "fma"     # the int8/int4 prefill path is built and taken
+    if use_prefill:
         if cfg.prefill == "int":
             make = tir_intdot.make_prefill_body
         else:
@@ -716,7 +718,7 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                 iw[O_SORTED + n * K + p] = pos
             else:
                 iw[O_SORTED + n * K + p] = -1
-        if intdot:
+        if use_prefill:
             if n * K >= PREFILL_PAIRS_PER_EXPERT * E:
                 prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, O_SORTED + 2 * n * K,
                              O_SORTED + 2 * n * K + E + 1, gqf, dqf)

@@ -130,10 +130,14 @@ def test_build_contains_the_targets_instructions(all_builds, name):
     if name == "x86-amx":                        # int8/int4 prefill: AMX tiles, integer and bf16 paths
         for m in ("ldtilecfg", "tileloadd", "tdpbsud", "tilestored", "tilerelease", "tdpbf16ps", "vcvtne2ps2bf16"):
             assert m in text, m
+    if name != "x86-avx2":                       # the kernel with the other prefill paths, for ktc tune
+        other = {"moe_experts@bf16", "moe_experts@fma"} if name == "x86-amx" else {"moe_experts@fma"}
         for k in entry["kernels"].values():
             fns = k["functions"]
-            assert k["prefill"] == "int" and set(fns) == {"moe_experts", "moe_experts@bf16"}
-            assert fns["moe_experts@bf16"] == fns["moe_experts"] + "__bf16" and k["prefill_from_pairs"] > 0
+            quantized = ExpertKernelSpec.from_dict(k["spec"]).quantized
+            assert k["prefill"] == "int" and set(fns) == {"moe_experts", *(other if quantized else ())}
+            for key in fns.keys() - {"moe_experts"}:
+                assert fns[key] == fns["moe_experts"] + "__" + key.split("@")[1] and k["prefill_from_pairs"] > 0
     for k in entry["kernels"].values():
         assert [d["name"] for d in k["scratch"]] == ["hbuf", "ybuf", "iwork", "act", "asc"]
     # single tokens: gate/up and down in one launch of the thread pool, a barrier between them

@@ -351,22 +351,26 @@ def test_prefill_paths_are_chosen_per_bucket_by_tuning_records(loaded, weights, 
     kern, spec = loaded[EMU], SPECS[fmt]
     name = spec.name
     _, _, parts, gud, dnd = weights[fmt]
-    assert kern.prefill_paths(name) == ["int", "bf16"]
+    assert kern.prefill_paths(name) == ["int", "bf16", "fma"]
     start = kern.prefill_from_tokens(name)
     assert start == -(-PREFILL_PAIRS_PER_EXPERT * spec.num_experts // spec.top_k)
-    assert _paths_at(kern, name, 1) == [None] and _paths_at(kern, name, 64) == ["int", "bf16"]
+    assert _paths_at(kern, name, 1) == [None] and _paths_at(kern, name, 64) == ["int", "bf16", "fma"]
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(40, spec.hidden_size, generator=gen)
     tw, ids = _routing(40, spec.top_k, spec.num_experts, gen)
     ref = reference_moe(x, tw, ids, gud, dnd)
     y_default = kern.moe_experts(name, x, tw, ids, parts)
-    kern.set_tuned_prefill(name, dict.fromkeys([64], "bf16"))
-    try:
-        y_bf16 = kern.moe_experts(name, x, tw, ids, parts)
-    finally:
-        kern.set_tuned_prefill(name, None)
-    assert not torch.equal(y_default, y_bf16)                  # another code path ran
+    ys = {}
+    for path in ("bf16", "fma"):
+        kern.set_tuned_prefill(name, dict.fromkeys([64], path))
+        try:
+            ys[path] = kern.moe_experts(name, x, tw, ids, parts)
+        finally:
+            kern.set_tuned_prefill(name, None)
+    y_bf16 = ys["bf16"]
+    assert not torch.equal(y_default, y_bf16) and not torch.equal(y_default, ys["fma"])   # other code paths ran
     assert rel(y_default, ref) < tol_deq(EMU, fmt, 40) and rel(y_bf16, ref) < TOL_DEQ_BF16
+    assert rel(ys["fma"], ref) < tol_deq(EMU, fmt, 40)           # token blocks: float32 activations
 
     # records: bf16 at bucket 64 (kept); the decode bucket's record has no path
     n = num_threads()

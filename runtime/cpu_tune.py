@@ -7,9 +7,11 @@ host can choose at run time:
   cores, one fewer (room for the thread that drives the GPU or the OS), three quarters or half
   of them (memory-bound decode often saturates bandwidth before it runs out of cores);
 - where the library holds the kernel built with several int8/int4 prefill paths (x86-amx: AMX
-  integer tiles on quantized activations, or AMX-BF16 tiles on dequantized weights; see
-  codegen/tir_amx_bf16.py), which one runs, for the buckets that reach the prefill path: which
-  is faster depends on the machine (tile throughput against dequantization and bandwidth).
+  integer tiles on quantized activations, or AMX-BF16 tiles on dequantized weights, see
+  codegen/tir_amx_bf16.py; x86-avx512 and x86-amx: "fma", no int-dot prefill at all, i.e. the
+  decode / prefill crossover moved to never), which one runs, for the buckets that reach the
+  prefill path: which is faster depends on the machine (tile throughput against dequantization,
+  activation quantization and bandwidth).
 Both are tuned here together, per kernel and batch bucket, on one layer's real weights read from
 the artifact and random routing; CpuExpertKernels.set_tuned_threads / set_tuned_prefill apply
 the winners at load.

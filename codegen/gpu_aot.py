@@ -71,6 +71,14 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                                                 ("M", "N", "K", "stride_am", "stride_wn", "stride_cm"),
                                                 consts=dict(HAS_BIAS=bias, **consts)),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    for m, bias in ((1, False), (2048, True)):     # --gpu-dense-quant int4 linears, decode and prefill configs
+        cfg = matmul.default_config_w4a16(m, hidden, hidden)
+        consts = {k: v for k, v in cfg.items() if k.isupper()}
+        add("matmul", "matmul_w4a16_kernel", _sig(dict(a_ptr="bf16", qw_ptr="u8", s_ptr="fp32", bias_ptr="bf16",
+                                                       c_ptr="bf16"),
+                                                  ("M", "N", "K", "stride_am", "stride_qn", "stride_sn", "stride_cm"),
+                                                  consts=dict(HAS_BIAS=bias, GROUP=group, **consts)),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     add("rope", "rope_tables_kernel", _sig(dict(pos_ptr="i64", inv_freq_ptr="fp32", cos_ptr="fp32", sin_ptr="fp32"),
                                            floats=("scaling",), consts=dict(HALF=head_dim // 2, BLOCK=head_dim // 2)),
         num_warps=1)
@@ -161,6 +169,15 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                                                  ("vocab", "x_stride"), consts=dict(BLOCK=4096)), num_warps=8)
     add("sampling", "argmax_reduce_kernel", _sig(dict(val_ptr="fp32", idx_ptr="i32", out_ptr="i64"),
                                                  ("nblk", "vocab"), consts=dict(BLOCK=64)), num_warps=1)
+    rows = ("vocab", "x_stride", "nblk", "top_k")
+    for kernel, ptrs, ints, floats, consts in (         # temperature / top-k / top-p sampling
+            ("sample_count_kernel", dict(bmax_ptr="fp32", hist_ptr="i64"), (*rows, "level"), ("temperature",),
+             dict(BLOCK=4096)),
+            ("sample_mass_kernel", dict(bmax_ptr="fp32", hist_ptr="i64"), (*rows, "level"), ("temperature", "top_p"),
+             dict(BLOCK=4096, BLOCK_B=64)),
+            ("sample_draw_kernel", dict(hist_ptr="i64", val_ptr="fp32", idx_ptr="i32", thr_ptr="i32"),
+             (*rows, "seed", "step"), ("temperature", "top_p"), dict(BLOCK=4096))):
+        add("sampling", kernel, _sig(dict(x_ptr="bf16", **ptrs), ints, floats, consts=consts), num_warps=8)
     return out
 
 

@@ -185,6 +185,20 @@ def iters_for(T):
     return (10, 60) if T <= 8 else (3, 12)
 
 
+def interleaved(fns: dict, inputs, T: int, rounds: int) -> dict[str, list[float]]:
+    """Builds timed in turn, `rounds` times (each round: the median of iters / rounds calls after a
+    short warm-up), so that drift of the machine (clocks, other tenants) hits every build alike:
+    name -> the rounds' medians (the figure is their median; their spread is the noise)."""
+    warmup, iters = iters_for(T)
+    per = max(3, iters // max(1, rounds))
+    out: dict[str, list[float]] = {t: [] for t in fns}
+    for r in range(max(1, rounds)):
+        order = list(fns) if r % 2 == 0 else list(reversed(fns))     # neither build always goes first
+        for t in order:
+            out[t].append(time_calls(fns[t], inputs, warmup if r == 0 else 2, per))
+    return out
+
+
 def expert_bytes(H, I, fmt, g):  # noqa: E741
     n = 3 * H * I
     return (n if fmt == "int8" else n // 2) + 4 * n // g + 4 * 3 * I   # values + scales + comp
@@ -223,7 +237,7 @@ def measure_ours(args) -> list[dict]:
 
     loaded = {}
     for t in BUILDS:
-        if (args.target and t != args.target) or t not in manifest:
+        if (args.target and t != args.target) or (args.ours and t not in args.ours) or t not in manifest:
             continue
         try:
             loaded[t] = CpuExpertKernels.load(kdir / t, manifest[t])
@@ -250,13 +264,17 @@ def measure_ours(args) -> list[dict]:
                 inputs = [(xs[i % 4], rts[i][1], rts[i][0]) for i in range(len(rts))]
                 x, tw, ids = inputs[0]
                 ref = reference(x, ids, tw, gate_up, down)
+                fns, errs = {}, {}
                 for t, kern in loaded.items():
                     def fn(x, tw, ids, kern=kern, name=name, parts=parts):
                         return kern.moe_experts(name, x, tw, ids, parts)
-                    err = rel(fn(x, tw, ids), ref)
-                    med = time_calls(fn, inputs, *iters_for(T))
+                    fns[t] = fn
+                    errs[t] = rel(fn(x, tw, ids), ref)
+                for t, per_round in interleaved(fns, inputs, T, args.rounds).items():
+                    med = sorted(per_round)[len(per_round) // 2]
                     rows.append(dict(shape=sname, impl=f"ktc {t}", fmt=label, regime=rname, T=T, ms=med * 1e3,
-                                     err=err, **_rates(H, I, E, K, T, med, expert_bytes(H, I, fmt, g), rts)))
+                                     round_ms=[r * 1e3 for r in per_round], err=errs[t],
+                                     **_rates(H, I, E, K, T, med, expert_bytes(H, I, fmt, g), rts)))
                     print(json.dumps(rows[-1]), flush=True)
             parts = None
     return rows
@@ -502,8 +520,8 @@ def cmd_run(args) -> None:
     if args.cold_only:
         (out / "cold.json").write_text(json.dumps(measure_cold(args)))
         return
-    if args.target:
-        (out / f"{args.target}.json").write_text(json.dumps(measure_ours(args)))
+    if args.target or args.ours:
+        (out / f"{args.target or 'ours'}.json").write_text(json.dumps(measure_ours(args)))
         return
     info = {"cpu": subprocess.run(["lscpu"], capture_output=True, text=True).stdout}
     print(info["cpu"], flush=True)
@@ -516,7 +534,9 @@ def cmd_run(args) -> None:
     plain = [x for x in regimes if x != COLD]
     jobs = [] if args.no_kt or not plain else [("kt", ["--kt-only", "--kt-threads", str(args.kt_threads)])]
     built = json.loads((Path(args.kernels) / "manifest.json").read_text())
-    jobs += [(t, ["--target", t]) for t in args.targets if t in built] if plain else []
+    ours = [t for t in args.targets if t in built]
+    # our builds in one process, timed in turn (interleaved) so that drift hits them alike
+    jobs += [("ours", ["--ours", *ours, "--rounds", str(args.rounds)])] if plain and ours else []
     if COLD in regimes:
         jobs.append(("cold", ["--cold-only", "--cold-target", args.cold_target, "--cold-layers", str(args.cold_layers),
                               "--cold-threads", *map(str, args.cold_threads), "--cold-iters", str(args.cold_iters),
@@ -532,7 +552,8 @@ def cmd_run(args) -> None:
             cmd += ["--regimes", *plain]
         t0 = time.time()
         try:
-            r = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=args.job_timeout)
+            r = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                               timeout=args.job_timeout * (len(ours) if name == "ours" else 1))
             code = r.returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
@@ -572,6 +593,9 @@ def main(argv=None) -> None:
     r.add_argument("--job-timeout", type=float, default=300)
     r.add_argument("--kt-only", action="store_true")
     r.add_argument("--target", choices=BUILDS, default=None, help="measure only this build's kernels")
+    r.add_argument("--ours", nargs="*", choices=BUILDS, default=None,
+                   help="measure these builds in one process, interleaved (what `run` does)")
+    r.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (ours)")
     r.add_argument("--no-kt", action="store_true")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--cold-only", action="store_true")

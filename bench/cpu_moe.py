@@ -13,7 +13,9 @@ One MoE layer, random Gaussian weights (randn / sqrt(K), generated there from a 
 bf16 so both sides quantize the same values), shapes of Qwen3-30B-A3B (H2048 I768 E128 top8)
 and DeepSeek-V2-Lite (H2048 I1408 E64 top6); int8 and int4; decode batch 1 and 8 and prefill
 512 tokens. Every call gets a fresh random routing (64 pre-drawn, cycled), so the experts it
-reads are mostly not in cache. Medians of per-call wall times after warm-up. Beside each
+reads are mostly not in cache. Medians of per-call wall times after warm-up; our builds run in
+one process, timed in turn over --rounds rounds (the figure is the median of the round medians,
+which results.json keeps as round_ms: their spread is the noise). Beside each
 figure: GB/s (weight bytes of the experts the call touches / time), TFLOP/s (2 * pairs * 3 *
 H * I / time) and the relative error of the layer output against a float32 torch reference
 on the same (bf16) weights. kt-kernel runs in a subprocess (its queue thread busy-waits, it

@@ -436,6 +436,21 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
         r["runtime_cpu_ms_per_layer"] = lay["cpu_ms_mean"]
         r["runtime_cpu_vs_direct"] = lay["cpu_ms_mean"] / direct
         r["step_rest_ms"] = dec["ms"] - lay["cpu_ms_sum"] - lay["wait_ms_sum"]
+    # the same decode with the CPU experts split into one task fewer than the cores: the thread
+    # that drives the GPU (and CUDA's own threads) then need not take a core from a kernel worker
+    n = max(threads)
+    old = os.environ.get("KTC_NUM_THREADS")
+    os.environ["KTC_NUM_THREADS"] = str(n - 1)
+    try:
+        fewer = measure_decode(model)
+    finally:
+        if old is None:
+            os.environ.pop("KTC_NUM_THREADS", None)
+        else:
+            os.environ["KTC_NUM_THREADS"] = old
+    r["decode_one_thread_fewer"] = {"threads": n - 1, **fewer}
+    if fewer["layers"] and n - 1 in threads:
+        r["runtime_cpu_vs_direct_one_thread_fewer"] = fewer["layers"]["cpu_ms_mean"] / threads[n - 1]
     results[name] = r
     log(f"{name}: decode {dec['tok_s']:.1f} tok/s ({dec['ms']:.2f} ms; roofline {bound:.2f} ms = max(CPU "
         f"{roof['cpu_ms']:.2f}, GPU {roof['gpu_ms']:.2f}) -> {bound / dec['ms']:.0%} of it), prefill-2K "
@@ -443,7 +458,9 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
         f"experts {r['gpu_share_of_routed_slots']:.0%}; CPU kernel per layer in the runtime "
         f"{lay.get('cpu_ms_mean', 0):.3f} ms vs called directly {direct:.3f} ms; waits {lay.get('wait_ms_mean', 0):.3f}"
         f" ms, GPU beside {lay.get('gpu_ms_mean', 0) or 0:.3f} ms per layer; direct kernel by threads "
-        + ", ".join(f"{n}: {ms:.3f}" for n, ms in threads.items()) + f" ms ({r['cpu_gbps_direct']:.0f} GB/s)")
+        + ", ".join(f"{n}: {ms:.3f}" for n, ms in threads.items()) + f" ms ({r['cpu_gbps_direct']:.0f} GB/s); "
+        f"with {n - 1} threads: decode {fewer['tok_s']:.1f} tok/s, runtime CPU part vs direct "
+        f"{r.get('runtime_cpu_vs_direct_one_thread_fewer', float('nan')):.2f}x")
     del model, weights
     gc.collect()
     torch.cuda.empty_cache()

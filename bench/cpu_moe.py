@@ -23,8 +23,9 @@ must not share the machine with our timings) with 15 threads, KTMoEWrapper metho
 AMXINT8 / AMXINT4, all experts on the CPU.
 
 `build` also builds x86-amx with the AMX-BF16 prefill paths (PREFILL_BUILDS, "x86-amx+bf16":
-weights dequantized to bf16 per work item, tdpbf16ps; "+bf16x2": activations in two bf16
-terms) into DIR/x86-amx+bf16 and DIR/x86-amx+bf16x2; `run` measures every build the
+weights dequantized to bf16 per work item, tdpbf16ps, activations in two bf16 terms for int8
+and one for int4; "+bf16x1": one term for both) into DIR/x86-amx+bf16 and DIR/x86-amx+bf16x1;
+`run` measures every build the
 manifest holds, each a row "ktc <build>".
 
 Regime "decode-1-cold" (only when named in --regimes; ours only): the fixed cost of a
@@ -65,7 +66,7 @@ REGIMES = [("decode-1", 1), ("decode-8", 8), ("prefill-512", 512)]
 COLD = "decode-1-cold"
 TARGETS = ("x86-amx", "x86-avx512")
 # x86-amx built with the other int8/int4 prefill paths (tir_experts.KernelConfig.prefill)
-PREFILL_BUILDS = ("x86-amx+bf16", "x86-amx+bf16x2")
+PREFILL_BUILDS = ("x86-amx+bf16", "x86-amx+bf16x1")
 BUILDS = TARGETS + PREFILL_BUILDS
 ALT_DECODE = ("phased", "regions")   # tir_experts.KernelConfig.decode besides the default "fused"
 COLD_CASES = ("gpu-mask", "all-cpu", "none")

@@ -83,8 +83,10 @@ def scratch_parts(H: int, I: int, E: int, K: int, fmt: str, intdot: bool,  # noq
     Column blocks of the int-dot path: at most E + T * ceil(K * levels / 16) (see tir_intdot),
     of `levels` bytes per value; of the bf16 paths (tir_amx_bf16) E + T * ceil(K * levels / 16),
     2 bytes per value."""
-    bf16 = prefill in ("bf16", "bf16x2")
-    lv = {"bf16": 1, "bf16x2": 2}.get(prefill, ACT_LEVELS.get(fmt, 1))
+    bf16 = prefill.startswith("bf16")
+    # bf16 paths: 1 or 2 bf16 terms per value (tir_experts.bf16_levels: "bf16" two for int8, one for int4)
+    lv = ({"bf16x1": 1, "bf16x2": 2}.get(prefill, 2 if fmt == "int8" else 1) if bf16
+          else ACT_LEVELS.get(fmt, 1))
     nb_per = -(-K * lv // 16)
     nb_fix = E
     km = max(H, I) * (2 if bf16 else 1)
@@ -262,7 +264,7 @@ def missing_instructions(text: str, target: CpuTarget, quantized: bool = False,
     (with `quantized`, also those of its int8/int4 kernels; the bf16 prefill path has AMX-BF16
     tile products instead of the integer ones)."""
     quant = list(target.quant_instructions) if quantized else []
-    if prefill in ("bf16", "bf16x2") and quant:
+    if prefill.startswith("bf16") and quant:
         quant = ["tdpbf16ps" if m == "tdpbsud" else m for m in quant] + ["vcvtne2ps2bf16"]
     want = list(target.expected_instructions) + quant
     return [m for m in want if m not in text]

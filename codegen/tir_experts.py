@@ -86,11 +86,17 @@ from tvm.script import tirx as T
 from ktc.codegen import tir_amx_bf16, tir_intdot
 from ktc.codegen.cpu_experts import PREFILL_PAIRS_PER_EXPERT, scratch_parts_of_paths
 
+
+def bf16_levels(prefill: str, fmt: str) -> int:
+    """bf16 terms per activation value of a bf16 prefill path (see KernelConfig.prefill)."""
+    return {"bf16x1": 1, "bf16x2": 2}.get(prefill, 2 if fmt == "int8" else 1)
+
+
 KS = 32  # elements of K per inner step (one int4 block); H and I must be multiples
 
 QUANTIZED = ("int8", "int4")
 DECODE_PATHS = ("fused", "regions", "phased")   # KernelConfig.decode
-PREFILL_PATHS = ("int", "bf16", "bf16x2", "fma")  # KernelConfig.prefill
+PREFILL_PATHS = ("int", "bf16", "bf16x1", "bf16x2", "fma")  # KernelConfig.prefill
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,9 @@ class KernelConfig:
     # benchmark compares the others with
     decode: str = "fused"
     # int8/int4 prefill on the vnni / amx variants: "int" integer dot products on quantized
-    # activations (tir_intdot), "bf16" AMX-BF16 tiles on dequantized weights (amx only),
-    # "bf16x2" the same with activations in two bf16 terms (tir_amx_bf16 levels=2), "fma" none:
+    # activations (tir_intdot), "bf16" AMX-BF16 tiles on dequantized weights (amx only) with
+    # activations as precise as the format needs (int8: two bf16 terms, keeping it within 1e-2 at
+    # group 32; int4: one), "bf16x1" / "bf16x2" one / two terms whatever the format, "fma" none:
     # every batch on the token-block micro-kernels (the decode / prefill crossover moved to never)
     prefill: str = "int"
 
@@ -562,7 +569,7 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
         if cfg.prefill == "int":
             make = tir_intdot.make_prefill_body
         else:
-            make = functools.partial(tir_amx_bf16.make_prefill_body, levels=2 if cfg.prefill == "bf16x2" else 1)
+            make = functools.partial(tir_amx_bf16.make_prefill_body, levels=bf16_levels(cfg.prefill, fmt))
         prefill_body = make(
             H=H, I=I, E=E, K=K, G=G, fmt=fmt, variant=cfg.variant, O_SEGEXP=O_SEGEXP, O_SEGSTART=O_SEGSTART,
             O_NSEG=O_NSEG, O_SORTED=O_SORTED, silu=lambda v: v / (T.float32(1) + fast_exp(T.float32(0) - v)))

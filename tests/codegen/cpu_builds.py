@@ -27,8 +27,8 @@ from ktc.targets import get as get_target
 EMU = "x86-amx-emu"
 # the same with the AMX-BF16 prefill path (KernelConfig.prefill = "bf16", tir_amx_bf16)
 EMU_BF16 = "x86-amx-emu-bf16"
-EMU_BF16X2 = "x86-amx-emu-bf16x2"     # two bf16 activation levels
-EMUS = (EMU, EMU_BF16, EMU_BF16X2)
+EMU_BF16X1 = "x86-amx-emu-bf16x1"     # one bf16 activation term whatever the format (int8 too)
+EMUS = (EMU, EMU_BF16, EMU_BF16X1)
 
 # one kernel per format; odd little shapes (multiples of 32), several group sizes
 SPECS = {
@@ -77,8 +77,8 @@ def _build(name: str) -> tuple[Path, dict[str, Any]]:
     out = _root_dir() / name
     base, decode = _split(name)
     config = dict(TARGET_CONFIGS["x86-amx"], variant="amx-emu") if base in EMUS else None
-    if base in (EMU_BF16, EMU_BF16X2):
-        config["prefill"] = "bf16" if base == EMU_BF16 else "bf16x2"
+    if base in (EMU_BF16, EMU_BF16X1):
+        config["prefill"] = "bf16" if base == EMU_BF16 else "bf16x1"
     if decode:
         config = dict(config or TARGET_CONFIGS[base], decode=decode)
     return out, build_cpu_kernels(specs_for(name), target_for(name), out, config=config)

@@ -9,9 +9,9 @@ import torch
 from ktc.codegen.cpu_experts import PREFILL_PAIRS_PER_EXPERT, pack_expert_weights, unpack_expert_weights
 from ktc.errors import HostError, InputError
 from ktc.runtime.cpu_experts import CpuExpertKernels, check_host, num_threads
-from tests.codegen.cpu_builds import EMU, EMU_BF16, EMU_BF16X2, SPECS, builds, reference_moe, rel, specs_for, target_for
+from tests.codegen.cpu_builds import EMU, EMU_BF16, EMU_BF16X1, SPECS, builds, reference_moe, rel, specs_for, target_for
 
-NAMES = ("x86-avx2", "x86-avx512", "x86-amx", EMU, EMU_BF16, EMU_BF16X2)
+NAMES = ("x86-avx2", "x86-avx512", "x86-amx", EMU, EMU_BF16, EMU_BF16X1)
 RUNNABLE = [n for n in NAMES if target_for(n).runs_here()]
 TARGET_PARAMS = [
     pytest.param(n, marks=pytest.mark.skipif(n not in RUNNABLE, reason=f"this host cannot run {n} kernels"))
@@ -32,7 +32,7 @@ def tol_deq(target: str, fmt: str, T: int) -> float:
     if target != "x86-avx2" and fmt == "int4":
         return TOL_DEQ_INTDOT[fmt]     # int4 decode on VNNI quantizes the activations too (one level)
     if target != "x86-avx2" and fmt in TOL_DEQ_INTDOT and T * spec.top_k >= PREFILL_PAIRS_PER_EXPERT * spec.num_experts:
-        return max(TOL_DEQ_INTDOT[fmt], TOL_DEQ_BF16) if target in (EMU_BF16, EMU_BF16X2) else TOL_DEQ_INTDOT[fmt]
+        return max(TOL_DEQ_INTDOT[fmt], TOL_DEQ_BF16) if target in (EMU_BF16, EMU_BF16X1) else TOL_DEQ_INTDOT[fmt]
     return TOL_DEQ[fmt]
 
 

@@ -4,6 +4,10 @@
 that the runtime would launch it with for a model of that shape; `compile_kernel` builds one
 with triton.compile(ASTSource(...), target=GPUTarget(...)). CI builds them all for cuda sm80,
 sm90 and hip gfx942 so that a syntax or lowering error fails there and not on a GPU.
+
+The fp8 (e4m3 weight-only) kernels are listed for FP8_TARGETS only: Triton refuses fp8e4nv below
+sm89 ("type fp8e4nv not supported in this architecture"), so they are built for sm89, sm90 and
+gfx942 (which compiles e4m3fn too), and the runtime refuses an fp8 artifact on an older NVIDIA GPU.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TARGETS = {"sm80": ("cuda", 80, 32), "sm90": ("cuda", 90, 32), "gfx942": ("hip", "gfx942", 64)}
+# targets only some kernels are built for (AotSpec.targets), beside TARGETS
+EXTRA_TARGETS = {"sm89": ("cuda", 89, 32)}
+FP8_TARGETS = ("sm89", "sm90", "gfx942")      # where Triton lowers float8_e4m3fn (fp8e4nv)
 
 
 @dataclass(frozen=True)
@@ -23,11 +30,17 @@ class AotSpec:
     signature: dict[str, str]
     constexprs: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
+    targets: tuple[str, ...] | None = None      # names in TARGETS / EXTRA_TARGETS; None: every TARGETS entry
+    variant: str = ""                            # told apart from a spec of the same flags (e.g. "fp8")
 
     @property
     def name(self) -> str:
         flags = "-".join(f"{k}{v}" for k, v in self.constexprs.items() if isinstance(v, bool) and v)
-        return f"{self.family}.{self.kernel}" + (f"[{flags}]" if flags else "")
+        return f"{self.family}.{self.kernel}" + (f"<{self.variant}>" if self.variant else "") + (
+            f"[{flags}]" if flags else "")
+
+    def builds_for(self, target: str) -> bool:
+        return target in (self.targets if self.targets is not None else TARGETS)
 
 
 def _sig(ptrs: dict[str, str], ints: tuple[str, ...] = (), floats: tuple[str, ...] = (),
@@ -46,10 +59,10 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
 
     out: list[AotSpec] = []
 
-    def add(family, kernel, sig_consts, **options):
+    def add(family, kernel, sig_consts, targets=None, variant="", **options):
         sig, consts = sig_consts
         ordered = _order(family, kernel, sig)
-        out.append(AotSpec(family, kernel, ordered, consts, options))
+        out.append(AotSpec(family, kernel, ordered, consts, options, targets, variant))
 
     nc = norm.default_config(hidden)
     for res in (False, True):
@@ -79,6 +92,14 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                                                   ("M", "N", "K", "stride_am", "stride_qn", "stride_sn", "stride_cm"),
                                                   consts=dict(HAS_BIAS=bias, GROUP=group, **consts)),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    for m, bias in ((1, False), (2048, True)):     # --gpu-dense-quant fp8 linears (decode: K steps of several groups)
+        cfg = matmul.default_config_fp8(m, hidden, hidden)
+        consts = {k: v for k, v in cfg.items() if k.isupper()}
+        add("matmul", "matmul_fp8_kernel", _sig(dict(a_ptr="bf16", qw_ptr="fp8e4nv", s_ptr="fp32", bias_ptr="bf16",
+                                                     c_ptr="bf16"),
+                                                ("M", "N", "K", "stride_am", "stride_qn", "stride_sn", "stride_cm"),
+                                                consts=dict(HAS_BIAS=bias, GROUP=group, **consts)),
+            targets=FP8_TARGETS, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     add("rope", "rope_tables_kernel", _sig(dict(pos_ptr="i64", inv_freq_ptr="fp32", cos_ptr="fp32", sin_ptr="fp32"),
                                            floats=("scaling",), consts=dict(HALF=head_dim // 2, BLOCK=head_dim // 2)),
         num_warps=1)
@@ -150,19 +171,22 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                                         ("num_slots", "max_padded", "max_blocks"),
                                         consts=dict(NUM_EXPERTS=experts, BLOCK_M=16, BLOCK_E=experts, CHUNK=64)))
     for slots in (top_k, 2048 * top_k):
-        for fmt in ("bf16", "int4", "int8"):      # int8: the CPU experts' layout, streamed in for long prefills
-            int4, int8 = fmt == "int4", fmt == "int8"
-            cfg = moe.default_config(slots, hidden, inter, group if int4 else None)
+        # int8: the CPU experts' layout, streamed in for long prefills; fp8: --gpu-quant fp8 (the 8-bit branch)
+        for fmt in ("bf16", "int4", "int8", "fp8"):
+            int4, int8 = fmt == "int4", fmt in ("int8", "fp8")
+            cfg = moe.default_config(slots, hidden, inter, group if fmt in ("int4", "fp8") else None)
             block_k = min(cfg["BLOCK_K"], group) if int8 else cfg["BLOCK_K"]
+            fp8 = dict(targets=FP8_TARGETS, variant="fp8") if fmt == "fp8" else {}
             for gated in (True, False):
                 add("moe", "fused_moe_kernel", _sig(
-                    dict(a_ptr="bf16", w_ptr={"int4": "u8", "int8": "i8"}.get(fmt, "bf16"), scale_ptr="fp32",
-                         c_ptr="bf16", sorted_ptr="i32", block_expert_ptr="i32", total_ptr="i32", topk_w_ptr="fp32"),
+                    dict(a_ptr="bf16", w_ptr={"int4": "u8", "int8": "i8", "fp8": "fp8e4nv"}.get(fmt, "bf16"),
+                         scale_ptr="fp32", c_ptr="bf16", sorted_ptr="i32", block_expert_ptr="i32", total_ptr="i32",
+                         topk_w_ptr="fp32"),
                     ("N", "K", "num_slots", "a_stride", "c_stride", "w_estride", "w_nstride", "s_estride", "s_nstride"),
                     consts=dict(A_DIV=top_k if gated else 1, GATED=gated, MUL_WEIGHT=not gated, INT4=int4,
                                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N_UP" if gated else "BLOCK_N_DOWN"],
                                 BLOCK_K=block_k, INT8=int8, GROUP=group)),
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **fp8)
     add("moe", "moe_sum_kernel", _sig(dict(c_ptr="bf16", y_ptr="bf16"), ("hidden",),
                                       consts=dict(TOP_K=top_k, BLOCK=1024)))
     add("sampling", "argmax_blocks_kernel", _sig(dict(x_ptr="fp32", val_ptr="fp32", idx_ptr="i32"),
@@ -248,18 +272,20 @@ def compile_kernel(spec: AotSpec, target: str):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    backend, arch, warp = TARGETS[target]
+    backend, arch, warp = {**TARGETS, **EXTRA_TARGETS}[target]
     src = ASTSource(_jit_function(spec.family, spec.kernel), spec.signature, spec.constexprs)
     return triton.compile(src, target=GPUTarget(backend, arch, warp), options=dict(spec.options))
 
 
-def build_all(targets: tuple[str, ...] = tuple(TARGETS)) -> dict[str, dict[str, Any]]:
-    """Build every spec for every target: {"<spec name>@<target>": {"ok", "error", "wgmma", "seconds"}}."""
+def build_all(targets: tuple[str, ...] = (*TARGETS, *EXTRA_TARGETS)) -> dict[str, dict[str, Any]]:
+    """Build every spec for every target it lists: {"<spec name>@<target>": {"ok", "error", "wgmma", "seconds"}}."""
     import time
 
     results: dict[str, dict[str, Any]] = {}
     for spec in aot_specs():
         for target in targets:
+            if not spec.builds_for(target):
+                continue
             start = time.perf_counter()
             key = f"{spec.name}@{target}"
             try:

@@ -34,5 +34,8 @@ def write_gpu_kernels(graph: Graph, folder: Path) -> dict[str, Any]:
     configs = {n.name: {"kernel": n.kernel, "config": n.attrs.get("gpu_config", {})}
                for n in graph.nodes if n.device == "cuda"}
     (folder / "configs.json").write_text(json.dumps(configs, indent=1))
+    # fp8 (e4m3) weights: Triton lowers their kernels on sm89+ only (the runtime checks the GPU)
+    fp8 = any(w.format == "fp8" and w.device not in (None, "cpu") for w in graph.weights.values())
     return {"backend": "cuda", "dir": "kernels/gpu", "format": FORMAT, "families": list(FAMILIES),
-            "triton_version": triton.__version__, "archs": ["sm80", "sm90"], "dtype": "bfloat16"}
+            "triton_version": triton.__version__, "archs": ["sm89", "sm90"] if fp8 else ["sm80", "sm90"],
+            "dtype": "bfloat16"}

@@ -15,7 +15,8 @@ from ktc.ir import Graph
 
 TARGET_CHOICES = ("cpu", "auto", "x86-avx2", "x86-avx512", "x86-amx", "cuda")
 QUANT_CHOICES = ("none", "int8", "int4")
-GPU_DENSE_QUANT_CHOICES = ("none", "int4")
+GPU_QUANT_CHOICES = ("none", "int4", "fp8")
+GPU_DENSE_QUANT_CHOICES = ("none", "int4", "fp8")
 
 
 class CompileProgress(Protocol):
@@ -118,8 +119,10 @@ def compile_model(
 
     weights_free: the plan and its kernels from config.json alone (no safetensors read, weight
     dtypes taken from config.json) and no weight shards: `ktc pack` (ktc.pack) adds them later.
-    gpu_dense_quant: "int4" stores the GPU dense linears (attention projections, dense MLPs, shared
-    experts; not the lm_head) int4 w4a16, group-wise (passes/quantization.py); "none" keeps them bf16."""
+    gpu_quant: the GPU-resident routed experts' format: "none" (bf16), "int4" (w4a16) or "fp8" (e4m3
+    weight-only, group-wise float32 scales; needs an sm89+ NVIDIA GPU or AMD at run time).
+    gpu_dense_quant: "int4" / "fp8" stores the GPU dense linears (attention projections, dense MLPs, shared
+    experts; not the lm_head) int4 w4a16 / fp8, group-wise (passes/quantization.py); "none" keeps them bf16."""
     from ktc.artifact import copy_tokenizer, staging_folder, write_manifest
     from ktc.checkpoint import Checkpoint, read_config
     from ktc.codegen.cpu_experts import build_cpu_kernels
@@ -137,8 +140,8 @@ def compile_model(
         quant = "int8"
     if quant not in QUANT_CHOICES:
         raise KtcError(f"--quant {quant!r} is not one of {', '.join(QUANT_CHOICES)}")
-    if gpu_quant is not None and gpu_quant not in ("none", "int4"):
-        raise KtcError(f"--gpu-quant {gpu_quant!r} is not one of none, int4")
+    if gpu_quant is not None and gpu_quant not in GPU_QUANT_CHOICES:
+        raise KtcError(f"--gpu-quant {gpu_quant!r} is not one of {', '.join(GPU_QUANT_CHOICES)}")
     if gpu_dense_quant not in GPU_DENSE_QUANT_CHOICES:
         raise KtcError(f"--gpu-dense-quant {gpu_dense_quant!r} is not one of {', '.join(GPU_DENSE_QUANT_CHOICES)}")
     if max_context is not None and int(max_context) < 1:

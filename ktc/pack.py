@@ -43,8 +43,9 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _CONFIG_KEYS_IGNORED = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache")
 # Random content has this period (a prime, so that it lines up with no power-of-two dim): see _RandomBlocks.
 RANDOM_PERIOD = 1_048_573
-# Standard deviation of codes drawn uniformly from [-127, 127] (int8) and [-7, 7] (int4).
-_CODE_STD = {"int8": math.sqrt((255**2 - 1) / 12), "int4": math.sqrt((15**2 - 1) / 12)}
+# Standard deviation of codes drawn uniformly from [-127, 127] (int8) and [-7, 7] (int4), and of the
+# normal fp8 (e4m3) codes random weights use (clamped to +-448, 3.5 sigma).
+_CODE_STD = {"int8": math.sqrt((255**2 - 1) / 12), "int4": math.sqrt((15**2 - 1) / 12), "fp8": 128.0}
 
 Weights = dict[str, Any]   # name -> tensor; packed weights name -> {part: tensor}
 
@@ -58,8 +59,9 @@ class WeightProgress(Protocol):
 
 @dataclass(frozen=True)
 class WeightUnit:
-    """Weights produced together: one dense tensor ("dense"), one GPU w4a16 weight ("gpu_w4a16"),
-    or both matrices of a CPU expert kernel ("cpu_experts": names = (gate_up, down), packed by
+    """Weights produced together: one dense tensor ("dense"), one GPU w4a16 weight ("gpu_w4a16"), one
+    GPU fp8 weight ("gpu_fp8": float8_e4m3fn values + float32 group scales, moe.pack_fp8), or both
+    matrices of a CPU expert kernel ("cpu_experts": names = (gate_up, down), packed by
     one call of pack_expert_weights)."""
 
     kind: str
@@ -97,8 +99,8 @@ def weight_units(graph: Graph) -> tuple[list[WeightUnit], dict[str, str]]:
             seen.update(names)
             continue
         seen.add(name)
-        if w.layout == "gpu_w4a16":
-            units.append(WeightUnit("gpu_w4a16", (name,)))
+        if w.layout in ("gpu_w4a16", "gpu_fp8"):
+            units.append(WeightUnit(w.layout, (name,)))
             continue
         key = (json.dumps(w.source, sort_keys=True), w.format)
         if key in stored:
@@ -177,6 +179,10 @@ def checkpoint_producer(graph: Graph, ckpt: Checkpoint) -> Producer:
             from ktc.codegen.gpu.moe import pack_w4a16
 
             return {name: pack_w4a16(tensor, w.group_size)}
+        if unit.kind == "gpu_fp8":
+            from ktc.codegen.gpu.moe import pack_fp8
+
+            return {name: pack_fp8(tensor, w.group_size)}
         return {name: tensor.to(_torch_dtype(w.format or w.dtype))}
 
     return produce
@@ -261,7 +267,8 @@ def check_config(graph: Graph, model_dir: Path) -> None:
 class _RandomBlocks:
     """Random content without an RNG call per element: one block of RANDOM_PERIOD values per
     kind (float formats: normal * std; "int8": codes in [-127, 127]; "int4": bytes of two codes
-    in [-7, 7]) and device, stored twice over so that any window of the period is one slice.
+    in [-7, 7]; "fp8": float8_e4m3fn normal * 128 clamped to +-448) and device, stored twice over
+    so that any window of the period is one slice.
     A tensor is its block read from an offset (from its name) and tiled: its content repeats
     every RANDOM_PERIOD elements, and two tensors are shifted copies of one sequence. Fine for
     speed and memory tests; nothing here is a model."""
@@ -282,6 +289,8 @@ class _RandomBlocks:
         elif kind == "int4":
             nib = torch.randint(-7, 8, (2, n), generator=g, dtype=torch.int16) & 0xF
             block = (nib[0] | (nib[1] << 4)).to(torch.uint8)
+        elif kind == "fp8":
+            block = (torch.randn(n, generator=g) * _CODE_STD["fp8"]).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
         else:
             block = (torch.randn(n, generator=g) * self.std).to(_torch_dtype(kind))
         return torch.cat((block, block))
@@ -383,12 +392,18 @@ def random_producer(graph: Graph, device: str | torch.device = "cpu", seed: int 
             return {name: {"qweight": blocks.fill("int4", (*lead, k // 2), dev, f"{name}::qweight"),
                            "scales": torch.full((*lead, k // w.group_size), std / _CODE_STD["int4"],
                                                 dtype=torch.float32, device=dev)}}
+        if unit.kind == "gpu_fp8":
+            assert w.group_size is not None
+            *lead, k = (int(d) for d in w.shape)
+            return {name: {"qweight": blocks.fill("fp8", (*lead, k), dev, f"{name}::qweight"),
+                           "scales": torch.full((*lead, k // w.group_size), std / _CODE_STD["fp8"],
+                                                dtype=torch.float32, device=dev)}}
         fmt = w.format or w.dtype
         if "values" in w.source:
             return {name: torch.tensor(w.source["values"], dtype=_torch_dtype(fmt), device=dev)}
         if fmt not in FLOAT_DTYPES:
             raise KtcError(f"weight {name} has format {fmt}: random weights are made for float dense weights, "
-                           "CPU expert kernels and GPU w4a16 experts only")
+                           "CPU expert kernels and GPU w4a16 / fp8 weights only")
         if "norm" in name:
             return {name: torch.ones(w.shape, dtype=_torch_dtype(fmt), device=dev)}
         if name.endswith("bias"):
@@ -404,8 +419,9 @@ def random_weights(graph: Graph, device: str | torch.device = "cpu", seed: int =
 
     Dense float weights: normal * std in their stored format; norm weights (names with "norm")
     ones; biases zeros; "values" sources (rope inv_freq) as given. CPU expert kernels' and GPU
-    w4a16 weights: uniform codes with one scale per tensor, so that the dequantized values have
-    standard deviation `std`, and the int-dot compensation computed from the codes. Weights the
+    w4a16 / fp8 weights: uniform (fp8: normal) codes with one scale per tensor, so that the
+    dequantized values have standard deviation `std`, and the int-dot compensation computed from
+    the codes. Weights the
     graph puts on "cuda" are made on `device` when it is a CUDA device (the GPU part of a large
     model never passes through host memory); the others on the CPU. Content is tiled from one
     random block per dtype (see _RandomBlocks: it repeats every RANDOM_PERIOD elements), which

@@ -34,11 +34,15 @@ def _shape(graph: Graph, node: Node, role: str) -> list[int]:
 
 
 def _linear_config(graph: Graph, node: Node, role: str, m: int, n: int, k: int) -> dict[str, Any]:
-    """The GEMM config of the weight in `role`: matmul.linear's, or linear_w4a16's for an int4 weight."""
+    """The GEMM config of the weight in `role`: matmul.linear's, or linear_w4a16's / linear_fp8's for an
+    int4 / fp8 weight."""
     from ktc.codegen.gpu import matmul
 
-    if role in node.weights and graph.weights[node.weights[role]].format == "int4":
+    fmt = graph.weights[node.weights[role]].format if role in node.weights else None
+    if fmt == "int4":
         return matmul.default_config_w4a16(m, n, k)
+    if fmt == "fp8":
+        return matmul.default_config_fp8(m, n, k)
     return matmul.default_config(m, n, k)
 
 
@@ -70,7 +74,7 @@ def gpu_configs(graph: Graph, node: Node) -> dict[str, dict[str, Any]]:
             cfg["down"] = _linear_config(graph, node, "down", m, h, inter)
         elif node.op == "moe_experts":
             a = node.attrs
-            group = graph.weights[node.weights["gate_up"]].group_size if node.format == "int4" else None
+            group = graph.weights[node.weights["gate_up"]].group_size if node.format in ("int4", "fp8") else None
             cfg["moe"] = moe.default_config(m * int(a["top_k"]), int(a["hidden_size"]), int(a["intermediate_size"]),
                                             group)
         elif node.op == "attention":
@@ -125,6 +129,10 @@ def select_gpu_kernel(graph: Graph, node: Node) -> None:
         node.kernel = "mla.attention"
     if node.op == "moe_experts" and node.format == "int4":
         node.kernel = "moe.fused_moe_w4a16"
+    if node.op == "moe_experts" and node.format == "fp8":
+        node.kernel = "moe.fused_moe_fp8"
     if node.op == "linear" and graph.weights[node.weights["weight"]].format == "int4":
         node.kernel = "matmul.linear_w4a16"
+    if node.op == "linear" and graph.weights[node.weights["weight"]].format == "fp8":
+        node.kernel = "matmul.linear_fp8"
     node.attrs["gpu_config"] = gpu_configs(graph, node)

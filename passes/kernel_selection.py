@@ -7,7 +7,8 @@ the runtime's built-in implementations and get no kernel name.
 
 Every GPU-placed node gets a Triton kernel from ktc.codegen.gpu and its configs (see
 passes/gpu_kernels.py); int4 GPU weights (experts, and dense linears with --gpu-dense-quant
-int4) are marked as packed in the w4a16 layout.
+int4) are marked as packed in the w4a16 layout, fp8 ones (--gpu-quant / --gpu-dense-quant fp8)
+in the fp8 layout (moe.pack_fp8: float8_e4m3fn values + float32 group scales).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ktc.passes.manager import PassContext
 
 CPU_EXPERT_LAYOUT = "cpu_experts"
 GPU_W4A16_LAYOUT = "gpu_w4a16"
+GPU_FP8_LAYOUT = "gpu_fp8"
+GPU_LAYOUTS = {"int4": GPU_W4A16_LAYOUT, "fp8": GPU_FP8_LAYOUT}   # quantized GPU weight format -> layout
 
 
 def expert_kernel_spec(graph: Graph, node: Node) -> ExpertKernelSpec:
@@ -37,13 +40,13 @@ def kernel_selection(graph: Graph, ctx: PassContext) -> Graph:
 
         for node in gpu_nodes:
             select_gpu_kernel(graph, node)
-            if node.op == "moe_experts" and node.format == "int4":
+            if node.op == "moe_experts" and node.format in GPU_LAYOUTS:
                 for role in ("gate_up", "down"):
-                    graph.weights[node.weights[role]].layout = GPU_W4A16_LAYOUT
+                    graph.weights[node.weights[role]].layout = GPU_LAYOUTS[node.format]
             elif node.op != "moe_experts":
                 for name in node.weights.values():
-                    if graph.weights[name].format == "int4":
-                        graph.weights[name].layout = GPU_W4A16_LAYOUT
+                    if graph.weights[name].format in GPU_LAYOUTS:
+                        graph.weights[name].layout = GPU_LAYOUTS[graph.weights[name].format]
     for node in graph.nodes_of("moe_experts"):
         if node.device != "cpu":
             continue

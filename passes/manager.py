@@ -22,8 +22,8 @@ class PassContext:
     cpu_target: str = "x86-avx2"        # a ktc.targets name
     quant: str = "int8"                 # "none" | "int8" | "int4": routed experts on the CPU
     gpu_memory_bytes: int = 0
-    gpu_quant: str | None = None        # routed experts on the GPU: "none" (bf16) | "int4"; None: see below
-    gpu_dense_quant: str = "none"       # GPU dense linears (attention, dense MLP, shared experts): "none" | "int4"
+    gpu_quant: str | None = None        # routed experts on the GPU: "none" (bf16) | "int4" | "fp8"; None: see below
+    gpu_dense_quant: str = "none"       # GPU dense linears (attention, dense MLP, shared experts): none | int4 | fp8
     options: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -5,9 +5,10 @@
 --target cuda: attention, dense layers, shared experts, routers, norms, embeddings and lm_head
 go on the GPU (they must fit, with the KV cache for --max-context and a fixed reserve, or the
 compile is refused with the size needed; they are counted as the quantization pass stores them:
-bf16, or packed int4 values + scales for the dense linears --gpu-dense-quant int4 quantizes, which
-leaves that much more room for experts). With int8 / int4 CPU experts the budget also keeps a staging
-buffer for one layer's CPU experts, which long prefills stream to the GPU (runtime/gpu/offload.py).
+bf16, or packed int4 / fp8 values + scales for the dense linears --gpu-dense-quant int4 / fp8
+quantizes, which leaves that much more room for experts). With int8 / int4 CPU experts the budget
+also keeps a staging buffer for one layer's CPU experts, which long prefills stream to the GPU
+(runtime/gpu/offload.py).
 Routed experts fill what is left of --gpu-memory, hottest first; the rest stay on the CPU. No
 budget: every expert on the GPU.
 
@@ -60,42 +61,53 @@ def int4_bytes(numel: int, group: int) -> float:
     return numel * 0.5 + numel // group * 4
 
 
-def _gpu_dense_bytes(graph: Graph, int4: dict[str, int] | None = None) -> int:
+def fp8_bytes(numel: int, group: int) -> float:
+    """Bytes of an fp8 weight: a byte a value and a float32 scale per group."""
+    return numel + numel // group * 4
+
+
+def _gpu_dense_bytes(graph: Graph, int4: dict[str, int] | None = None,
+                     quantized: dict[str, tuple[str, int]] | None = None) -> int:
     """The must-be-on-GPU weights as the GPU stores them: bf16 (float32 tables stay float32), and the
-    weights in `int4` (name -> group size: --gpu-dense-quant int4) packed, values and scales."""
-    int4 = int4 or {}
+    weights in `int4` (name -> group size) or `quantized` (name -> (int4 | fp8, group size), what
+    --gpu-dense-quant quantizes) packed, values and scales."""
+    packed = {**{n: ("int4", g) for n, g in (int4 or {}).items()}, **(quantized or {})}
     total = 0.0
     for name in set(graph.weights) - _expert_weights(graph):
         w = graph.weights[name]
-        if name in int4:
-            total += int4_bytes(w.numel, int4[name])
+        if name in packed:
+            fmt, group = packed[name]
+            total += fp8_bytes(w.numel, group) if fmt == "fp8" else int4_bytes(w.numel, group)
             continue
         total += w.numel * (GPU_FLOAT_BYTES if w.dtype in ("float32", "bfloat16", "float16") else
                             BYTES.get(w.dtype, 4))
     return int(total)
 
 
-def _dense_int4(graph: Graph, dense_quant: str, rules: list[Rule] | None = None,
-                assume_gpu: bool = False) -> dict[str, int]:
-    """The dense weights the quantization pass will store int4 (name -> group), for byte accounting."""
-    from ktc.passes.quantization import gpu_dense_int4_weights
+def _dense_quantized(graph: Graph, dense_quant: str, rules: list[Rule] | None = None,
+                     assume_gpu: bool = False) -> dict[str, tuple[str, int]]:
+    """The dense weights the quantization pass will store int4 / fp8 (name -> (format, group)), for byte
+    accounting."""
+    from ktc.passes.quantization import gpu_dense_quant_weights
 
-    return gpu_dense_int4_weights(graph, dense_quant, rules, assume_gpu) if dense_quant != "none" or rules else {}
+    return gpu_dense_quant_weights(graph, dense_quant, rules, assume_gpu) if dense_quant != "none" or rules else {}
 
 
 def expert_gpu_bytes(node: Node, quant: str) -> float:
-    """Bytes one routed expert of `node` takes on the GPU: bf16, or int4 + a float32 scale per
-    group (counted at group 128's overhead: 4 bytes per 128 values) with --quant int4."""
+    """Bytes one routed expert of `node` takes on the GPU: bf16, or int4 (half a byte a value) / fp8
+    (a byte a value) + a float32 scale per group (counted at group 128's overhead: 4 bytes per 128
+    values) with --gpu-quant int4 / fp8."""
     a = node.attrs
     numel = 3 * int(a["hidden_size"]) * int(a["intermediate_size"])
-    return numel * (0.5 + 4 / 128 if quant == "int4" else GPU_FLOAT_BYTES)
+    per_value = {"int4": 0.5 + 4 / 128, "fp8": 1 + 4 / 128}.get(quant, GPU_FLOAT_BYTES)
+    return numel * per_value
 
 
 def gpu_model_bytes(graph: Graph, quant: str, dense_quant: str = "none") -> int:
     """Bytes of every weight as the GPU stores it with every expert on the GPU (experts in `quant`,
     dense linears in `dense_quant`: see --gpu-dense-quant)."""
     experts = sum(expert_gpu_bytes(n, quant) * int(n.attrs["num_experts"]) for n in graph.nodes_of("moe_experts"))
-    return int(_gpu_dense_bytes(graph, _dense_int4(graph, dense_quant, assume_gpu=True)) + experts)
+    return int(_gpu_dense_bytes(graph, quantized=_dense_quantized(graph, dense_quant, assume_gpu=True)) + experts)
 
 
 def kv_cache_bytes(graph: Graph, max_context: int, batch: int = 1) -> int:
@@ -169,7 +181,7 @@ def _gpu_placement(graph: Graph, ctx: PassContext, rules) -> None:
 
     max_context = int(ctx.options.get("max_context") or min(DEFAULT_MAX_CONTEXT, int(
         graph.config.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)))
-    dense = _gpu_dense_bytes(graph, _dense_int4(graph, ctx.gpu_dense_quant, rules))
+    dense = _gpu_dense_bytes(graph, quantized=_dense_quantized(graph, ctx.gpu_dense_quant, rules))
     kv = kv_cache_bytes(graph, max_context)
     budget = ctx.gpu_memory_bytes
     gpu_sets: dict[str, set[int]] = {}
@@ -184,10 +196,11 @@ def _gpu_placement(graph: Graph, ctx: PassContext, rules) -> None:
         forced = sum(expert_gpu_bytes(n, gpu_quant) * sum(1 for d in pinned[n.name].values() if d == ctx.target)
                      for n in moe)
         if fixed + forced > budget:
+            linears = "bf16" if ctx.gpu_dense_quant == "none" else f"with {ctx.gpu_dense_quant} linears"
             raise KtcError(
                 f"--target {ctx.target}: the GPU part needs {(fixed + forced) / 2**30:.2f} GiB (attention, dense "
                 f"layers, embeddings and lm_head {dense / 2**30:.2f} GiB "
-                f"{'bf16' if ctx.gpu_dense_quant == 'none' else 'with int4 linears'}, KV cache for {max_context} "
+                f"{linears}, KV cache for {max_context} "
                 f"tokens {kv / 2**30:.2f} GiB, reserve {GPU_RESERVE_BYTES / 2**30:.2f} GiB"
                 + (f", experts pinned by rules {forced / 2**30:.2f} GiB" if forced else "")
                 + f"), more than --gpu-memory {budget / 2**30:.2f} GiB: raise --gpu-memory or lower --max-context")

@@ -6,19 +6,22 @@ dtype with --quant none. Everything else keeps the checkpoint dtype (the CPU run
 dense ops in float32).
 
 GPU-resident weights are stored bfloat16 (small float32 tables such as rope's inv_freq stay
-float32); GPU routed experts are bfloat16 (--gpu-quant none, the default) or int4 weight-only
-(w4a16, group-wise, symmetric; --gpu-quant int4, implied by --quant int4). int8 experts exist
-only for the CPU kernels. A placement rule with `format` sets one layer part's format.
+float32); GPU routed experts are bfloat16 (--gpu-quant none, the default), int4 weight-only
+(w4a16, group-wise, symmetric; --gpu-quant int4, implied by --quant int4) or fp8 weight-only
+(--gpu-quant fp8: float8_e4m3fn values with a float32 scale per row and group of K, amax / 448;
+Triton runs them on sm89+ NVIDIA GPUs and AMD). int8 experts exist only for the CPU kernels. A
+placement rule with `format` sets one layer part's format.
 
-GPU dense linears (--gpu-dense-quant int4; default none = bf16): the weights of gqa attention's
+GPU dense linears (--gpu-dense-quant int4 / fp8; default none = bf16): the weights of gqa attention's
 q / k / v / o projections, of dense MLPs and shared experts (gate / up / gate_up / down) and of
 linear nodes other than the lm_head become int4 w4a16 (symmetric, group-wise along K, the group
 the largest of 128/64/32 dividing K; a weight whose K none divides stays bf16), packed like the
-GPU experts (kernel selection marks them gpu_w4a16). Never quantized: embeddings, norms, router
+GPU experts (kernel selection marks them gpu_w4a16), or fp8 with the same groups (gpu_fp8 layout,
+packed like fp8 GPU experts). Never quantized: embeddings, norms, router
 and shared-expert-gate logits (router weight, mlp output_gate), rope tables, biases, the lm_head
 (it decides the tokens), and MLA attention (its runtime reads kv_b per head, in place). A rule
 with `format` int4 / none matching a GPU dense node's name sets that node's linears (int8 is a
-CPU expert format: such a rule leaves dense nodes as the option says).
+CPU expert format: such a rule leaves dense nodes as the option says; ktc.rules has no fp8 format).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from ktc.rules import Rule, parse_rules
 
 FLOAT_FORMATS = ("float32", "bfloat16", "float16")
 QUANT_FORMATS = ("int8", "int4")
-GPU_DENSE_QUANT = ("none", "int4")
+GPU_DENSE_QUANT = ("none", "int4", "fp8")
+GPU_WEIGHT_FORMATS = ("int4", "fp8")          # quantized formats the GPU kernels read
 GROUP_SIZES = (128, 64, 32)
 # weight roles that are dense linear [N, K] weights a w4a16 GEMM may run (per op; gqa attention only)
 DENSE_LINEAR_ROLES = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "gate_up", "down"),
@@ -70,15 +74,15 @@ def _dense_linear_roles(graph: Graph, node: Node) -> tuple[str, ...]:
     return tuple(r for r in DENSE_LINEAR_ROLES.get(node.op, ()) if r in node.weights)
 
 
-def gpu_dense_int4_weights(graph: Graph, dense_quant: str, rules: list[Rule] | None = None,
-                           assume_gpu: bool = False) -> dict[str, int]:
-    """Weight name -> group size of the GPU dense linear weights that are stored int4 w4a16 (see the
-    module docstring). Nodes count as GPU-resident when placed on a non-CPU device, or all of them
-    with `assume_gpu` (the placement pass's byte estimates before it places anything). A weight is
-    int4 only if every use of it is such a linear role of a node choosing int4."""
+def gpu_dense_quant_weights(graph: Graph, dense_quant: str, rules: list[Rule] | None = None,
+                            assume_gpu: bool = False) -> dict[str, tuple[str, int]]:
+    """Weight name -> (format, group size) of the GPU dense linear weights stored quantized, int4 w4a16
+    or fp8 (see the module docstring). Nodes count as GPU-resident when placed on a non-CPU device, or
+    all of them with `assume_gpu` (the placement pass's byte estimates before it places anything). A
+    weight is quantized only if every use of it is such a linear role of a node choosing one format."""
     check_gpu_dense_quant(dense_quant)
     rules = rules or []
-    chosen: dict[str, int] = {}
+    chosen: dict[str, tuple[str, int]] = {}
     refused: set[str] = set()
     for node in graph.nodes:
         roles = _dense_linear_roles(graph, node)
@@ -87,18 +91,26 @@ def gpu_dense_int4_weights(graph: Graph, dense_quant: str, rules: list[Rule] | N
         for role, name in node.weights.items():
             w = graph.weights[name]
             group = dense_group_size(int(w.shape[-1])) if len(w.shape) == 2 else None
-            if (role in roles and on_gpu and fmt == "int4" and group is not None and w.dtype in FLOAT_FORMATS
-                    and "values" not in w.source):
-                chosen[name] = group
+            if (role in roles and on_gpu and fmt in GPU_WEIGHT_FORMATS and group is not None
+                    and w.dtype in FLOAT_FORMATS and "values" not in w.source
+                    and chosen.get(name, (fmt, group)) == (fmt, group)):
+                chosen[name] = (fmt, group)
             else:
                 refused.add(name)
-    return {name: g for name, g in chosen.items() if name not in refused}
+    return {name: fg for name, fg in chosen.items() if name not in refused}
+
+
+def gpu_dense_int4_weights(graph: Graph, dense_quant: str, rules: list[Rule] | None = None,
+                           assume_gpu: bool = False) -> dict[str, int]:
+    """Weight name -> group size of the GPU dense linear weights stored int4 w4a16."""
+    return {name: g for name, (fmt, g) in gpu_dense_quant_weights(graph, dense_quant, rules, assume_gpu).items()
+            if fmt == "int4"}
 
 
 def _dense_rule_format(rules: list[Rule], node: Node) -> str | None:
-    """int4 / none from the first format rule matching a dense node (int8 rules are for CPU experts)."""
+    """int4 / fp8 / none from the first format rule matching a dense node (int8 rules are for CPU experts)."""
     for rule in rules:
-        if rule.format in ("int4", "none") and rule.device in (None, node.device) and rule.matches(node.name):
+        if rule.format in ("int4", "fp8", "none") and rule.device in (None, node.device) and rule.matches(node.name):
             return rule.format
     return None
 
@@ -113,13 +125,14 @@ def quantization(graph: Graph, ctx: PassContext) -> Graph:
         w.format = w.dtype
         if w.device not in (None, "cpu") and w.dtype in FLOAT_FORMATS and "values" not in w.source:
             w.format = "bfloat16"
-    int4 = gpu_dense_int4_weights(graph, ctx.gpu_dense_quant, rules)
-    for name, group in int4.items():
-        graph.weights[name].format = "int4"
+    dense = gpu_dense_quant_weights(graph, ctx.gpu_dense_quant, rules)
+    for name, (fmt, group) in dense.items():
+        graph.weights[name].format = fmt
         graph.weights[name].group_size = group
     for node in graph.nodes:
-        if node.op != "moe_experts" and any(w in int4 for w in node.weights.values()):
-            node.format = "int4"
+        fmts = [dense[w][0] for w in node.weights.values() if w in dense]
+        if node.op != "moe_experts" and fmts:
+            node.format = fmts[0]
     for node in graph.nodes_of("moe_experts"):
         if node.device not in (None, "cpu"):
             _gpu_experts(graph, node, ctx, rules)
@@ -158,11 +171,11 @@ def _gpu_experts(graph: Graph, node, ctx: PassContext, rules) -> None:
     if quant == "none":
         node.format = "bfloat16"
         return
-    if quant != "int4":
-        raise KtcError(f"{node.name}: {quant} experts run only on the CPU; GPU experts are bf16 (--gpu-quant none) "
-                       "or int4 w4a16 (--gpu-quant int4)")
+    if quant not in GPU_WEIGHT_FORMATS:
+        raise KtcError(f"{node.name}: {quant} experts run only on the CPU; GPU experts are bf16 (--gpu-quant none), "
+                       "int4 w4a16 (--gpu-quant int4) or fp8 (--gpu-quant fp8)")
     group = expert_group_size(node.attrs["hidden_size"], node.attrs["intermediate_size"])
-    node.format = "int4"
+    node.format = quant
     for w in weights:
-        w.format = "int4"
+        w.format = quant
         w.group_size = group

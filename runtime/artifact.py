@@ -102,9 +102,39 @@ def verify_files(manifest: Manifest, hashes: bool = True, on_file: Callable[[str
             on_file(rel, meta["size"])
 
 
+FP8_MIN_CAPABILITY = (8, 9)     # Triton lowers float8_e4m3fn (fp8e4nv) on sm89+ NVIDIA GPUs (and on AMD)
+
+
+def gpu_fp8(manifest: Manifest) -> bool:
+    """Whether the artifact stores GPU weights in fp8 (--gpu-quant / --gpu-dense-quant fp8)."""
+    weights = manifest.data.get("graph", {}).get("weights", {})
+    return any(w.get("format") == "fp8" and w.get("device") not in (None, "cpu") for w in weights.values())
+
+
+def require_fp8_gpu(what: str, device: Any = None) -> None:
+    """HostError unless the CUDA `device` (default: the current one) runs fp8 (e4m3) kernels: an sm89+
+    NVIDIA GPU (Triton has no e4m3 conversions below), or an AMD GPU (Triton converts them there)."""
+    import torch
+
+    if getattr(torch.version, "hip", None):
+        return
+    device = torch.cuda.current_device() if device is None else device
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FP8_MIN_CAPABILITY:
+        raise HostError(f"{what} stores GPU weights in fp8 (e4m3), which needs an sm89+ GPU (Ada, Hopper or newer), "
+                        f"and this GPU ({torch.cuda.get_device_name(device)}) is sm{major}{minor}: recompile it "
+                        "with --gpu-quant / --gpu-dense-quant int4 or none")
+
+
+def check_gpu_arch(manifest: Manifest) -> None:
+    """Refuse an fp8 artifact on an NVIDIA GPU below sm89."""
+    if gpu_fp8(manifest):
+        require_fp8_gpu(str(manifest.path))
+
+
 def check_host(manifest: Manifest) -> None:
     """Refuse an artifact whose CPU kernels need features this host lacks, or whose GPU kernels need
-    a CUDA GPU this host does not have."""
+    a CUDA GPU this host does not have (or, for fp8 weights, an sm89+ one)."""
     from ktc.targets import host_cpu_features
 
     if manifest.gpu:
@@ -113,6 +143,7 @@ def check_host(manifest: Manifest) -> None:
         if not torch.cuda.is_available():
             raise HostError(f"{manifest.path} was compiled for --target cuda and this host has no CUDA GPU: "
                             "recompile it with --target cpu")
+        check_gpu_arch(manifest)
 
     cpu = manifest.cpu
     if not cpu:

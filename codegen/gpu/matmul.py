@@ -12,6 +12,14 @@ j + G/2 in its high nibble (two's complement), and float32 scales [N, K/G]. A K 
 values reads BLOCK_K/2 bytes per weight row, dequantizes both nibble planes in registers
 (value * its group's scale, in the activation dtype) and multiplies each by the matching half of
 the activations: two tl.dot per step, float32 accumulation.
+
+matmul_fp8_kernel is the product with a weight-only fp8 weight (--gpu-dense-quant fp8, w8a16):
+qweight float8_e4m3fn [N, K] and float32 scales [N, K/G] (moe.pack_fp8: a scale per row and group
+of G values along K, amax / 448). The fp8 values are converted to the activation dtype in registers
+(exact: e4m3 fits bf16 / fp16) before tl.dot; a K step inside one group multiplies the product by
+the rows' scales after the dot (float32, one multiply per output instead of per weight value), a
+step over several groups scales every value before it. Triton lowers fp8e4nv on sm89+ (and on AMD)
+only: an fp8 artifact is refused on older NVIDIA GPUs (runtime.artifact.check_host).
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+
+FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)   # fp8 weight-only linears (linear_fp8)
 
 
 @triton.jit
@@ -108,7 +118,50 @@ def matmul_w4a16_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_a
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-KERNELS = {"matmul_kernel": matmul_kernel, "matmul_w4a16_kernel": matmul_w4a16_kernel}
+@triton.jit
+def matmul_fp8_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_qn, stride_sn, stride_cm,
+                      HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    w_rows = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    a_base = a_ptr + a_rows[:, None] * stride_am
+    q_base = qw_ptr + w_rows[None, :] * stride_qn
+    s_base = s_ptr + w_rows * stride_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < K
+        a = tl.load(a_base + kk[None, :], mask=kmask[None, :], other=0.0)
+        w = tl.load(q_base + kk[:, None], mask=kmask[:, None], other=0.0)
+        if BLOCK_K <= GROUP:
+            # the step lies in one group (BLOCK_K divides GROUP, which divides K): scale the product
+            sc = tl.load(s_base + k0 // GROUP)
+            acc += tl.dot(a, w.to(a.dtype)) * sc[None, :]
+        else:
+            # several whole groups: every value times its group's scale, then the dot
+            sc = tl.load(s_base[None, :] + (kk // GROUP)[:, None], mask=kmask[:, None], other=0.0)
+            acc = tl.dot(a, (w.to(tl.float32) * sc).to(a.dtype), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+KERNELS = {"matmul_kernel": matmul_kernel, "matmul_w4a16_kernel": matmul_w4a16_kernel,
+           "matmul_fp8_kernel": matmul_fp8_kernel}
 
 NUM_SMS = 132   # H100 / H200; only used to pick block sizes, never for correctness
 
@@ -184,6 +237,44 @@ def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, b
     return out.view(*x.shape[:-1], n)
 
 
+def default_config_fp8(m: int, n: int, k: int) -> dict:
+    """Block sizes for an [m, k] x fp8 [n, k]^T product: the bf16 product's tiles (decode: narrow N
+    blocks, 256 values = 256 bytes of every weight row a step; prefill: 128 x 128 x 64 tiles)."""
+    cfg = dict(default_config(m, n, k))
+    cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], triton.next_power_of_2(k)))
+    return cfg
+
+
+def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+               config: dict | None = None, out_dtype: torch.dtype | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ (qweight * scales)^T (+ bias): qweight float8_e4m3fn [N, K], float32 scales [N, K/G] with a
+    scale per row and group of G values along K (moe.pack_fp8; G a power of two >= 16). Config keys as
+    linear's; a K step (BLOCK_K) is either within one group or several whole groups."""
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    if qweight.dtype != FP8_DTYPE:
+        raise ValueError(f"fp8 weight of dtype {qweight.dtype}, not float8_e4m3fn")
+    if qweight.shape[-1] != k or k % scales.shape[-1] or scales.shape[0] != n:
+        raise ValueError(f"fp8 weight {tuple(qweight.shape)} / scales {tuple(scales.shape)} do not fit K={k}")
+    group = k // scales.shape[-1]
+    if group < 16 or group & (group - 1):
+        raise ValueError(f"fp8 group size {group} is not a power of two >= 16")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    cfg = config or default_config_fp8(m, n, k)
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    matmul_fp8_kernel[grid](x2, qweight, scales, scales if bias is None else bias, out, m, n, k, x2.stride(0),
+                            qweight.stride(0), scales.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                            GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                            GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out.view(*x.shape[:-1], n)
+
+
 def candidate_configs(m: int, n: int, k: int, max_shared: int = 232448, elem_bytes: int = 2) -> list[dict]:
     """Configs `ktc tune` times for an [m, k] x [n, k]^T product, default first. Tiles are at least 16
     (tl.dot), no larger than the problem rounded up to a power of two, and their pipelined A and W tiles
@@ -204,6 +295,17 @@ def candidate_configs_w4a16(m: int, n: int, k: int, max_shared: int = 232448, el
         return cfg["num_stages"] * (cfg["BLOCK_M"] * bk * elem_bytes + cfg["BLOCK_N"] * bk // 2) <= max_shared
 
     return _candidates(m, n, k, default_config_w4a16(m, n, k), fits, (64, 128, 256, 512, 1024), (64, 128))
+
+
+def candidate_configs_fp8(m: int, n: int, k: int, max_shared: int = 232448, elem_bytes: int = 2) -> list[dict]:
+    """Configs `ktc tune` times for linear_fp8 at [m, k] x fp8 [n, k]^T, default first: the tiles of
+    candidate_configs (K steps of 64 to 512 values for decode), whose pipelined activation tile and fp8
+    weight tile (a byte a value) fit `max_shared`."""
+    def fits(cfg: dict) -> bool:
+        bk = cfg["BLOCK_K"]
+        return cfg["num_stages"] * (cfg["BLOCK_M"] * bk * elem_bytes + cfg["BLOCK_N"] * bk) <= max_shared
+
+    return _candidates(m, n, k, default_config_fp8(m, n, k), fits, (64, 128, 256, 512), (64, 128))
 
 
 def _candidates(m: int, n: int, k: int, default: dict, fits: Callable[[dict], bool], decode_ks: tuple[int, ...],

@@ -28,7 +28,11 @@ Weights are bf16 / fp16 [E, N, K] (gate_up [E, 2I, H], gate rows first; down [E,
 w4a16: int4 symmetric, group-wise along K (group = BLOCK_K). In each group of G values, byte j
 holds value j in its low nibble and value j + G/2 in its high nibble (two's complement), so a
 program multiplies two contiguous half-groups of activations by the two nibble planes; scales
-are float32 [E, N, K / G].
+are float32 [E, N, K / G]. Or fp8 weight-only (w8a16, --gpu-quant fp8): float8_e4m3fn [E, N, K]
+with a float32 scale per row and group of G values along K (pack_fp8: amax / 448), on the
+grouped GEMM at every token count; it runs the 8-bit branch of fused_moe_kernel (the load is
+dtype-agnostic: int8 or fp8 values are converted to float32 in registers, scaled, and cast to the
+activation dtype before tl.dot). Triton lowers fp8e4nv on sm89+ (and AMD) only.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)   # fp8 weight-only experts (pack_fp8)
+FP8_MAX = 448.0          # the largest float8_e4m3fn value
 
 
 @triton.jit
@@ -374,7 +381,8 @@ def _gemm(a, w, scales, c, align, topk_w, n, k, a_div, gated, mul_weight, block_
     block per scale group (w4a16's own layout)."""
     sorted_slots, block_expert, total = align
     quantized = scales is not None
-    int8 = quantized and w.dtype == torch.int8        # else uint8: w4a16 (two values per byte)
+    # int8 or fp8 (one value per byte, the 8-bit branch); else uint8: w4a16 (two values per byte)
+    int8 = quantized and (w.dtype == torch.int8 or w.dtype == FP8_DTYPE)
     group = k // scales.shape[-1] if quantized else 128
     block_k = min(cfg["BLOCK_K"], group) if int8 else pair or cfg["BLOCK_K"]
     grid = (block_expert.numel() * triton.cdiv(n, block_n),)
@@ -390,8 +398,9 @@ def _gemm(a, w, scales, c, align, topk_w, n, k, a_div, gated, mul_weight, block_
 def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: dict,
               num_experts: int, inter: int, config: dict | None = None, partial: bool = False) -> torch.Tensor:
     """x [T, H], topk_* [T, K]; weights {"gate_up", "down"} dense, {"gate_up.qweight",
-    "gate_up.scales", "down.qweight", "down.scales"} for w4a16, or {"gate_up.q", "gate_up.scales",
-    "down.q", "down.scales"} (+ "comp", unused) for the CPU kernels' int8 layout (w8a16) or int4
+    "gate_up.scales", "down.qweight", "down.scales"} for w4a16 (uint8 qweight) or fp8 (float8_e4m3fn
+    qweight, pack_fp8's layout; the grouped GEMM's 8-bit branch at every token count), or {"gate_up.q",
+    "gate_up.scales", "down.q", "down.scales"} (+ "comp", unused) for the CPU kernels' int8 layout (w8a16) or int4
     layout (uint8 q: w4a16 with values paired in blocks of CPU_INT4_PAIR, a scale per group), both
     always on the grouped GEMM: they serve prefills that stream CPU experts in. -> y [T, H] in x's dtype.
     partial: some ids are -1 (experts this node does not hold, run elsewhere): those slots add
@@ -402,23 +411,24 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
     slots = t * top_k
     cpu = "gate_up.q" in weights           # the CPU experts' layout (q, scales[, comp]), streamed in
     int8 = cpu and weights["gate_up.q"].dtype == torch.int8
-    int4 = "gate_up.qweight" in weights or (cpu and not int8)
+    fp8 = "gate_up.qweight" in weights and weights["gate_up.qweight"].dtype == FP8_DTYPE
+    int4 = ("gate_up.qweight" in weights and not fp8) or (cpu and not int8)
     pair = CPU_INT4_PAIR if cpu and int4 else None
-    group = h // weights["gate_up.scales"].shape[-1] if int4 or int8 else None
+    group = h // weights["gate_up.scales"].shape[-1] if int4 or int8 or fp8 else None
     cfg = config or default_config(slots, h, inter, None if cpu else group)
-    if int8:
+    if int8 or fp8:
         cfg = {**cfg, "BLOCK_K": min(cfg["BLOCK_K"], group)}
-    if not (int4 or int8) and t <= GEMV_TOKENS:
+    if not (int4 or int8 or fp8) and t <= GEMV_TOKENS:
         if partial:
             held = topk_ids >= 0
             topk_weights = topk_weights * held
             topk_ids = topk_ids.clamp(min=0)
         return _fused_moe_decode(x, topk_weights, topk_ids, weights, inter, {**gemv_config(h, inter), **cfg})
     align = moe_align(topk_ids, num_experts, cfg["BLOCK_M"])
-    key = ".q" if cpu else ".qweight" if int4 else ""
+    key = ".q" if cpu else ".qweight" if int4 or fp8 else ""
     w_up, w_down = weights["gate_up" + key], weights["down" + key]
-    s_up = weights["gate_up.scales"] if int4 or int8 else None
-    s_down = weights["down.scales"] if int4 or int8 else None
+    s_up = weights["gate_up.scales"] if int4 or int8 or fp8 else None
+    s_down = weights["down.scales"] if int4 or int8 or fp8 else None
     tw = topk_weights.reshape(-1).to(torch.float32)
     inter_act = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
     _gemm(x, w_up, s_up, inter_act, align, tw, inter, h, top_k, True, False, cfg["BLOCK_N_UP"], cfg, pair)
@@ -497,6 +507,27 @@ def unpack_w4a16(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     hi = ((b >> 4) ^ 8) - 8
     q = torch.cat((lo, hi), dim=-1).to(torch.float32)
     return (q * scales.unsqueeze(-1)).reshape(*qweight.shape[:-1], -1)
+
+
+def pack_fp8(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """[..., N, K] float -> {"qweight": float8_e4m3fn [..., N, K], "scales": float32 [..., N, K/G]}: per row
+    and group of G values along K, scale = amax / 448 and qweight = w / scale rounded to nearest e4m3
+    (clamped to +-448; an all-zero group has scale 0 and zero values)."""
+    k = w.shape[-1]
+    if k % group_size:
+        raise ValueError(f"fp8 group size {group_size} does not divide K={k}")
+    wg = w.detach().to(torch.float32).reshape(*w.shape[:-1], k // group_size, group_size)
+    scales = wg.abs().amax(dim=-1) / FP8_MAX
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = (wg / safe.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return {"qweight": q.reshape(w.shape).contiguous(), "scales": scales.contiguous()}
+
+
+def unpack_fp8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 weight that pack_fp8's output stands for."""
+    groups = scales.shape[-1]
+    q = qweight.to(torch.float32).reshape(*qweight.shape[:-1], groups, -1)
+    return (q * scales.unsqueeze(-1)).reshape(qweight.shape)
 
 
 def candidate_configs(tokens: int, top_k: int, num_experts: int, hidden: int, inter: int,

@@ -60,7 +60,7 @@ def inspect_cmd(
 
     sizes: dict[tuple, float] = defaultdict(float)
     stored = {k: v["size"] for k, v in m.files.items()}
-    bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
+    bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5, "fp8": 1}
     for w in g.weights.values():
         sizes[(w.device or "-", w.format or w.dtype)] += w.numel * bytes_per.get(w.format or w.dtype, 4)
     wt = Table(title="weights (payload, scales excluded)", show_edge=False)

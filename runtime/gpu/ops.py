@@ -10,7 +10,9 @@ is in attention_mla.py.
 
 Dense linear weights are bf16 tensors, or (--gpu-dense-quant int4) packed w4a16 dicts
 {"qweight": uint8 [N, K/2], "scales": float32 [N, K/G]} that `linear` sends to
-matmul.linear_w4a16; prepare concatenates packed q/k/v or gate/up part by part (rows along N).
+matmul.linear_w4a16, or (--gpu-dense-quant fp8) {"qweight": float8_e4m3fn [N, K], "scales":
+float32 [N, K/G]} for matmul.linear_fp8 (told apart by qweight's dtype); prepare concatenates
+packed q/k/v or gate/up part by part (rows along N).
 """
 
 from __future__ import annotations
@@ -66,38 +68,56 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-W4A16_PARTS = frozenset(("qweight", "scales"))
+W4A16_PARTS = frozenset(("qweight", "scales"))     # the parts of a packed w4a16 or fp8 weight
+FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 
 
 def linear(kernels: Any, x: torch.Tensor, w: torch.Tensor | dict[str, torch.Tensor], bias: torch.Tensor | None = None,
            config: dict | None = None, out_dtype: torch.dtype | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w^T (+ bias) with the artifact's matmul family: matmul.linear for a dense weight,
-    matmul.linear_w4a16 for a packed w4a16 one (a dict qweight / scales)."""
+    matmul.linear_w4a16 for a packed w4a16 one (a dict qweight / scales, uint8 qweight),
+    matmul.linear_fp8 for an fp8 one (float8_e4m3fn qweight)."""
     if isinstance(w, torch.Tensor):
         return kernels.matmul.linear(x, w, bias, config, out_dtype=out_dtype, out=out)
-    launch = getattr(kernels.matmul, "linear_w4a16", None)
+    name, fmt = ("linear_fp8", "fp8") if _is_fp8(w) else ("linear_w4a16", "int4")
+    launch = getattr(kernels.matmul, name, None)
     if launch is None:
-        raise ArtifactError("the artifact's matmul kernels have no linear_w4a16 for its int4 weights; recompile it")
+        raise ArtifactError(f"the artifact's matmul kernels have no {name} for its {fmt} weights; recompile it")
     return launch(x, w["qweight"], w["scales"], bias, config, out_dtype=out_dtype, out=out)
+
+
+def _is_fp8(w: dict[str, torch.Tensor]) -> bool:
+    return w["qweight"].dtype == FP8_DTYPE
 
 
 def _check_linear_weight(node: Node, role: str, w: Any) -> None:
     if not isinstance(w, torch.Tensor) and set(w) != W4A16_PARTS:
-        raise ArtifactError(f"node {node.name}: {role} is packed as {sorted(w)}, not w4a16")
+        raise ArtifactError(f"node {node.name}: {role} is packed as {sorted(w)}, not w4a16 or fp8")
 
 
 def cat_rows(parts: list[torch.Tensor | dict[str, torch.Tensor]]) -> torch.Tensor | dict[str, torch.Tensor]:
     """Linear weights stacked along N (one GEMM for q/k/v or gate/up): dense tensors concatenated, packed
-    w4a16 weights part by part (the rows of qweight and scales are the weight's rows); a mix (a weight
-    whose K fits no group, beside int4 ones) is dequantized to the dense weights' dtype."""
+    w4a16 (or fp8) weights part by part (the rows of qweight and scales are the weight's rows); a mix (a
+    weight whose K fits no group beside quantized ones, or different groups or formats) is dequantized to
+    the dense weights' dtype."""
     if all(isinstance(p, torch.Tensor) for p in parts):
         return torch.cat(parts, dim=0).contiguous()
-    if all(not isinstance(p, torch.Tensor) for p in parts) and len({p["scales"].shape[-1] for p in parts}) == 1:
+    if all(not isinstance(p, torch.Tensor) for p in parts) and len({p["scales"].shape[-1] for p in parts}) == 1 \
+            and len({p["qweight"].dtype for p in parts}) == 1:
         return {k: torch.cat([p[k] for p in parts], dim=0).contiguous() for k in ("qweight", "scales")}
     dtype = next((p.dtype for p in parts if isinstance(p, torch.Tensor)), torch.bfloat16)
-    return torch.cat([p if isinstance(p, torch.Tensor) else _dequant_w4a16(p).to(dtype) for p in parts],
+    return torch.cat([p if isinstance(p, torch.Tensor) else _dequant(p).to(dtype) for p in parts],
                      dim=0).contiguous()
+
+
+def _dequant(w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 weight behind a packed w4a16 or fp8 dict."""
+    if _is_fp8(w):
+        scales = w["scales"]
+        q = w["qweight"].to(torch.float32).reshape(*w["qweight"].shape[:-1], scales.shape[-1], -1)
+        return (q * scales.unsqueeze(-1)).reshape(w["qweight"].shape)
+    return _dequant_w4a16(w)
 
 
 def _dequant_w4a16(w: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -262,7 +282,7 @@ def _prepare_moe(node, w):
         t = w[role]
         if isinstance(t, dict):
             if set(t) != {"qweight", "scales"}:
-                raise ArtifactError(f"node {node.name}: {role} is packed as {sorted(t)}, not w4a16")
+                raise ArtifactError(f"node {node.name}: {role} is packed as {sorted(t)}, not w4a16 or fp8")
             out[f"{role}.qweight"], out[f"{role}.scales"] = t["qweight"], t["scales"]
         else:
             out[role] = t

@@ -8,10 +8,11 @@ one tunable), so a 48-layer model is tuned at the cost of one layer (+ the head)
 
     table               launcher                    shape                 buckets
     linear/gate_up/     matmul.linear               (N, K) of the weight  all
-      down/qkv/o        (matmul.linear_w4a16 for int4 weights: format w4a16-g<group>)
+      down/qkv/o        (matmul.linear_w4a16 for int4 weights: format w4a16-g<group>;
+                         matmul.linear_fp8 for fp8 weights: format fp8-g<group>)
     logits              matmul.linear (fp32 out)    (E, H)                past router.FUSED_TOKENS
     norm                norm.rms_norm / add_rms_norm (H,)                 all
-    moe                 moe.fused_moe               (E, H, I, top_k)      all
+    moe                 moe.fused_moe               (E, H, I, top_k)      all (format w4a16-g / fp8-g<group>)
     attention.decode    attention.attention_decode  (H, Hkv, D)           all (batch = tokens)
     attention.prefill   attention.attention_prefill (H, Hkv, D)           past DECODE_TOKENS
 
@@ -59,6 +60,10 @@ DECODE_CONTEXT = 4096            # cached tokens decode attention is timed at
 MAX_CACHE_BYTES = 4 << 30        # decode attention buckets whose K+V cache would exceed this are skipped
 DEFAULT_MAX_SHARED = 232448      # H100 / H200 opt-in shared memory per block (bytes)
 TUNED_FAMILIES = ("matmul", "norm", "attention", "moe")
+QUANTIZED = ("int4", "fp8")
+# quantized weight format -> (matmul launcher, its candidates, record format prefix)
+LINEAR_LAUNCHERS = {"int4": ("linear_w4a16", "candidate_configs_w4a16", "w4a16"),
+                    "fp8": ("linear_fp8", "candidate_configs_fp8", "fp8")}
 
 
 @dataclass
@@ -103,9 +108,15 @@ def _wfmt(graph: Graph, node: Node, role: str) -> str:
 
 
 def _wgroup(graph: Graph, node: Node, role: str) -> int | None:
-    """The group size of an int4 (w4a16) weight, None for a dense one."""
+    """The group size of an int4 (w4a16) or fp8 weight, None for a dense one."""
     w = graph.weights[node.weights[role]]
-    return int(w.group_size) if w.format == "int4" and w.group_size else None
+    return int(w.group_size) if w.format in QUANTIZED and w.group_size else None
+
+
+def _wquant(graph: Graph, node: Node, role: str) -> str | None:
+    """The format of a quantized weight (int4 or fp8), None for a dense one."""
+    w = graph.weights[node.weights[role]]
+    return w.format if w.format in QUANTIZED and w.group_size else None
 
 
 def node_tunables(graph: Graph, node: Node, kernels: Any) -> list[Tunable]:
@@ -119,17 +130,20 @@ def node_tunables(graph: Graph, node: Node, kernels: Any) -> list[Tunable]:
         return f"{family}.{launcher}#{source_hash(getattr(kernels, family))}"
 
     def linear(table: str, n: int, k: int, fmt: str, bias: bool, min_tokens: int = 1,
-               out_dtype: str | None = None, group: int | None = None) -> None:
+               out_dtype: str | None = None, group: int | None = None, quant: str | None = None) -> None:
         if "matmul" not in fams:
             return
         launcher = "linear"
-        if group:   # w4a16: its own launcher and candidates (none in older kernel sources: not tuned)
-            if not callable(getattr(kernels.matmul, "candidate_configs_w4a16", None)):
+        if group:   # w4a16 / fp8: own launcher and candidates (none in older kernel sources: not tuned)
+            launcher, cands, prefix = LINEAR_LAUNCHERS[quant or "int4"]
+            if not callable(getattr(kernels.matmul, cands, None)):
                 return
-            launcher, fmt = "linear_w4a16", f"w4a16-g{group}"
+            fmt = f"{prefix}-g{group}"
         f = fmt + ("+bias" if bias else "") + (f">{out_dtype}" if out_dtype else "")
-        out.append(Tunable(table, table, "matmul", kid("matmul", launcher), (n, k), f, min_tokens,
-                           {"bias": bias, "out_dtype": out_dtype, "group": group}))
+        params = {"bias": bias, "out_dtype": out_dtype, "group": group}
+        if group and quant == "fp8":
+            params["quant"] = "fp8"
+        out.append(Tunable(table, table, "matmul", kid("matmul", launcher), (n, k), f, min_tokens, params))
 
     op = node.op
     if op in ("rms_norm", "add_rms_norm") and "norm" in fams:
@@ -139,13 +153,14 @@ def node_tunables(graph: Graph, node: Node, kernels: Any) -> list[Tunable]:
     elif op == "linear":
         n, k = _wshape(graph, node, "weight")
         linear("linear", n, k, _wfmt(graph, node, "weight"), "bias" in node.weights,
-               group=_wgroup(graph, node, "weight"))
+               group=_wgroup(graph, node, "weight"), quant=_wquant(graph, node, "weight"))
     elif op == "mlp":
         h, inter = _wshape(graph, node, "down")
         fmt = _wfmt(graph, node, "down")
         gate = "gate_up" if "gate_up" in node.weights else "gate"
-        linear("gate_up", 2 * inter, h, fmt, False, group=_wgroup(graph, node, gate))
-        linear("down", h, inter, fmt, False, group=_wgroup(graph, node, "down"))
+        linear("gate_up", 2 * inter, h, fmt, False, group=_wgroup(graph, node, gate),
+               quant=_wquant(graph, node, gate))
+        linear("down", h, inter, fmt, False, group=_wgroup(graph, node, "down"), quant=_wquant(graph, node, "down"))
     elif op == "router":
         e, h = _wshape(graph, node, "weight")
         fused = getattr(getattr(kernels, "router", None), "router_fused", None) is not None
@@ -157,8 +172,9 @@ def node_tunables(graph: Graph, node: Node, kernels: Any) -> list[Tunable]:
         hidden = _wshape(graph, node, "q")[1]
         fmt = _wfmt(graph, node, "q")
         linear("qkv", (h + 2 * hkv) * d, hidden, fmt, any(f"{r}_bias" in node.weights for r in "qkv"),
-               group=_wgroup(graph, node, "q"))
-        linear("o", hidden, h * d, fmt, "o_bias" in node.weights, group=_wgroup(graph, node, "o"))
+               group=_wgroup(graph, node, "q"), quant=_wquant(graph, node, "q"))
+        linear("o", hidden, h * d, fmt, "o_bias" in node.weights, group=_wgroup(graph, node, "o"),
+               quant=_wquant(graph, node, "o"))
         if "attention" in fams:
             window = int(a.get("sliding_window") or 0)
             p = {"window": window, "scale": float(a.get("scaling") or d ** -0.5)}
@@ -172,10 +188,13 @@ def node_tunables(graph: Graph, node: Node, kernels: Any) -> list[Tunable]:
         gu = graph.weights[node.weights["gate_up"]]
         e, two_i, hidden = (int(d) for d in gu.shape)
         top_k = int(a["top_k"])
-        group = int(gu.group_size) if node.format == "int4" else None
-        fmt = f"w4a16-g{group}" if group else str(gu.format or gu.dtype)
+        group = int(gu.group_size) if node.format in QUANTIZED else None
+        fmt = f"{LINEAR_LAUNCHERS[node.format][2]}-g{group}" if group else str(gu.format or gu.dtype)
+        params: dict[str, Any] = {"group": group}
+        if node.format == "fp8":
+            params["quant"] = "fp8"
         out.append(Tunable("moe", "moe", "moe", kid("moe", "fused_moe"), (e, hidden, two_i // 2, top_k), fmt, 1,
-                           {"group": group}))
+                           params))
     return out
 
 
@@ -200,7 +219,8 @@ def candidate_configs(node: Node, t: Tunable, tokens: int, kernels: Any,
     fam = getattr(kernels, t.family)
     if t.family == "matmul":
         n, k = t.shape
-        candidates = fam.candidate_configs_w4a16 if t.params.get("group") else fam.candidate_configs
+        candidates = (getattr(fam, LINEAR_LAUNCHERS[t.params.get("quant", "int4")][1]) if t.params.get("group")
+                      else fam.candidate_configs)
         cands = candidates(tokens, n, k, max_shared)
     elif t.family == "norm":
         cands = fam.candidate_configs(t.shape[0])
@@ -250,6 +270,14 @@ class _Inputs:
             self.cache[key] = torch.randint(0, 256, shape, generator=self.gen, device=self.device, dtype=torch.uint8)
         return self.cache[key]
 
+    def fp8(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """float8_e4m3fn codes, normal with std 64 (clamped to +-448)."""
+        key = ("fp8", shape)
+        if key not in self.cache:
+            t = torch.randn(shape, generator=self.gen, device=self.device).mul_(64).clamp_(-448, 448)
+            self.cache[key] = t.to(torch.float8_e4m3fn)
+        return self.cache[key]
+
     def routing(self, tokens: int, top_k: int, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax weights and top_k distinct random experts per token (uniform routing)."""
         scores = torch.rand(tokens, experts, generator=self.gen, device=self.device)
@@ -266,7 +294,11 @@ def make_runner(t: Tunable, tokens: int, kernels: Any, inputs: _Inputs, dtype: t
         n, kk = t.shape
         x = inputs.randn((tokens, kk), dtype, keep=False)
         group = t.params.get("group")
-        if group:   # w4a16: random nibbles, scales of the size a 0.02-std weight's would have
+        fp8 = t.params.get("quant") == "fp8"
+        if group and fp8:   # fp8: normal codes (std 64), scales of the size a 0.02-std weight's would have
+            qw = inputs.fp8((n, kk))
+            sc = inputs.randn((n, kk // group), torch.float32, 0.02 / 64)
+        elif group:   # w4a16: random nibbles, scales of the size a 0.02-std weight's would have
             qw = inputs.bytes((n, kk // 2))
             sc = inputs.randn((n, kk // group), torch.float32, 0.002)
         else:
@@ -275,7 +307,8 @@ def make_runner(t: Tunable, tokens: int, kernels: Any, inputs: _Inputs, dtype: t
         out_dtype = torch.float32 if t.params.get("out_dtype") == "float32" else dtype
         out = torch.empty(tokens, n, dtype=out_dtype, device=inputs.device)
         if group:
-            return lambda cfg: lambda: k.matmul.linear_w4a16(x, qw, sc, bias, cfg, out_dtype=out_dtype, out=out)
+            launch = k.matmul.linear_fp8 if fp8 else k.matmul.linear_w4a16
+            return lambda cfg: lambda: launch(x, qw, sc, bias, cfg, out_dtype=out_dtype, out=out)
         return lambda cfg: lambda: k.matmul.linear(x, w, bias, cfg, out_dtype=out_dtype, out=out)
     if t.family == "norm":
         (h,) = t.shape
@@ -304,7 +337,12 @@ def make_runner(t: Tunable, tokens: int, kernels: Any, inputs: _Inputs, dtype: t
     group = t.params.get("group")
     x = inputs.randn((tokens, hidden), dtype, keep=False)
     tw, ids = inputs.routing(tokens, top_k, e)
-    if group:
+    if group and t.params.get("quant") == "fp8":
+        w = {"gate_up.qweight": inputs.fp8((e, 2 * inter, hidden)),
+             "gate_up.scales": inputs.randn((e, 2 * inter, hidden // group), torch.float32, 0.02 / 64),
+             "down.qweight": inputs.fp8((e, hidden, inter)),
+             "down.scales": inputs.randn((e, hidden, inter // group), torch.float32, 0.02 / 64)}
+    elif group:
         w = {"gate_up.qweight": inputs.bytes((e, 2 * inter, hidden // 2)),
              "gate_up.scales": inputs.randn((e, 2 * inter, hidden // group), torch.float32, 0.01),
              "down.qweight": inputs.bytes((e, hidden, inter // 2)),
@@ -320,10 +358,20 @@ def _cache_bytes(t: Tunable, tokens: int) -> int:
     return 2 * tokens * hkv * DECODE_CONTEXT * d * 2
 
 
+def _check_fp8(graph: Graph, device: torch.device) -> None:
+    """fp8 GPU weights need an sm89+ NVIDIA GPU (runtime.artifact.require_fp8_gpu): a one-line HostError."""
+    if any(w.format == "fp8" and w.device not in (None, "cpu") for w in graph.weights.values()):
+        from ..artifact import require_fp8_gpu
+
+        require_fp8_gpu("the artifact", device)
+
+
 def gpu_tasks(graph: Graph, kernels: Any, buckets: list[int] | None = None, device: torch.device | str = "cuda",
               dtype: torch.dtype = torch.bfloat16, max_shared: int | None = None) -> list[Task]:
     """One task per distinct (tunable, bucket) of the graph's GPU nodes, in bucket_order."""
     device = torch.device(device)
+    if device.type == "cuda":
+        _check_fp8(graph, device)
     if max_shared is None:
         max_shared = device_max_shared(device) if device.type == "cuda" else DEFAULT_MAX_SHARED
     inputs = _Inputs(device)

@@ -79,10 +79,10 @@ def test_a_bad_option_value_is_one_line():
 
     with pytest.raises(KtcError) as e:
         run(one_layer_moe(), gpu_dense_quant="int8")
-    assert e.value.message == "--gpu-dense-quant 'int8' is not one of none, int4"
+    assert e.value.message == "--gpu-dense-quant 'int8' is not one of none, int4, fp8"
     with pytest.raises(KtcError) as e:
-        compile_model("no-such-model", "out.ktc", target="cuda", gpu_dense_quant="fp8")
-    assert e.value.message == "--gpu-dense-quant 'fp8' is not one of none, int4"
+        compile_model("no-such-model", "out.ktc", target="cuda", gpu_dense_quant="fp16")
+    assert e.value.message == "--gpu-dense-quant 'fp16' is not one of none, int4, fp8"
 
 
 def test_the_cli_option_reaches_the_compiler(capsys, tmp_path):

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from ktc.codegen.gpu import FAMILIES
-from ktc.codegen.gpu_aot import TARGETS
+from ktc.codegen.gpu_aot import FP8_TARGETS, TARGETS
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +41,12 @@ def test_sm90_prefill_gemms_use_wgmma(aot_results):
     """Hopper's warpgroup MMA is what the large-tile products must lower to on sm90."""
     big = [k for k in aot_results if k.startswith("matmul.matmul_kernel") and k.endswith("@sm90")]
     assert any(aot_results[k]["wgmma"] for k in big), {k: aot_results[k] for k in big}
+
+
+def test_fp8_kernels_build_where_triton_lowers_e4m3(aot_results):
+    """The fp8 weight-only kernels are built for sm89, sm90 and gfx942 and not listed for sm80, where Triton
+    has no fp8e4nv (the runtime refuses fp8 artifacts on GPUs below sm89)."""
+    fp8 = {k: v for k, v in aot_results.items() if "fp8" in k}
+    assert {k.rsplit("@", 1)[1] for k in fp8} == set(FP8_TARGETS) and "sm80" not in FP8_TARGETS
+    assert {v["family"] for v in fp8.values()} == {"matmul", "moe"}
+    assert all(v["ok"] for v in fp8.values()), {k: v.get("error") for k, v in fp8.items() if not v["ok"]}

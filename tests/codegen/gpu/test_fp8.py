@@ -1,0 +1,195 @@
+"""fp8 (e4m3) weight-only kernels against float64 references: matmul.linear_fp8 (--gpu-dense-quant fp8),
+moe.fused_moe on fp8 experts (--gpu-quant fp8), and the packer moe.pack_fp8 they read.
+
+Without a GPU the kernels run in Triton's interpreter (conftest), which loads float8_e4m3fn CPU tensors
+and converts them; activations are float16 / float32 (it multiplies bf16 wrongly), shapes tiny and odd.
+The references multiply by the dequantized weight (unpack_fp8), so what is checked is the kernels'
+arithmetic; the packer's error is checked on its own (a property test). Ahead-of-time builds: test_aot.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ktc.codegen.gpu import matmul, moe
+
+from .conftest import HAS_CUDA
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+FP8 = torch.float8_e4m3fn
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def rnd(*shape, seed=0, scale=1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def packed(shape: tuple[int, ...], group: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(pack_fp8 parts on DEV, the float64 weight they stand for)."""
+    parts = moe.pack_fp8(rnd(*shape, seed=seed, scale=0.2).float(), group)
+    deq = moe.unpack_fp8(parts["qweight"], parts["scales"]).double()
+    return {p: t.to(DEV) for p, t in parts.items()}, deq
+
+
+def cfg(bm: int, bn: int, bk: int, group_m: int = 2) -> dict:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "num_warps": 4, "num_stages": 1}
+
+
+# -- the packer --------------------------------------------------------------------------------------
+def test_pack_fp8_layout_and_round_trip():
+    w = rnd(3, 5, 96, seed=1).float()
+    w[0, 0, :32] = 0.0                                   # an all-zero group: scale 0, values 0
+    parts = moe.pack_fp8(w, 32)
+    assert parts["qweight"].shape == (3, 5, 96) and parts["qweight"].dtype == FP8
+    assert parts["scales"].shape == (3, 5, 3) and parts["scales"].dtype == torch.float32
+    assert float(parts["scales"][0, 0, 0]) == 0.0 and not parts["qweight"][0, 0, :32].float().any()
+    q = parts["qweight"].float()
+    assert q.abs().amax() <= 448 and torch.isfinite(q).all()
+    # every non-zero group uses the full e4m3 range: its largest value is +-448 exactly
+    assert torch.equal(q.reshape(3, 5, 3, 32).abs().amax(-1)[parts["scales"] > 0],
+                       torch.full_like(parts["scales"][parts["scales"] > 0], 448.0))
+    deq = moe.unpack_fp8(parts["qweight"], parts["scales"])
+    assert rel(deq, w) < 0.04                            # e4m3: 3 mantissa bits
+    again = moe.pack_fp8(deq, 32)                        # the dequantized weight packs to itself
+    assert torch.equal(again["qweight"].float(), q) and torch.allclose(again["scales"], parts["scales"])
+
+
+def test_pack_fp8_refuses_a_group_that_does_not_divide_k():
+    with pytest.raises(ValueError, match="does not divide K=48"):
+        moe.pack_fp8(torch.ones(2, 48), 32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 3), groups=st.integers(1, 3), group=st.sampled_from([16, 32]),
+       data=st.data())
+def test_pack_fp8_error_is_bounded_by_e4m3_rounding(rows, groups, group, data):
+    """|dequant - w| <= |w| / 16 (round to nearest with 3 mantissa bits) + scale / 1024 (half the smallest
+    subnormal step, for values below e4m3's normal range), plus float32 slack."""
+    values = st.one_of(st.just(0.0), st.floats(1e-6, 1e4), st.floats(-1e4, -1e-6))
+    flat = data.draw(st.lists(values, min_size=rows * groups * group, max_size=rows * groups * group))
+    w = torch.tensor(flat, dtype=torch.float32).reshape(rows, groups * group)
+    parts = moe.pack_fp8(w, group)
+    deq = moe.unpack_fp8(parts["qweight"], parts["scales"])
+    scale = parts["scales"].repeat_interleave(group, dim=-1)
+    bound = w.abs() / 16 + scale / 1024
+    assert ((deq - w).abs() <= bound * (1 + 1e-5) + 1e-30).all()
+    assert torch.equal(parts["scales"], w.reshape(rows, groups, group).abs().amax(-1) / 448)
+
+
+# -- the linear -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,n,k,group,block_k,bias,dtype", [
+    (1, 40, 96, 32, 32, True, torch.float16),        # decode row, step = group (scale after the dot), 3 groups
+    (1, 24, 128, 128, 64, False, torch.float32),     # step inside a group
+    (3, 33, 128, 64, 128, True, torch.float32),      # step = two groups (every value scaled before the dot)
+    (5, 17, 64, 32, 256, False, torch.float16),      # step past K (masked), several groups
+    (19, 24, 192, 64, 128, True, torch.float16),     # two M blocks, GROUP_M ordering, a K step past K
+])
+def test_linear_fp8_matches_float64(m, n, k, group, block_k, bias, dtype):
+    w, deq = packed((n, k), group, seed=m + n + k)
+    x = rnd(m, k, seed=1).to(dtype)
+    b = rnd(n, seed=2, scale=0.5).to(dtype) if bias else None
+    ref = x.double() @ deq.T + (b.double() if bias else 0)
+    y = matmul.linear_fp8(x.to(DEV), w["qweight"], w["scales"], None if b is None else b.to(DEV),
+                          cfg(16, 16, block_k), out_dtype=torch.float32)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    # within a group the fp8 values are exact in the activation dtype; across groups the scaled weight is
+    # rounded to it before the dot
+    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_linear_fp8_default_configs_and_leading_dims():
+    w, deq = packed((48, 256), 128, seed=7)
+    for shape in ((1, 1, 256), (2, 11, 256)):          # decode (M <= 16) and prefill default configs
+        x = rnd(*shape, seed=8).half()
+        y = matmul.linear_fp8(x.to(DEV), w["qweight"], w["scales"])
+        assert y.shape == (*shape[:-1], 48) and y.dtype == torch.float16
+        assert rel(y, x.double() @ deq.T) < 2e-3
+    out = torch.empty(3, 48, dtype=torch.float32, device=DEV)
+    x = rnd(3, 256, seed=9).float().to(DEV)
+    assert matmul.linear_fp8(x, w["qweight"], w["scales"], out=out).data_ptr() == out.data_ptr()
+    assert rel(out, x.double().cpu() @ deq.T) < 1e-5
+
+
+def test_linear_fp8_refuses_mismatched_parts():
+    w, _ = packed((16, 64), 32, seed=3)
+    with pytest.raises(ValueError, match="do not fit K=128"):
+        matmul.linear_fp8(torch.zeros(1, 128, device=DEV), w["qweight"], w["scales"])
+    with pytest.raises(ValueError, match="not float8_e4m3fn"):
+        matmul.linear_fp8(torch.zeros(1, 64, device=DEV), w["qweight"].view(torch.uint8), w["scales"])
+
+
+def test_fp8_configs_and_candidates():
+    dec, pre = matmul.default_config_fp8(1, 4096, 2048), matmul.default_config_fp8(2048, 4096, 2048)
+    assert dec["BLOCK_M"] == 16 and dec["GROUP_M"] == 1 and dec["BLOCK_K"] == 256
+    assert 4096 // dec["BLOCK_N"] >= matmul.NUM_SMS               # many programs, each streams its rows once
+    assert pre["BLOCK_M"] == 128 and pre["GROUP_M"] == 8
+    assert matmul.default_config_fp8(1, 64, 32)["BLOCK_K"] == 32
+    for m in (1, 16, 64, 2048):
+        cands = matmul.candidate_configs_fp8(m, 4096, 2048, max_shared=101376)
+        assert cands[0] == matmul.default_config_fp8(m, 4096, 2048) and len(cands) > 4
+        assert all(c not in cands[:i] for i, c in enumerate(cands))
+        assert all(c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] * 2 + c["BLOCK_N"] * c["BLOCK_K"]) <= 101376
+                   for c in cands)
+
+
+# -- fused MoE ---------------------------------------------------------------------------------------------
+def moe_ref(x, tw, ids, gate_up, down):
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    inter = down.shape[-1]
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            gu = gate_up[e].double() @ x[t].double()
+            y[t] += float(tw[t, j]) * (down[e].double() @ (torch.nn.functional.silu(gu[:inter]) * gu[inter:]))
+    return y
+
+
+@pytest.mark.parametrize("tokens,dtype,block_k,partial", [
+    (1, torch.float16, None, False),      # decode: the grouped GEMM (no gemv path for quantized experts)
+    (3, torch.float32, None, True),       # decode with experts held elsewhere (ids -1)
+    (9, torch.float16, 64, False),        # BLOCK_K past the group: cut to it
+    (11, torch.float32, 16, True),        # K steps of half a group
+])
+def test_fused_moe_fp8_matches_float64(tokens, dtype, block_k, partial):
+    e, k, h, inter, group = 5, 2, 64, 32, 32
+    pu, deq_u = packed((e, 2 * inter, h), group, seed=51)
+    pd, deq_d = packed((e, h, inter), group, seed=52)
+    x = rnd(tokens, h, seed=53).to(dtype).to(DEV)
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(tokens)]).to(torch.int32)
+    if partial:
+        ids[0, 0] = -1
+        ids[-1, 1:] = -1
+    tw = torch.rand(tokens, k, generator=g)
+    weights = {"gate_up.qweight": pu["qweight"], "gate_up.scales": pu["scales"],
+               "down.qweight": pd["qweight"], "down.scales": pd["scales"]}
+    config = None if block_k is None else {"BLOCK_M": 16, "BLOCK_N_UP": 16, "BLOCK_N_DOWN": 32,
+                                           "BLOCK_K": block_k, "num_warps": 4, "num_stages": 1}
+    y = moe.fused_moe(x, tw.to(DEV), ids.to(DEV), weights, e, inter, config=config, partial=partial)
+    assert y.shape == (tokens, h) and y.dtype == dtype
+    ref = moe_ref(x.cpu(), tw, ids, deq_u, deq_d)
+    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+    if not partial:                                         # and close to the unquantized experts
+        full = moe_ref(x.cpu(), tw, ids, rnd(e, 2 * inter, h, seed=51, scale=0.2), rnd(e, h, inter, seed=52,
+                                                                                         scale=0.2))
+        assert rel(y, full) < 0.06
+
+
+def test_fp8_moe_configs_walk_whole_groups():
+    cfg = moe.default_config(8, 2048, 768, 128)
+    assert cfg["BLOCK_K"] == 128 and "DECODE" not in cfg
+    cands = moe.candidate_configs(1, 8, 128, 2048, 768, 128)
+    assert cands[0] == cfg and all(c["BLOCK_K"] == 128 for c in cands)
+    assert math.isclose(moe.FP8_MAX, float(torch.finfo(FP8).max))

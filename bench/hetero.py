@@ -186,12 +186,9 @@ def cmd_plan(args) -> None:
 
 def _half_budget(folder: Path) -> int:
     from ktc.capture import capture
-    from ktc.passes.placement import DEFAULT_MAX_CONTEXT, GPU_RESERVE_BYTES, expert_gpu_bytes, gpu_model_bytes
-    from ktc.passes.placement import kv_cache_bytes as kv
+    from ktc.passes.placement import budget_for_expert_share
 
-    g = capture(folder, weights_free=True)
-    experts = sum(expert_gpu_bytes(n, "none") * int(n.attrs["num_experts"]) for n in g.nodes_of("moe_experts"))
-    return int(gpu_model_bytes(g, "none") - experts + kv(g, DEFAULT_MAX_CONTEXT) + GPU_RESERVE_BYTES + experts / 2)
+    return budget_for_expert_share(capture(folder, weights_free=True), 0.5)
 
 
 # -- run (GPU machine) ---------------------------------------------------------------------------

@@ -122,6 +122,16 @@ def kv_cache_bytes(graph: Graph, max_context: int, batch: int = 1) -> int:
     return per_token * max_context * batch
 
 
+def budget_for_expert_share(graph: Graph, share: float) -> int:
+    """A --gpu-memory (bytes) that holds the must-be-on-GPU part (bf16), the KV cache for the default
+    context, the reserve and `share` of the routed experts in bf16: how tests and benchmarks make
+    a plan with about that share of experts on the GPU (int8 CPU experts' stream buffer not counted)."""
+    experts = sum(expert_gpu_bytes(n, "none") * int(n.attrs["num_experts"]) for n in graph.nodes_of("moe_experts"))
+    context = min(DEFAULT_MAX_CONTEXT, int(graph.config.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT))
+    return int(gpu_model_bytes(graph, "none") - experts + kv_cache_bytes(graph, context) + GPU_RESERVE_BYTES
+               + experts * share)
+
+
 def layer_index(node: Node, fallback: int) -> int:
     m = _LAYER.search(node.name)
     return int(m.group(1)) if m else fallback

@@ -169,3 +169,12 @@ def test_pass_manager_runs_instruments_after_each_pass():
     seen = []
     PassManager([placement, quantization], [lambda name, g: seen.append(name)]).run(one_layer_moe(), PassContext())
     assert seen == ["input", "placement", "quantization"]
+
+
+def test_budget_for_expert_share_places_that_share_of_the_experts():
+    from ktc.passes.placement import budget_for_expert_share
+
+    g = one_layer_moe()
+    for share, want in ((0.0, 0), (0.5, E // 2), (1.0, E)):
+        out = placement(g, PassContext(target="cuda", quant="none", gpu_memory_bytes=budget_for_expert_share(g, share)))
+        assert out.config["placement"]["gpu_experts"] == want

@@ -63,14 +63,9 @@ def artifacts(tiny_models, tmp_path_factory):
 
 def _half_budget(folder) -> int:
     from ktc.capture import capture
-    from ktc.passes.placement import DEFAULT_MAX_CONTEXT, GPU_RESERVE_BYTES, expert_gpu_bytes, gpu_model_bytes
-    from ktc.passes.placement import kv_cache_bytes as kv
+    from ktc.passes.placement import budget_for_expert_share
 
-    g = capture(folder)
-    moe = g.nodes_of("moe_experts")
-    experts = sum(expert_gpu_bytes(n, "none") * int(n.attrs["num_experts"]) for n in moe)
-    ctx = min(DEFAULT_MAX_CONTEXT, int(g.config["max_position_embeddings"]))
-    return int(gpu_model_bytes(g, "none") - experts + kv(g, ctx) + GPU_RESERVE_BYTES + experts / 2)
+    return budget_for_expert_share(capture(folder), 0.5)
 
 
 def _executor(path, dtype):

@@ -14,6 +14,7 @@ if [ "${TESTS:-1}" = 1 ]; then
   # from /tmp/kp: `python -m` puts the working directory first on sys.path, and the repo's own ktc/ lacks codegen/
   (cd /tmp/kp && timeout 240 python3 -m pytest -q -x -p no:cacheprovider --import-mode=append -s \
     "$R/tests/codegen/gpu/test_kernels.py" "$R/tests/codegen/gpu/test_mla.py" "$R/tests/codegen/gpu/test_sampling.py" "$R/tests/codegen/gpu/test_matmul_w4a16.py" \
+    "$R/tests/codegen/gpu/test_fp8.py" \
     "$R/tests/runtime/gpu" -p no:logging; echo "pytest exit $?") 2>&1 \
     | grep -E "error|passed|failed|Error|agreeing|^E |exit" | tail -20
 fi

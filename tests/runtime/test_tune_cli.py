@@ -62,7 +62,9 @@ def test_tune_writes_records_reports_them_and_load_applies_them(artifact, capsys
 
 
 def test_cache_only_leaves_the_artifact_alone_and_load_uses_the_cache(artifact, capsys):
-    assert main(["tune", str(artifact), "--batch-sizes", "4", "--cache-only"]) == 0
+    # --no-validate: whether whole-step validation keeps a record depends on this host's timing noise,
+    # which is not what this test is about (validation has its own tests, with a fake bench)
+    assert main(["tune", str(artifact), "--batch-sizes", "4", "--cache-only", "--no-validate"]) == 0
     assert not (artifact / "tuning").exists()
     assert ktc.load(str(artifact)).tuning["applied"] == 1
     capsys.readouterr()

@@ -216,24 +216,34 @@ def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, b
     """y = x @ dequant(qweight, scales)^T (+ bias): qweight uint8 [N, K/2] and float32 scales [N, K/G] in
     moe.pack_w4a16's layout (G = K / scales.shape[1], a power of two >= 32). Config keys as linear's."""
     k = x.shape[-1]
-    n = qweight.shape[0]
     if qweight.shape[-1] * 2 != k or k % scales.shape[-1]:
         raise ValueError(f"w4a16 weight {tuple(qweight.shape)} / scales {tuple(scales.shape)} do not fit K={k}")
     group = k // scales.shape[-1]
     if group < 32 or group & (group - 1):
         raise ValueError(f"w4a16 group size {group} is not a power of two >= 32")
+    return _linear_grouped(matmul_w4a16_kernel, default_config_w4a16, x, qweight, scales, group, bias, config,
+                           out_dtype, out)
+
+
+def _linear_grouped(kernel, default, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int,
+                    bias: torch.Tensor | None, config: dict | None, out_dtype: torch.dtype | None,
+                    out: torch.Tensor | None) -> torch.Tensor:
+    """Launch a weight-only kernel (matmul_w4a16_kernel, matmul_fp8_kernel: the same arguments) on
+    x [.., K] and a packed [N, ..] weight with a scale per row and group; `default` picks the config."""
+    k = x.shape[-1]
+    n = qweight.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    cfg = config or default_config_w4a16(m, n, k)
+    cfg = config or default(m, n, k)
     if out is None:
         out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    matmul_w4a16_kernel[grid](x2, qweight, scales, scales if bias is None else bias, out, m, n, k, x2.stride(0),
-                              qweight.stride(0), scales.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                              GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                              GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    kernel[grid](x2, qweight, scales, scales if bias is None else bias, out, m, n, k, x2.stride(0),
+                 qweight.stride(0), scales.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                 GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                 GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.view(*x.shape[:-1], n)
 
 
@@ -260,19 +270,8 @@ def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
     group = k // scales.shape[-1]
     if group < 16 or group & (group - 1):
         raise ValueError(f"fp8 group size {group} is not a power of two >= 16")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    cfg = config or default_config_fp8(m, n, k)
-    if out is None:
-        out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    matmul_fp8_kernel[grid](x2, qweight, scales, scales if bias is None else bias, out, m, n, k, x2.stride(0),
-                            qweight.stride(0), scales.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                            GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                            GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out.view(*x.shape[:-1], n)
+    return _linear_grouped(matmul_fp8_kernel, default_config_fp8, x, qweight, scales, group, bias, config,
+                           out_dtype, out)
 
 
 def candidate_configs(m: int, n: int, k: int, max_shared: int = 232448, elem_bytes: int = 2) -> list[dict]:

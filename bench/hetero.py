@@ -549,19 +549,12 @@ def _hf_shape(key: str, cfg: dict) -> tuple[int, ...]:
 
 
 def correctness(plans: Path, results: dict, steps: int = 32) -> None:
-    from ktc.pack import checkpoint_producer, weight_units
+    from ktc.pack import checkpoint_producer, produce_weights
     from ktc.runtime.artifact import read_manifest
 
     def weights_for(plan: Path) -> dict:
         graph = read_manifest(plan).graph
-        produce = checkpoint_producer(graph, _DictCheckpoint(graph))
-        units, aliases = weight_units(graph)
-        out: dict = {}
-        for u in units:
-            out.update(produce(u))
-        for a, n in aliases.items():
-            out[a] = out[n]
-        return out
+        return produce_weights(graph, checkpoint_producer(graph, _DictCheckpoint(graph)))
 
     ids = torch.randint(0, QWEN3_30B_A3B["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(5))
     got = {}

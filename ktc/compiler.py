@@ -27,17 +27,6 @@ class CompileProgress(Protocol):
     def weight_done(self, name: str) -> None: ...
 
 
-class _Silent:
-    def phase(self, name: str) -> None:
-        pass
-
-    def weights_start(self, total: int) -> None:
-        pass
-
-    def weight_done(self, name: str) -> None:
-        pass
-
-
 @dataclass
 class CompileReport:
     output: str
@@ -126,12 +115,12 @@ def compile_model(
     from ktc.artifact import copy_tokenizer, staging_folder, write_manifest
     from ktc.checkpoint import Checkpoint, read_config
     from ktc.codegen.cpu_experts import build_cpu_kernels
-    from ktc.pack import checkpoint_producer, pending_weights, write_weights
+    from ktc.pack import SilentProgress, checkpoint_producer, pending_weights, write_weights
     from ktc.passes.kernel_selection import expert_kernel_spec
     from ktc.passes.manager import PassContext, PassManager
     from ktc.passes.pipeline import DEFAULT_PIPELINE
 
-    progress = progress or _Silent()
+    progress = progress or SilentProgress()
     start = time.perf_counter()
     phases: dict[str, float] = {}
     model_dir, output = Path(model_dir), Path(output)

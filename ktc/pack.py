@@ -426,7 +426,11 @@ def random_weights(graph: Graph, device: str | torch.device = "cpu", seed: int =
     model never passes through host memory); the others on the CPU. Content is tiled from one
     random block per dtype (see _RandomBlocks: it repeats every RANDOM_PERIOD elements), which
     is what makes tens of GB take seconds. Tied weights are the same tensor."""
-    produce = random_producer(graph, device, seed, std)
+    return produce_weights(graph, random_producer(graph, device, seed, std))
+
+
+def produce_weights(graph: Graph, produce: Producer) -> Weights:
+    """Every weight of the graph's layout from `produce`, unit by unit; tied names share a tensor."""
     units, aliases = weight_units(graph)
     out: Weights = {}
     for unit in units:
@@ -446,7 +450,9 @@ class PackReport:
     phases: dict[str, float] = field(default_factory=dict)
 
 
-class _Silent:
+class SilentProgress:
+    """A progress that reports nothing (compile_model and pack without one)."""
+
     def phase(self, name: str) -> None:
         pass
 
@@ -469,7 +475,7 @@ def pack(plan: str | Path, weights: str | Path | None = None, output: str | Path
     from ktc.artifact import copy_tokenizer, staging_folder, write_manifest
     from ktc.runtime.artifact import Manifest, read_manifest, verify_files
 
-    progress = progress or _Silent()
+    progress = progress or SilentProgress()
     start = time.perf_counter()
     phases: dict[str, float] = {}
     if weights is None and not random:

@@ -1,14 +1,26 @@
 """AMX tile instructions as TIR macros (LLVM intrinsics: TVM 0.27 has no AMX intrinsic).
 
 Shared by the two AMX prefill paths, codegen/tir_intdot.py (tdpbsud on int8) and
-codegen/tir_amx_bf16.py (tdpbf16ps on bf16). Each keeps its own emulated ("amx-emu") versions,
-whose semantics differ by data type. The macros take the emulation's register buffers
+codegen/tir_amx_bf16.py (tdpbf16ps on bf16). Each keeps its own emulated ("amx-emu") zero, load,
+product and store, whose semantics differ by data type; config and release are emu_config /
+emu_release here. The macros take the emulation's register buffers
 (treg, creg) too, unused here, so that both versions are called the same way.
 """
 
 from __future__ import annotations
 
 from tvm.script import tirx as T
+
+
+@T.macro
+def emu_config(cfg):
+    """The emulations' tile configuration: nothing to configure (cfg is written so it is used)."""
+    cfg[0] = T.uint8(1)
+
+
+@T.macro
+def emu_release():
+    T.evaluate(0)
 
 
 def tile_ops(product: str, shapes: list[tuple[int, int]]):

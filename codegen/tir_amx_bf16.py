@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from ktc.codegen.tir_amx import tile_ops
+from ktc.codegen.tir_amx import emu_config, emu_release, tile_ops
 
 NCOL = 16           # columns (pairs) per activation block
 RT = 16             # rows per weight tile
@@ -166,13 +166,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         tl_config, tl_release, tl_zero, tl_load, tl_dp, tl_store = tile_ops(
             "llvm.x86.tdpbf16ps", [(16, 64)] * 8)     # every tile: 16 rows x 64 bytes
     else:
-        @T.macro
-        def tl_config(cfg):
-            cfg[0] = T.uint8(1)
-
-        @T.macro
-        def tl_release():
-            T.evaluate(0)
+        tl_config, tl_release = emu_config, emu_release
 
         @T.macro
         def tl_zero(c, creg):

@@ -45,7 +45,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ktc.codegen.tir_amx import tile_ops
+from ktc.codegen.tir_amx import emu_config, emu_release, tile_ops
 
 NCOL = 16           # columns per activation block
 RT = 16             # rows per weight tile
@@ -163,13 +163,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         tl_config, tl_release, tl_zero, tl_load, tl_dp, tl_store = tile_ops(
             "llvm.x86.tdpbsud", [(16, 64)] * 4 + [(16, KT)] * 2 + [(KT // 4, 64)] * 2)
     else:
-        @T.macro
-        def tl_config(cfg):
-            cfg[0] = T.uint8(1)
-
-        @T.macro
-        def tl_release():
-            T.evaluate(0)
+        tl_config, tl_release = emu_config, emu_release
 
         @T.macro
         def tl_zero(c, creg):

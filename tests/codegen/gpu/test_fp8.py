@@ -21,6 +21,8 @@ from ktc.codegen.gpu import matmul, moe
 from .conftest import HAS_CUDA
 
 DEV = "cuda" if HAS_CUDA else "cpu"
+# float32 tl.dot is exact-ish in the interpreter and TF32 (~1e-3 relative) on a GPU
+DOT32 = 3e-3 if HAS_CUDA else 1e-5
 FP8 = torch.float8_e4m3fn
 
 
@@ -104,7 +106,7 @@ def test_linear_fp8_matches_float64(m, n, k, group, block_k, bias, dtype):
     assert y.shape == (m, n) and y.dtype == torch.float32
     # within a group the fp8 values are exact in the activation dtype; across groups the scaled weight is
     # rounded to it before the dot
-    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    assert rel(y, ref) < (DOT32 if dtype == torch.float32 else 2e-3)
 
 
 def test_linear_fp8_default_configs_and_leading_dims():
@@ -117,7 +119,7 @@ def test_linear_fp8_default_configs_and_leading_dims():
     out = torch.empty(3, 48, dtype=torch.float32, device=DEV)
     x = rnd(3, 256, seed=9).float().to(DEV)
     assert matmul.linear_fp8(x, w["qweight"], w["scales"], out=out).data_ptr() == out.data_ptr()
-    assert rel(out, x.double().cpu() @ deq.T) < 1e-5
+    assert rel(out, x.double().cpu() @ deq.T) < DOT32
 
 
 def test_linear_fp8_refuses_mismatched_parts():
@@ -180,7 +182,7 @@ def test_fused_moe_fp8_matches_float64(tokens, dtype, block_k, partial):
     y = moe.fused_moe(x, tw.to(DEV), ids.to(DEV), weights, e, inter, config=config, partial=partial)
     assert y.shape == (tokens, h) and y.dtype == dtype
     ref = moe_ref(x.cpu(), tw, ids, deq_u, deq_d)
-    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+    assert rel(y, ref) < (DOT32 if dtype == torch.float32 else 3e-3)
     if not partial:                                         # and close to the unquantized experts
         full = moe_ref(x.cpu(), tw, ids, rnd(e, 2 * inter, h, seed=51, scale=0.2), rnd(e, h, inter, seed=52,
                                                                                          scale=0.2))

@@ -17,6 +17,8 @@ from ktc.codegen.gpu import matmul, moe
 from .conftest import HAS_CUDA
 
 DEV = "cuda" if HAS_CUDA else "cpu"
+# float32 tl.dot is exact-ish in the interpreter and TF32 (~1e-3 relative) on a GPU
+DOT32 = 3e-3 if HAS_CUDA else 1e-5
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,7 +58,7 @@ def test_linear_w4a16_matches_float64(m, n, k, group, block_k, bias, dtype):
                             cfg(16, 16, block_k), out_dtype=torch.float32)
     assert y.shape == (m, n) and y.dtype == torch.float32
     # fp16: the dequantized weight is rounded to the activation dtype before the dot
-    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    assert rel(y, ref) < (DOT32 if dtype == torch.float32 else 2e-3)
 
 
 def test_linear_w4a16_default_configs_and_leading_dims():
@@ -69,7 +71,7 @@ def test_linear_w4a16_default_configs_and_leading_dims():
     out = torch.empty(3, 48, dtype=torch.float32, device=DEV)
     x = rnd(3, 256, seed=9).float().to(DEV)
     assert matmul.linear_w4a16(x, w["qweight"], w["scales"], out=out).data_ptr() == out.data_ptr()
-    assert rel(out, x.double().cpu() @ deq.T) < 1e-5
+    assert rel(out, x.double().cpu() @ deq.T) < DOT32
 
 
 def test_linear_w4a16_refuses_mismatched_parts():

@@ -134,7 +134,7 @@ def test_int4_linears_are_tunable(dense_int4):
     tunables = {t.table: t for n in g.nodes for t in node_tunables(g, n, kernels)}
     assert tunables["qkv"].kernel.startswith("matmul.linear_w4a16#") and tunables["qkv"].fmt == "w4a16-g64"
     assert tunables["o"].fmt == "w4a16-g128" and tunables["logits"].kernel.startswith("matmul.linear#")
-    tasks = [t for t in gpu_tasks(g, kernels, [1], device="cpu", dtype=torch.float32)
+    tasks = [t for t in gpu_tasks(g, kernels, [1], device="cuda" if HAS_CUDA else "cpu", dtype=torch.float32)
              if "linear_w4a16" in t.key.kernel]
     assert {t.key.shape for t in tasks} == {tunables["qkv"].shape, tunables["o"].shape}
     for task in tasks:

@@ -197,7 +197,7 @@ def test_fp8_linears_and_experts_are_tunable(fp8_compiled):
     assert tunables["qkv"].kernel.startswith("matmul.linear_fp8#") and tunables["qkv"].fmt == "fp8-g64"
     assert tunables["o"].fmt == "fp8-g128" and tunables["logits"].kernel.startswith("matmul.linear#")
     assert tunables["moe"].kernel.startswith("moe.fused_moe#") and tunables["moe"].fmt == "fp8-g32"
-    tasks = [t for t in gpu_tasks(g, kernels, [1], device="cpu", dtype=torch.float32)
+    tasks = [t for t in gpu_tasks(g, kernels, [1], device="cuda" if HAS_CUDA else "cpu", dtype=torch.float32)
              if "linear_fp8" in t.key.kernel or "fused_moe" in t.key.kernel]
     assert {t.key.shape for t in tasks} == {tunables[k].shape for k in ("qkv", "o", "moe")}
     for task in tasks:

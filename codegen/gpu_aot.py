@@ -77,13 +77,20 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
     add("activation", "add_kernel", _sig(dict(a_ptr="bf16", b_ptr="bf16", out_ptr="bf16"), ("n",),
                                          consts=dict(BLOCK=1024)))
     for m in (1, 2048):
-        cfg = matmul.default_config(m, hidden, hidden)
+        cfg = matmul.tile_config(m, hidden, hidden)
         consts = {k: v for k, v in cfg.items() if k.isupper()}
         for bias in (False, True):
             add("matmul", "matmul_kernel", _sig(dict(a_ptr="bf16", w_ptr="bf16", bias_ptr="bf16", c_ptr="bf16"),
                                                 ("M", "N", "K", "stride_am", "stride_wn", "stride_cm"),
                                                 consts=dict(HAS_BIAS=bias, **consts)),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    for rows, bias in ((1, False), (4, True)):      # decode linears (gemv_kernel), one and a few tokens
+        cfg = matmul.gemv_config(rows, hidden, hidden)
+        add("matmul", "gemv_kernel", _sig(dict(a_ptr="bf16", w_ptr="bf16", bias_ptr="bf16", c_ptr="bf16"),
+                                          ("M", "N", "K", "stride_am", "stride_wn", "stride_cm"),
+                                          consts=dict(HAS_BIAS=bias, ROWS=rows, BLOCK_N=cfg["BLOCK_N"],
+                                                      BLOCK_K=cfg["BLOCK_K"])),
+            num_warps=cfg["num_warps"])
     for m, bias in ((1, False), (2048, True)):     # --gpu-dense-quant int4 linears, decode and prefill configs
         cfg = matmul.default_config_w4a16(m, hidden, hidden)
         consts = {k: v for k, v in cfg.items() if k.isupper()}

@@ -5,6 +5,11 @@ Programs are ordered in GROUP_M bands of M blocks so that neighbours share weigh
 L2 (prefill); decode (M <= 16) uses narrow N blocks so that the N / BLOCK_N programs cover
 the multiprocessors while each streams its slice of the weight once.
 
+gemv_kernel is the product for a few rows (decode): no tensor-core tile (whose 16 rows would be
+mostly padding); each program streams a few weight rows once with wide loads, float32 products.
+default_config picks it up to GEMV_ROWS rows (a decode step's config; a bigger batch in the decode
+phase falls back to the tiles); `ktc tune` times it beside the tiles up to GEMV_MAX_ROWS.
+
 matmul_w4a16_kernel is the same product with a weight-only int4 weight (--gpu-dense-quant int4):
 symmetric, group-wise along K, in the layout of the GPU experts (moe.pack_w4a16): qweight uint8
 [N, K/2] where, in each group of G values, byte j holds value j in its low nibble and value
@@ -66,6 +71,31 @@ def matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, 
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def gemv_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+                HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same product for a few rows (decode, M <= ROWS): no tensor-core tile, whose 16 rows would
+    be 15 rows of padding. A program owns BLOCK_N weight rows and streams them once, BLOCK_K values a
+    step with wide loads; every activation row is multiplied against the step's tile in float32."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    w_rows = tl.where(nmask, offs_n, 0).to(tl.int64)
+    offs_m = tl.arange(0, ROWS)
+    a_rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < K
+        w = tl.load(w_ptr + w_rows[:, None] * stride_wn + kk[None, :], mask=kmask[None, :], other=0.0)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + kk[None, :], mask=kmask[None, :], other=0.0)
+        acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & nmask[None, :])
 
 
 @triton.jit
@@ -160,14 +190,34 @@ def matmul_fp8_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-KERNELS = {"matmul_kernel": matmul_kernel, "matmul_w4a16_kernel": matmul_w4a16_kernel,
+KERNELS = {"matmul_kernel": matmul_kernel, "gemv_kernel": gemv_kernel, "matmul_w4a16_kernel": matmul_w4a16_kernel,
            "matmul_fp8_kernel": matmul_fp8_kernel}
 
 NUM_SMS = 132   # H100 / H200; only used to pick block sizes, never for correctness
 
 
+GEMV_ROWS = 8       # products with at most this many rows default to gemv_kernel
+GEMV_MAX_ROWS = 8   # the most rows gemv_kernel takes (its float32 partial products grow with the rows)
+GEMV_REGS = 64      # float32 partial products a thread holds per K step (rows x BLOCK_N x BLOCK_K / threads)
+
+
+def gemv_config(m: int, n: int, k: int) -> dict:
+    """gemv_kernel's blocks: 4 weight rows a program (N / 4 programs: thousands), K steps of up to 2048
+    values (4 KB of every bf16 weight row in flight) shrinking with the rows; 8 warps for deep K or a
+    vocabulary-sized N. Chosen by an in-graph sweep on an H100 (bench/gpu_profile.py; BENCHMARKS.md)."""
+    rows = max(1, triton.next_power_of_2(m))
+    warps = 8 if k >= 4096 or n >= 65536 else 4
+    block_k = max(64, min(2048 // rows, triton.next_power_of_2(k)))
+    return {"GEMV": 1, "BLOCK_N": 4, "BLOCK_K": block_k, "num_warps": warps}
+
+
 def default_config(m: int, n: int, k: int) -> dict:
-    """Block sizes for an [m, k] x [n, k]^T product."""
+    """Block sizes for an [m, k] x [n, k]^T product: gemv_kernel's up to GEMV_ROWS rows, else tiles."""
+    return gemv_config(m, n, k) if m <= GEMV_ROWS else tile_config(m, n, k)
+
+
+def tile_config(m: int, n: int, k: int) -> dict:
+    """matmul_kernel's (and the weight-only kernels') tensor-core tiles for an [m, k] x [n, k]^T product."""
     if m <= 16:
         block_n = 64
         while block_n > 16 and triton.cdiv(n, block_n) < 2 * NUM_SMS:
@@ -190,6 +240,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, c
     cfg = config or default_config(m, n, k)
     if out is None:
         out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if cfg.get("GEMV") and m > GEMV_MAX_ROWS:
+        cfg = tile_config(m, n, k)      # a decode config (one token) serving a batch past what gemv takes
+    if cfg.get("GEMV"):
+        rows = max(1, triton.next_power_of_2(m))
+        block_k = cfg["BLOCK_K"]        # fewer K values a step for more rows: same registers a thread
+        while block_k > 64 and rows * cfg["BLOCK_N"] * block_k > GEMV_REGS * 32 * cfg["num_warps"]:
+            block_k //= 2
+        gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+            x2, w, w if bias is None else bias, out, m, n, k, x2.stride(0), w.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, ROWS=rows, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+            num_warps=cfg["num_warps"])
+        return out.view(*x.shape[:-1], n)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     matmul_kernel[grid](x2, w, w if bias is None else bias, out, m, n, k, x2.stride(0), w.stride(0), out.stride(0),
                         HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -203,7 +265,7 @@ def default_config_w4a16(m: int, n: int, k: int) -> dict:
     as the bf16 product's (narrow N blocks, so many programs each stream their rows once) with twice
     the K values per step (512: 256 bytes of every weight row, what bf16 reads with 128 values);
     prefill: the bf16 tiles. BLOCK_K is at least 32 (16 bytes, tl.dot's smallest K)."""
-    cfg = dict(default_config(m, n, k))
+    cfg = dict(tile_config(m, n, k))
     if m <= 16:
         cfg["BLOCK_K"] = min(512, max(32, triton.next_power_of_2(k)))
     cfg["BLOCK_K"] = max(32, cfg["BLOCK_K"])
@@ -250,7 +312,7 @@ def _linear_grouped(kernel, default, x: torch.Tensor, qweight: torch.Tensor, sca
 def default_config_fp8(m: int, n: int, k: int) -> dict:
     """Block sizes for an [m, k] x fp8 [n, k]^T product: the bf16 product's tiles (decode: narrow N
     blocks, 256 values = 256 bytes of every weight row a step; prefill: 128 x 128 x 64 tiles)."""
-    cfg = dict(default_config(m, n, k))
+    cfg = dict(tile_config(m, n, k))
     cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], triton.next_power_of_2(k)))
     return cfg
 
@@ -278,11 +340,23 @@ def candidate_configs(m: int, n: int, k: int, max_shared: int = 232448, elem_byt
     """Configs `ktc tune` times for an [m, k] x [n, k]^T product, default first. Tiles are at least 16
     (tl.dot), no larger than the problem rounded up to a power of two, and their pipelined A and W tiles
     fit `max_shared` bytes of shared memory (the device's opt-in limit; the default too, or it is left
-    out); M blocks of at least a quarter of the rows (up to 128), narrow N blocks with deep K for decode."""
+    out); M blocks of at least a quarter of the rows (up to 128), narrow N blocks with deep K for decode.
+    Up to GEMV_MAX_ROWS rows, gemv_kernel's blocks too (at most GEMV_REGS float32 partial products a
+    thread a step)."""
     def fits(cfg: dict) -> bool:
+        if cfg.get("GEMV"):
+            return True     # no shared memory
         return cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem_bytes <= max_shared
 
-    return _candidates(m, n, k, default_config(m, n, k), fits, (64, 128, 256, 512), (64, 128))
+    out = _candidates(m, n, k, default_config(m, n, k), fits, (64, 128, 256, 512), (64, 128))
+    if m <= GEMV_MAX_ROWS:
+        rows = max(1, triton.next_power_of_2(m))
+        out += [cfg for cfg in ({"GEMV": 1, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
+                                for bn in (4, 8, 16) for bk in (512, 1024, 2048) for warps in (4, 8)
+                                if bk <= max(64, triton.next_power_of_2(k))
+                                and rows * bn * bk <= GEMV_REGS * 32 * warps)
+                if cfg not in out]
+    return out
 
 
 def candidate_configs_w4a16(m: int, n: int, k: int, max_shared: int = 232448, elem_bytes: int = 2) -> list[dict]:

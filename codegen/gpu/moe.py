@@ -17,10 +17,11 @@ A token's K routing choices are K "slots" (slot s = token s // K). Three steps:
 
 Decode (at most GEMV_TOKENS tokens, dense weights) skips the alignment and the sum, two launches
 (config DECODE): "gemv" = moe_gemv_up (program = slot, N block: silu(gate) * up) and
-moe_gemv_down (program = token, N block: loops over the token's K experts in order and sums
+moe_gemv_down (program = token, N block: per K step, the token's K experts unrolled, sums
 weight * (down row . act) in float32 before one store); "dot" = the gate_up grouped GEMM on a
 constant alignment with one slot per M block (block_expert is topk_ids itself) and
-moe_down_sum, the same ordered sum on tensor cores; "mixed" (default) = that gate_up + moe_gemv_down.
+moe_down_sum, the same ordered sum on tensor cores; "mixed" = that gate_up + moe_gemv_down. "gemv" is
+the default (an in-graph sweep on an H100 measured it fastest at one token).
 Either way the weighted sum is folded into the down projection and stays deterministic (no
 atomics).
 
@@ -262,19 +263,17 @@ def moe_gemv_down_kernel(a_ptr, w_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K, y_strid
     wn = tl.where(nmask, offs_n, 0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    for j in range(0, TOP_K):
-        slot = t * TOP_K + j
-        expert = tl.load(ids_ptr + slot).to(tl.int64)
-        weight = tl.load(topk_w_ptr + slot)
-        w_base = w_ptr + expert * w_estride
-        part = tl.zeros((BLOCK_N,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            kmask = kk < K
-            av = tl.load(a_ptr + slot * K + kk, mask=kmask, other=0.0).to(tl.float32)[None, :]
-            w = tl.load(w_base + wn[:, None] * w_nstride + kk[None, :], mask=kmask[None, :], other=0.0)
-            part += tl.sum(w.to(tl.float32) * av, axis=1)
-        acc += weight * part
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < K
+        for j in tl.static_range(TOP_K):     # unrolled: the experts' weight tiles are loaded together
+            slot = t * TOP_K + j
+            expert = tl.load(ids_ptr + slot).to(tl.int64)
+            weight = tl.load(topk_w_ptr + slot)
+            av = tl.load(a_ptr + slot * K + kk, mask=kmask, other=0.0).to(tl.float32) * weight
+            w = tl.load(w_ptr + expert * w_estride + wn[:, None] * w_nstride + kk[None, :], mask=kmask[None, :],
+                        other=0.0)
+            acc += tl.sum(w.to(tl.float32) * av[None, :], axis=1)
     tl.store(y_ptr + t * y_stride + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
@@ -319,10 +318,11 @@ GEMV_TOKENS = 4          # dense steps with at most this many tokens take the tw
 
 def gemv_config(hidden: int, inter: int) -> dict:
     """Decode (few tokens): DECODE "dot" = the grouped gate_up GEMM on a fixed one-slot-per-block
-    alignment (no align launch) + moe_down_sum; "gemv" = moe_gemv_up + moe_gemv_down."""
-    return {"DECODE": "mixed", "DOWN_SUM_N": 16, "DOWN_SUM_K": 128, "down_sum_warps": 4, "down_sum_stages": 4,
-            "GEMV_N_UP": 16, "GEMV_K_UP": min(512, triton.next_power_of_2(hidden)), "GEMV_N_DOWN": 8,
-            "GEMV_K_DOWN": min(1024, triton.next_power_of_2(inter)), "gemv_warps": 8}
+    alignment (no align launch) + moe_down_sum; "gemv" = moe_gemv_up + moe_gemv_down. Default: gemv with
+    4 weight rows a program, the winner of an in-graph sweep on an H100 (bench/gpu_profile.py)."""
+    return {"DECODE": "gemv", "DOWN_SUM_N": 16, "DOWN_SUM_K": 128, "down_sum_warps": 4, "down_sum_stages": 4,
+            "GEMV_N_UP": 4, "GEMV_K_UP": min(2048, triton.next_power_of_2(hidden)), "GEMV_N_DOWN": 4,
+            "GEMV_K_DOWN": min(1024, triton.next_power_of_2(inter)), "gemv_warps": 4}
 
 
 def default_config(num_slots: int, hidden: int, inter: int, group_size: int | None = None) -> dict:
@@ -578,12 +578,12 @@ def candidate_configs(tokens: int, top_k: int, num_experts: int, hidden: int, in
           if bn <= cap(inter) and bk <= max(128, triton.next_power_of_2(hidden)) and fits(16, bn, bk, stages, True)
           and fits(16, base["BLOCK_N_DOWN"], bk, stages, False)]
     k_down = [k for k in (512, 1024) if k <= max(512, triton.next_power_of_2(inter))]
-    gemv_down = [{"GEMV_N_DOWN": n, "GEMV_K_DOWN": k} for n in (8, 16) for k in k_down]
+    gemv_down = [{"GEMV_N_DOWN": n, "GEMV_K_DOWN": k} for n in (4, 8) for k in k_down]
     down_sum = [{"DOWN_SUM_N": n, "DOWN_SUM_K": k, "down_sum_warps": 4, "down_sum_stages": s}
                 for n in (16, 32) for k in (128, 256) for s in (3, 4)
                 if k <= max(128, triton.next_power_of_2(inter)) and s * (16 * k + k * n) * 2 <= max_shared]
-    k_up = [k for k in (256, 512) if k <= max(256, triton.next_power_of_2(hidden))]
-    gemv_up = [{"GEMV_N_UP": n, "GEMV_K_UP": k} for n in (8, 16, 32) for k in k_up]
+    k_up = [k for k in (1024, 2048) if k <= max(1024, triton.next_power_of_2(hidden))]
+    gemv_up = [{"GEMV_N_UP": n, "GEMV_K_UP": k} for n in (4, 8) for k in k_up]
     for warps in (4, 8):
         for u in up:
             for d in gemv_down:

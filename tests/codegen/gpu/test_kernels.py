@@ -160,6 +160,38 @@ def test_router(attrs, has_bias):
     assert rel(w, ref_w) < 1e-5
 
 
+@pytest.mark.parametrize("e,attrs", [
+    (160, {"scoring": "softmax", "topk_method": "greedy", "top_k": 6, "norm_topk_prob": False}),
+    (160, {"scoring": "softmax", "topk_method": "group_limited_greedy", "top_k": 6, "n_group": 8, "topk_group": 3,
+           "routed_scaling_factor": 16.0}),
+])
+def test_router_past_128_experts(e, attrs):
+    """More than 128 (padded) experts take the repeated-argmax top-k instead of the one-tile ranking."""
+    logits = rnd(5, e, seed=22, scale=2.0)
+    w, ids = router.router_topk(logits, attrs)
+    ref_w, ref_ids = router_ref(logits, attrs)
+    assert ids.cpu().long().tolist() == ref_ids.tolist()
+    assert rel(w, ref_w) < 1e-5
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_router_ties_go_to_the_lower_id(fused):
+    """Equal scores: the lower expert id first, in both top-k forms (ranking and repeated argmax)."""
+    attrs = {"scoring": "softmax", "topk_method": "greedy", "top_k": 5, "norm_topk_prob": True}
+    for e in (24, 200):
+        logits = (rnd(4, e, seed=23) * 2).round() / 2          # a handful of distinct values: many ties
+        if fused:
+            w, ids = router.router_fused(logits, torch.eye(e, device=DEV), attrs, None,
+                                         {"ROWS": 4, "BLOCK_H": 32, "num_warps": 4})
+        else:
+            w, ids = router.router_topk(logits, attrs)
+        choice = logits.double().cpu().softmax(-1)
+        ref_ids = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :5]
+        assert ids.cpu().long().tolist() == ref_ids.tolist()
+        ref_w = choice.gather(1, ref_ids)
+        assert rel(w, ref_w / ref_w.sum(-1, keepdim=True)) < 1e-5
+
+
 @pytest.mark.parametrize("attrs,has_bias", [
     ({"scoring": "softmax", "topk_method": "greedy", "top_k": 3, "norm_topk_prob": True}, False),
     ({"scoring": "sigmoid", "topk_method": "noaux_tc", "top_k": 4, "n_group": 4, "topk_group": 2,

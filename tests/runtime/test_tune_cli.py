@@ -56,7 +56,7 @@ def test_tune_writes_records_reports_them_and_load_applies_them(artifact, capsys
     assert model.tuning["records"] == 2 and model.tuning["applied"] == 1 and model.tuning["notes"] == []
     name = model.cpu_kernels.kernel_names[0]
     threads = model.cpu_kernels._tuned_threads[name]
-    assert set(threads) == {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048}
+    assert set(threads) == {1, 2, 4}      # the tuned buckets and those one octave away; the rest: defaults
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3)
     assert out.shape == (1, 6)
 

@@ -69,7 +69,8 @@ def test_fastest_candidate_wins_and_speedup_is_against_the_default():
         r.status = "kept"
     assert recs.lookup("matmul", (64, 128), "bfloat16", 1) == {"block": 64}
     assert recs.lookup("matmul", (64, 128), "bfloat16", 50) == {"block": 32}    # bucket 64
-    assert recs.lookup("matmul", (64, 128), "bfloat16", 3) == {"block": 64}     # bucket 4: nearest is 1
+    assert recs.lookup("matmul", (64, 128), "bfloat16", 2) == {"block": 64}     # bucket 2: nearest is 1
+    assert recs.lookup("matmul", (64, 128), "bfloat16", 3) is None     # bucket 4: two octaves away, the default
     assert recs.lookup("matmul", (1, 1), "bfloat16", 1) is None
 
 
@@ -200,12 +201,14 @@ def test_artifact_records_of_another_host_are_ignored_with_a_note(tmp_path, monk
 
 def test_buckets_nearest_and_tables():
     assert [batch_bucket(n) for n in (1, 2, 3, 100, 5000)] == [1, 2, 4, 128, 2048]
-    assert nearest_bucket([1, 64], 3) == 1 and nearest_bucket([1, 64], 20) == 64
+    assert nearest_bucket([1, 64], 2) == 1 and nearest_bucket([1, 64], 20) == 64
+    assert nearest_bucket([1, 64], 3) is None                      # bucket 4: two octaves from 1, the default
     assert nearest_bucket([2, 8], 4) == 2                          # a tie in log2 distance: the smaller
     assert nearest_bucket([1, 2], 2048, split=16) is None          # no prefill bucket tuned: the default
-    assert nearest_bucket([1, 2048], 512, split=16) == 2048
+    assert nearest_bucket([1, 2048], 1024, split=16) == 2048
+    assert nearest_bucket([1, 2048], 256, split=16) is None        # 2048's records are not 256's
     table = bucket_table({1: "a", 2048: "z"}, split=16)
-    assert [table.get(b) for b in BATCH_BUCKETS] == ["a"] * 5 + ["z"] * 7
+    assert [table.get(b) for b in BATCH_BUCKETS] == ["a"] * 2 + [None] * 8 + ["z"] * 2
     assert bucket_order([1, 2, 4, 2048, 64]) == [1, 2048, 2, 4, 64]
     key = host_key(gpu=False)
     assert set(key) == {"cpu", "cpu_features", "gpu"} and key["gpu"] == ""
@@ -244,10 +247,11 @@ def test_cfg_picks_the_tuned_config_of_the_nearest_bucket_else_the_phase_default
     node.attrs["gpu_tuned"] = {"linear": bucket_table({1: tuned1, 64: tuned64}, 16),
                                "attention.decode": bucket_table({1: {"d": 1}}, 16)}
     assert _cfg(node, _ctx(1, 1), "linear") is tuned1
-    assert _cfg(node, _ctx(4, 1), "linear") is tuned1              # bucket 4: nearest tuned is 1
+    assert _cfg(node, _ctx(2, 1), "linear") is tuned1              # bucket 2: nearest tuned is 1
+    assert _cfg(node, _ctx(4, 1), "linear") is dec                 # bucket 4: two octaves from 1, the default
     assert _cfg(node, _ctx(2, 50), "linear") is tuned64            # bucket 128: nearest is 64
-    assert _cfg(node, _ctx(1, 2048), "linear") is tuned64
-    assert _cfg(node, _ctx(3, 1), "attention") == {"d": 1}         # decode kernel (seq 1): its table
+    assert _cfg(node, _ctx(1, 2048), "linear") is pre              # 64 is five octaves away: the default
+    assert _cfg(node, _ctx(2, 1), "attention") == {"d": 1}         # decode kernel (seq 1): its table
     assert _cfg(node, _ctx(1, 4), "attention") == {"a": 1}         # prefill kernel, not tuned: the default
     assert _cfg(node, _ctx(1, 64), "attention", phase="prefill") == {"a": 2}
     node.attrs["gpu_tuned"] = {"linear": bucket_table({1: tuned1}, 16)}
@@ -613,7 +617,8 @@ def test_model_bench_times_the_tiny_cpu_model_with_and_without_records(compiled,
     tuned = bench.variant(TuningRecords(HOST, {k: replace(r, status="kept") for k, r in recs.records.items()}))
     untuned = bench.variant(None)
     bench._switch(tuned)
-    assert kernels._tuned_threads[name][1] == 1 and kernels._tuned_threads[name][2048] == 1
+    assert kernels._tuned_threads[name][1] == 1 and kernels._tuned_threads[name][32] == 1
+    assert 2048 not in kernels._tuned_threads[name]          # six octaves from 32: the default
     bench._switch(untuned)
     assert name not in kernels._tuned_threads
     out = validate(recs, bench, "tiny")

@@ -1,11 +1,13 @@
 """Where a decode step's GPU time goes, and what a decode-kernel choice does to the whole step.
 
-    python bench/gpu_profile.py [--layers 16] [--context 1024] [--variants base gemv] [--out DIR]
+    python bench/gpu_profile.py [--layers 16] [--context 1024] [--variants compiled swept] [--out DIR]
+    python bench/gpu_profile.py --model deepseek-v2-lite --variants compiled     (MLA: per-kernel table only)
 
 The model is bench/gpu_decode.py's (Qwen3-30B-A3B dims, transformers' random bf16 init on the GPU,
-ktc running on the same tensors, everything on the GPU). For each variant (a setting of the loaded
-kernel modules: see VARIANTS) the script re-captures the decode graph and measures, after a
-`--context`-token prompt:
+ktc running on the same tensors, everything on the GPU), or with --model deepseek-v2-lite that shape
+(MLA, 2 shared + 64 routed experts; bench/hetero.py's config) on ktc.pack.random_weights made on the
+GPU. For each variant (VARIANTS: the compiled decode configs, or those winning this run's in-graph
+sweep) the script re-captures the decode graph and measures, after a `--context`-token prompt:
   - the CUDA-graph step (median of 7 blocks of `--steps` replays, CUDA events), interleaving the
     variants round by round so that clock drift hits all of them alike;
   - the GPU time of every kernel in one step (torch.profiler / CUPTI over `--steps` eager steps:
@@ -164,6 +166,7 @@ def kernel_times(step, steps: int) -> dict[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=("qwen3-30b-a3b", "deepseek-v2-lite"), default="qwen3-30b-a3b")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20)
@@ -172,19 +175,30 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
 
-    cfg = dict(QWEN3_30B_A3B, num_hidden_layers=args.layers)
     t0 = time.perf_counter()
-    graph = compiled_graph(cfg)
-    model = hf_model(cfg, seed=2)
-    m = ktc_model(graph, shared_weights(graph, model))
+    if args.model == "deepseek-v2-lite":
+        from hetero import DEEPSEEK_V2_LITE
+
+        from ktc.pack import random_weights
+
+        cfg = dict(DEEPSEEK_V2_LITE, num_hidden_layers=args.layers)
+        graph = compiled_graph(cfg)
+        m = ktc_model(graph, random_weights(graph, device=DEV))
+        if "swept" in args.variants:
+            raise SystemExit("the sweep is of the Qwen3-30B-A3B shape's launches: use --variants compiled")
+    else:
+        cfg = dict(QWEN3_30B_A3B, num_hidden_layers=args.layers)
+        graph = compiled_graph(cfg)
+        m = ktc_model(graph, shared_weights(graph, hf_model(cfg, seed=2)))
     k = m.executor.kernels
     g = m.executor.graph
     compiled = {n.name: dict(n.attrs["gpu_config"]["decode"]) for n in g.nodes if "gpu_config" in n.attrs}
     log(f"built {args.layers}-layer model in {time.perf_counter() - t0:.0f}s")
     prompt = torch.randint(0, cfg["vocab_size"], (1, args.context))
-    res: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "layers": args.layers,
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "model": args.model,
+                 "layers": args.layers,
                  "context": args.context, "command": " ".join(sys.argv), "variants": {}}
-    out = Path(args.out) / "gpu_profile.json"
+    out = Path(args.out) / f"gpu_profile_{args.model}.json"
     best = sweep(k, res) if "swept" in args.variants else {}
     out.write_text(json.dumps(res, indent=1))
     reserve = args.steps * (args.rounds + 4) * 2 + 16

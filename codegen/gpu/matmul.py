@@ -203,10 +203,10 @@ GEMV_REGS = 64      # float32 partial products a thread holds per K step (rows x
 
 def gemv_config(m: int, n: int, k: int) -> dict:
     """gemv_kernel's blocks: 4 weight rows a program (N / 4 programs: thousands), K steps of up to 2048
-    values (4 KB of every bf16 weight row in flight) shrinking with the rows; 8 warps for deep K or a
-    vocabulary-sized N. Chosen by an in-graph sweep on an H100 (bench/gpu_profile.py; BENCHMARKS.md)."""
+    values (4 KB of every bf16 weight row in flight) shrinking with the rows; 8 warps for deep K (two
+    steps). Chosen by in-graph sweeps on an H100 and an H200 (bench/gpu_profile.py; BENCHMARKS.md)."""
     rows = max(1, triton.next_power_of_2(m))
-    warps = 8 if k >= 4096 or n >= 65536 else 4
+    warps = 8 if k >= 4096 else 4
     block_k = max(64, min(2048 // rows, triton.next_power_of_2(k)))
     return {"GEMV": 1, "BLOCK_N": 4, "BLOCK_K": block_k, "num_warps": warps}
 

@@ -72,8 +72,18 @@ def load_cpu_kernels(manifest: Manifest) -> Any:
 
 def node_weights(manifest: Manifest, node: Node) -> dict[str, torch.Tensor]:
     """The packed gate_up / down weights of one moe_experts node as the kernel takes them
-    ({"gate_up.<part>": t, "down.<part>": t}), read from the artifact's shards."""
+    ({"gate_up.<part>": t, "down.<part>": t}), read from the artifact's shards; random ones in the
+    same layout for a weights-free plan (a kernel's time does not depend on the values, which is
+    also why tune validation runs such a plan on random weights)."""
     from safetensors import safe_open
+
+    if manifest.data["weights"].get("state") == "pending":
+        from ktc.pack import random_producer, weight_units
+
+        units, _ = weight_units(manifest.graph)
+        unit = next(u for u in units if u.kind == "cpu_experts" and node.weights["gate_up"] in u.names)
+        made = random_producer(manifest.graph)(unit)
+        return {f"{role}.{part}": t for role in ("gate_up", "down") for part, t in made[node.weights[role]].items()}
 
     aliases = manifest.data["weights"].get("aliases", {})
     wanted = {aliases.get(node.weights[r], node.weights[r]): r for r in ("gate_up", "down")}

@@ -244,10 +244,10 @@ def tune_cmd(
             groups.append(("GPU", gpu_tasks(manifest.graph, _gpu_kernels(manifest), buckets), cuda_event_timer()))
         else:
             err.print("[yellow]note:[/] this host has no CUDA GPU: the GPU kernels are not tuned")
-    if manifest.cpu and manifest.data["weights"].get("state") == "pending":
-        err.print("[yellow]note:[/] a weights-free plan: the CPU expert kernels are timed on their weights, so they "
-                  "are not tuned until `ktc pack` has written them", soft_wrap=True)
-    elif manifest.cpu:
+    if manifest.cpu:
+        if manifest.data["weights"].get("state") == "pending":
+            err.print("[yellow]note:[/] a weights-free plan: the CPU expert kernels are timed on random weights "
+                      "(their time does not depend on the values)", soft_wrap=True)
         from ktc.runtime.cpu_tune import cpu_tasks, load_cpu_kernels, wall_timer
 
         groups.append(("CPU", cpu_tasks(manifest, load_cpu_kernels(manifest), buckets=buckets), wall_timer()))

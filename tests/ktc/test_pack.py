@@ -383,3 +383,26 @@ def test_random_weights_put_gpu_weights_on_the_gpu(plans):
         for part, x in (t.items() if isinstance(t, dict) else [(None, t)]):
             assert x.device.type == want, (name, part)
             assert torch.equal(x.cpu(), ref[part] if part else ref), (name, part)
+
+
+def test_tune_times_a_weights_free_plans_cpu_kernels_on_random_weights(plans, tmp_path, monkeypatch, capsys):
+    """A plan with no weights yet is tunable: the CPU expert kernels run on random weights in the packed
+    layout (their time does not depend on the values), as tune validation runs such a plan."""
+    from ktc.cli import main
+    from ktc.runtime.artifact import read_manifest
+    from ktc.runtime.cpu_tune import node_weights
+    from ktc.runtime.tuning import TuningRecords, artifact_records_path, host_key
+
+    monkeypatch.setenv("KTC_CACHE_DIR", str(tmp_path / "cache"))
+    plan = tmp_path / "free.ktc"
+    shutil.copytree(plans["cpu"]["free"], plan)
+    m = read_manifest(plan)
+    node = next(n for n in m.graph.nodes_of("moe_experts") if n.device == "cpu")
+    normal = read_manifest(plans["cpu"]["normal"])
+    real = node_weights(normal, next(n for n in normal.graph.nodes_of("moe_experts") if n.name == node.name))
+    made = node_weights(m, node)
+    assert {k: (v.shape, v.dtype) for k, v in made.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
+    assert main(["tune", str(plan), "--budget", "20s", "--batch-sizes", "1", "--no-validate"]) == 0
+    assert "timed on random weights" in capsys.readouterr().err
+    recs, why = TuningRecords.load(artifact_records_path(plan, host_key()), host_key())
+    assert why is None and any(k.startswith("cpu.moe_experts_") for k in recs.records)

@@ -32,10 +32,12 @@ Regime "decode-1-cold" (only when named in --regimes; ours only): the fixed cost
 single-token call and how the thread count moves it, old decode path against new in one run.
 `build` also builds the x86-amx kernels with the other single-token paths of
 tir_experts.KernelConfig.decode ("phased": the path every T took before, "regions": the new
-one as two parallel regions) into DIR/x86-amx_phased, DIR/x86-amx_regions. `run` then
-loads --cold-target's three builds, packs the layer once and clones it into --cold-layers
+one as two parallel regions) into DIR/x86-amx_phased, DIR/x86-amx_regions, and with
+`--decode-paths dr1 dr4 pf1 pf4` the fused path with 1 / 4 row pairs per micro-kernel call or a
+software prefetch 1 / 4 row groups ahead (ALT_DECODE). `run` then loads --cold-target's builds
+(the plain one and each alternative built), packs the layer once and clones it into --cold-layers
 separately allocated layers, and calls T=1 with a new routing every call, rotating over the
-layers (48 x ~0.6 GB: nothing stays in L3), the three builds round-robin. Cases: "gpu-mask"
+layers (48 x ~0.6 GB: nothing stays in L3), the builds round-robin. Cases: "gpu-mask"
 (top-K of E; the ids of a fixed 3/8 of the experts, the ones a hybrid run keeps on the GPU,
 set to -1: ~5 of 8 active), "all-cpu" (every id valid) and "none" (every id -1: the fixed
 cost). For each of --cold-threads (a fresh host thread per count: TVM's pool is per host
@@ -68,7 +70,13 @@ TARGETS = ("x86-amx", "x86-avx512")
 # x86-amx built with the other int8/int4 prefill paths (tir_experts.KernelConfig.prefill)
 PREFILL_BUILDS = ("x86-amx+bf16", "x86-amx+bf16x1")
 BUILDS = TARGETS + PREFILL_BUILDS
-ALT_DECODE = ("phased", "regions")   # tir_experts.KernelConfig.decode besides the default "fused"
+# other single-token builds of x86-amx (tir_experts.KernelConfig fields over the target's): decode paths
+# besides the default "fused", and the fused path with 1 or 4 gate/up row pairs per micro-kernel call
+# instead of 2 (more rows: more weight streams in flight per core), or prefetching the rows 1 / 4 row
+# groups ahead
+ALT_DECODE = {"phased": {"decode": "phased"}, "regions": {"decode": "regions"},
+              "dr1": {"decode_rows": 1}, "dr4": {"decode_rows": 4, "tile_rows": 8},
+              "pf1": {"decode_prefetch": 1}, "pf4": {"decode_prefetch": 4}}
 COLD_CASES = ("gpu-mask", "all-cpu", "none")
 
 
@@ -106,14 +114,14 @@ def cmd_build(args) -> None:
     specs = [ExpertKernelSpec(H, I, E, K, fmt, g) for (H, I, E, K) in SHAPES.values() for _, fmt, g in OURS]  # noqa: E741
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(t, None) for t in TARGETS] + [(t, d) for t in args.decode_targets for d in args.decode_paths]
+    jobs = [(t, None) for t in args.targets] + [(t, d) for t in args.decode_targets for d in args.decode_paths]
     jobs += [(b, None) for b in args.prefill_builds]
 
     def one(job):
         t, decode = job
         key = t if decode is None else alt_key(t, decode)
         t, _, prefill = t.partition("+")
-        config = None if decode is None else dict(kernel_config(get(t)), decode=decode)
+        config = None if decode is None else dict(kernel_config(get(t)), **ALT_DECODE[decode])
         if prefill:     # only that path (the plain x86-amx build holds the int path and "bf16" as a variant)
             config = dict(kernel_config(get(t)), prefill=prefill, prefill_variants=[])
         t0 = time.time()
@@ -372,7 +380,7 @@ def measure_cold(args) -> list[dict]:
         print("decode-1-cold: no target with alternative decode builds runs here (bench build --decode-targets)")
         return []
     print(f"decode-1-cold on {target}: builds {', '.join(builds)}", flush=True)
-    builds = dict(sorted(builds.items(), key=lambda kv: ["phased", "regions", "fused"].index(kv[0])))
+    builds = dict(sorted(builds.items(), key=lambda kv: [*ALT_DECODE, "fused"].index(kv[0])))
     rows = []
     for sname in args.shapes:
         H, I, E, K = SHAPES[sname]  # noqa: E741
@@ -581,7 +589,8 @@ def main(argv=None) -> None:
     b.add_argument("--out", required=True)
     b.add_argument("--decode-targets", nargs="*", default=["x86-amx"], choices=TARGETS,
                    help="targets also built with the other single-token decode paths (for decode-1-cold)")
-    b.add_argument("--decode-paths", nargs="*", default=list(ALT_DECODE), choices=ALT_DECODE)
+    b.add_argument("--decode-paths", nargs="*", default=["phased", "regions"], choices=list(ALT_DECODE))
+    b.add_argument("--targets", nargs="*", default=list(TARGETS), choices=TARGETS, help="plain builds to make")
     b.add_argument("--prefill-builds", nargs="*", default=list(PREFILL_BUILDS), choices=PREFILL_BUILDS,
                    help="x86-amx also built with these int8/int4 prefill paths (AMX-BF16 tiles)")
     r = sub.add_parser("run")

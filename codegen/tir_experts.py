@@ -114,6 +114,9 @@ class KernelConfig:
     # the path of every other T (sort, gate/up, h quantization, down, weighted sum): what the
     # benchmark compares the others with
     decode: str = "fused"
+    # row groups ahead whose weight rows the VNNI single-token micro-kernel prefetches (prefetcht0,
+    # same column: one 64-byte line a row per line it loads); 0: none, the hardware prefetchers only
+    decode_prefetch: int = 0
     # int8/int4 prefill on the vnni / amx variants: "int" integer dot products on quantized
     # activations (tir_intdot), "bf16" AMX-BF16 tiles on dequantized weights (amx only) with
     # activations as precise as the format needs (int8: two bf16 terms, keeping it within 1e-2 at
@@ -128,6 +131,8 @@ class KernelConfig:
             raise ValueError(f"unknown prefill path {self.prefill!r}; expected one of {PREFILL_PATHS}")
         if self.prefill.startswith("bf16") and self.variant not in ("amx", "amx-emu"):
             raise ValueError("the bf16 prefill paths need the amx (or amx-emu) variant")
+        if self.decode_prefetch < 0:
+            raise ValueError("decode_prefetch must be >= 0")
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"unknown decode path {self.decode!r}; expected one of {DECODE_PATHS}")
         if KS % self.vl or 16 % self.vl or self.vl < 4:
@@ -355,6 +360,7 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
     I8D = fmt == "int8"
     L_D = 2 if I8D else 1
     VB = 64 if I8D else 128                 # values per 64-byte weight vector
+    PFU = cfg.decode_prefetch
     FU = max(G, VB)
     DVNNI = (quant and cfg.variant != "fma" and VL == 16 and (I8D or G >= 64)
              and (G % VB == 0 or 2 * G == VB))
@@ -413,6 +419,15 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                 for v in T.vectorized(16):
                     ci[a * 16 + v] = 0
             for kc in T.unroll(FU // VB):
+                if PFU > 0:
+                    for rr in T.unroll(nrr):
+                        for r in T.unroll(nr):
+                            T.evaluate(T.call_llvm_intrin(
+                                "void", "llvm.prefetch.p0", T.address_of(wqf[
+                                    (e64 * T.int64(NROWS) + cast64(rr * stride + base + r + nr * PFU))
+                                    * T.int64(KD if I8D else KD // 2)
+                                    + cast64((u * FU + kc * VB) if I8D else (u * FU + kc * VB) // 2)]),
+                                T.int32(0), T.int32(3), T.int32(1)))
                 if I8D:
                     a1 = T.Bind(tirx.BufferLoad(act, [tirx.Ramp(cast64(aoff + u * FU + kc * 64), T.int64(1), 64)]))
                     a2 = T.Bind(tirx.BufferLoad(act, [tirx.Ramp(

@@ -127,6 +127,8 @@ def test_build_contains_the_targets_instructions(all_builds, name):
         assert "zmm" in text                     # 512-bit vectors
     if name == "x86-avx512":
         assert "vpdpbusd" in text                # int8/int4 prefill: VNNI dot products
+    if name != "x86-avx2":                       # the VNNI single-token micro-kernel prefetches its rows
+        assert entry["config"]["decode_prefetch"] == 1 and "prefetcht0" in text
     if name == "x86-amx":                        # int8/int4 prefill: AMX tiles, integer and bf16 paths
         for m in ("ldtilecfg", "tileloadd", "tdpbsud", "tilestored", "tilerelease", "tdpbf16ps", "vcvtne2ps2bf16"):
             assert m in text, m

@@ -124,6 +124,30 @@ def sweep(k, res: dict) -> dict:
     return best
 
 
+def rows_sweep(rows_list: list[int], res: dict) -> None:
+    """The default gemv config against the tensor-core tile config (the choice matmul.default_config
+    makes at GEMV_ROWS) for the qkv / o projections at a few decode rows, in a graph."""
+    from ktc.codegen.gpu import SOURCE_DIR
+    from ktc.runtime.gpu.kernels import load_kernels
+
+    k = load_kernels(SOURCE_DIR)
+    bf = torch.bfloat16
+    out = []
+    for name, n, kk in (("qkv", 5120, 2048), ("o", 2048, 4096)):
+        ws = [torch.randn(n, kk, dtype=bf, device=DEV) * 0.02 for _ in range(4)]
+        for m in rows_list:
+            xs = [torch.randn(m, kk, dtype=bf, device=DEV) for _ in range(8)]
+            outs = [torch.empty(m, n, dtype=bf, device=DEV) for _ in range(8)]
+            row = {"launch": name, "rows": m}
+            for label, cfg in (("tile", k.matmul.tile_config(m, n, kk)), ("gemv", k.matmul.gemv_config(m, n, kk))):
+                row[label] = graph_us([lambda x=xs[i], w=ws[i % 4], o=outs[i], cfg=cfg: k.matmul.linear(
+                    x, w, None, cfg, out=o) for i in range(8)])
+            out.append(row)
+            log(f"{name} rows={m}: tile {row['tile']:.2f} us, gemv {row['gemv']:.2f} us "
+                f"(gemv/tile {row['gemv'] / row['tile']:.2f})")
+    res["rows_sweep"] = out
+
+
 def apply(graph, variant: str, compiled: dict, best: dict) -> None:
     """Set every node's decode configs to the compiled ones, or to the sweep's winners."""
     for node in graph.nodes:
@@ -173,7 +197,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--rows-sweep", type=int, nargs="*", default=None,
+                   help="only compare the gemv and tile linears at these decode row counts")
     args = p.parse_args()
+    if args.rows_sweep:
+        res: dict = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name()}
+        rows_sweep(args.rows_sweep, res)
+        (Path(args.out) / "gpu_rows_sweep.json").write_text(json.dumps(res, indent=1))
+        return
 
     t0 = time.perf_counter()
     if args.model == "deepseek-v2-lite":

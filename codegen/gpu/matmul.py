@@ -7,8 +7,10 @@ the multiprocessors while each streams its slice of the weight once.
 
 gemv_kernel is the product for a few rows (decode): no tensor-core tile (whose 16 rows would be
 mostly padding); each program streams a few weight rows once with wide loads, float32 products.
-default_config picks it up to GEMV_ROWS rows (a decode step's config; a bigger batch in the decode
-phase falls back to the tiles); `ktc tune` times it beside the tiles up to GEMV_MAX_ROWS.
+It serves at most GEMV_ROWS rows: default_config picks it there, `ktc tune` times it beside the
+tiles there, and a gemv config meeting more rows (a decode-phase config at a bigger batch) runs the
+tiles instead. On an H100 (qkv / o projections, in a graph) it takes 0.63 / 0.58 of the tile
+kernel's time at one row and 0.74 / 0.77 at two, but 1.4-1.8x at four and 4-6x at eight.
 
 matmul_w4a16_kernel is the same product with a weight-only int4 weight (--gpu-dense-quant int4):
 symmetric, group-wise along K, in the layout of the GPU experts (moe.pack_w4a16): qweight uint8
@@ -196,8 +198,7 @@ KERNELS = {"matmul_kernel": matmul_kernel, "gemv_kernel": gemv_kernel, "matmul_w
 NUM_SMS = 132   # H100 / H200; only used to pick block sizes, never for correctness
 
 
-GEMV_ROWS = 8       # products with at most this many rows default to gemv_kernel
-GEMV_MAX_ROWS = 8   # the most rows gemv_kernel takes (its float32 partial products grow with the rows)
+GEMV_ROWS = 2       # the most rows gemv_kernel serves (see the module docstring)
 GEMV_REGS = 64      # float32 partial products a thread holds per K step (rows x BLOCK_N x BLOCK_K / threads)
 
 
@@ -240,7 +241,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, c
     cfg = config or default_config(m, n, k)
     if out is None:
         out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
-    if cfg.get("GEMV") and m > GEMV_MAX_ROWS:
+    if cfg.get("GEMV") and m > GEMV_ROWS:
         cfg = tile_config(m, n, k)      # a decode config (one token) serving a batch past what gemv takes
     if cfg.get("GEMV"):
         rows = max(1, triton.next_power_of_2(m))
@@ -341,7 +342,7 @@ def candidate_configs(m: int, n: int, k: int, max_shared: int = 232448, elem_byt
     (tl.dot), no larger than the problem rounded up to a power of two, and their pipelined A and W tiles
     fit `max_shared` bytes of shared memory (the device's opt-in limit; the default too, or it is left
     out); M blocks of at least a quarter of the rows (up to 128), narrow N blocks with deep K for decode.
-    Up to GEMV_MAX_ROWS rows, gemv_kernel's blocks too (at most GEMV_REGS float32 partial products a
+    Up to GEMV_ROWS rows, gemv_kernel's blocks too (at most GEMV_REGS float32 partial products a
     thread a step)."""
     def fits(cfg: dict) -> bool:
         if cfg.get("GEMV"):
@@ -349,7 +350,7 @@ def candidate_configs(m: int, n: int, k: int, max_shared: int = 232448, elem_byt
         return cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem_bytes <= max_shared
 
     out = _candidates(m, n, k, default_config(m, n, k), fits, (64, 128, 256, 512), (64, 128))
-    if m <= GEMV_MAX_ROWS:
+    if m <= GEMV_ROWS:
         rows = max(1, triton.next_power_of_2(m))
         out += [cfg for cfg in ({"GEMV": 1, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
                                 for bn in (4, 8, 16) for bk in (512, 1024, 2048) for warps in (4, 8)

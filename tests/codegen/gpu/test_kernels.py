@@ -61,6 +61,33 @@ def test_linear(m, n, k, bias):
                ref) < 2e-3
 
 
+@pytest.mark.parametrize("m,n,k,block_k,bias", [
+    (1, 37, 72, 32, True),       # K steps past K (masked), N not a multiple of the block
+    (2, 24, 96, 256, False),     # one K step wider than K
+    (1, 16, 3000, 1024, False),  # several steps, K not a power of two
+])
+def test_gemv_linear(m, n, k, block_k, bias):
+    """The decode GEMV (matmul.gemv_kernel) against float64; float32 products, so no TF32 on a GPU."""
+    x, w = rnd(m, k, seed=11), rnd(n, k, seed=12)
+    b = rnd(n, seed=13) if bias else None
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    cfg = {"GEMV": 1, "BLOCK_N": 4, "BLOCK_K": block_k, "num_warps": 4}
+    assert rel(matmul.linear(x, w, b, config=cfg), ref) < 1e-5
+    y16 = matmul.linear(x.half(), w.half(), None if b is None else b.half(), config=cfg, out_dtype=torch.float32)
+    assert rel(y16, ref) < 2e-3
+
+
+def test_gemv_serves_few_rows_and_hands_more_to_the_tiles():
+    assert matmul.default_config(1, 5120, 2048).get("GEMV") and matmul.default_config(2, 5120, 2048).get("GEMV")
+    assert not matmul.default_config(matmul.GEMV_ROWS + 1, 5120, 2048).get("GEMV")
+    assert any(c.get("GEMV") for c in matmul.candidate_configs(1, 5120, 2048))
+    assert not any(c.get("GEMV") for c in matmul.candidate_configs(4, 5120, 2048))
+    # a decode-phase config (compiled for one token) at a bigger decode batch: the tiles, same result
+    x, w = rnd(5, 64, seed=14), rnd(24, 64, seed=15)
+    y = matmul.linear(x, w, config={"GEMV": 1, "BLOCK_N": 4, "BLOCK_K": 64, "num_warps": 4})
+    assert rel(y, x.double() @ w.double().T) < DOT32
+
+
 def rope_ref(x, cos, sin, rot):
     half = rot // 2
     r, rest = x[..., :rot], x[..., rot:]

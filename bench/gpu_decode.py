@@ -234,6 +234,21 @@ def bench_e2e(results: dict, layers: int, ctx: int, steps: int, prefill_len: int
 
 
 # -- 4. kernels -------------------------------------------------------------------------------
+def graph_ms(fns, rep: int = 100) -> float:
+    """Median ms of one call when `fns` (different inputs each) are replayed back to back in a CUDA graph:
+    what a decode step inside ktc's graph pays (no Python launch cost). rep: do_bench's, in ms."""
+    from triton.testing import do_bench
+
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    return do_bench(g.replay, warmup=25, rep=rep, return_mode="median") / len(fns)
+
+
 def bench_kernels(results: dict) -> None:
     import triton
     from triton.testing import do_bench
@@ -271,27 +286,15 @@ def bench_kernels(results: dict) -> None:
         add(f"matmul.linear {what} M={m_rows} N={n} K={kk}", ms, nbytes=n * kk * 2 if m_rows == 1 else 0,
             flops=2 * m_rows * n * kk if m_rows > 1 else 0)
 
-    def graph_bench(fns):
-        """Median us of one call when `fns` (different inputs each) are replayed back to back in a CUDA graph:
-        what a decode step inside ktc's graph pays (no Python launch cost)."""
-        for f in fns:
-            f()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for f in fns:
-                f()
-        return bench(g.replay) / len(fns)
-
     from ktc.codegen.gpu import router
 
     gate = torch.randn(e, h, dtype=bf, device=DEV) * 0.02
     rattrs = {"scoring": "softmax", "topk_method": "greedy", "top_k": k, "norm_topk_prob": True}
     xs = [torch.randn(1, h, dtype=bf, device=DEV) for _ in range(32)]
-    ms = graph_bench([lambda x=x: router.router_topk(matmul.linear(x, gate, out_dtype=torch.float32), rattrs)
+    ms = graph_ms([lambda x=x: router.router_topk(matmul.linear(x, gate, out_dtype=torch.float32), rattrs)
                       for x in xs])
     add("router logits GEMM + top-k (2 launches) T=1, in graph", ms, nbytes=e * h * 2)
-    ms = graph_bench([lambda x=x: router.router_fused(x, gate, rattrs) for x in xs])
+    ms = graph_ms([lambda x=x: router.router_fused(x, gate, rattrs) for x in xs])
     add("router.router_fused (1 launch) T=1, in graph", ms, nbytes=e * h * 2)
 
     w_up = torch.randn(e, 2 * inter, h, dtype=bf, device=DEV) * 0.02
@@ -310,7 +313,7 @@ def bench_kernels(results: dict) -> None:
                              ("GEMV N_UP=32", gemv_default, {"GEMV_N_UP": 32})):
         moe.GEMV_TOKENS = gemv
         full = None if cfg is None else {**moe.default_config(k, h, inter), **cfg}
-        ms = graph_bench([lambda xx=xx, tw=tw, ids=ids, full=full: moe.fused_moe(xx, tw, ids, dense, e, inter, full)
+        ms = graph_ms([lambda xx=xx, tw=tw, ids=ids, full=full: moe.fused_moe(xx, tw, ids, dense, e, inter, full)
                           for xx, tw, ids in sets])
         add(f"moe.fused_moe T=1 {label}, in graph", ms, nbytes=nb)
     moe.GEMV_TOKENS = gemv_default
@@ -347,12 +350,12 @@ def bench_kernels(results: dict) -> None:
     offsets, flat = torch.empty_like(counts), ids.reshape(-1)
     srt, bexp, tot = (torch.empty(blocks * bm, dtype=torch.int32, device=DEV),
                       torch.empty(blocks, dtype=torch.int32, device=DEV), torch.empty(1, dtype=torch.int32, device=DEV))
-    add("  moe_count_kernel", graph_bench([lambda: moe.moe_count_kernel[(chunks,)](
+    add("  moe_count_kernel", graph_ms([lambda: moe.moe_count_kernel[(chunks,)](
         flat, counts, slots, BLOCK_E=e, CHUNK=chunk, SUB=64, num_warps=4)] * 8))
-    add("  moe_offsets_kernel", graph_bench([lambda: moe.moe_offsets_kernel[(1,)](
+    add("  moe_offsets_kernel", graph_ms([lambda: moe.moe_offsets_kernel[(1,)](
         counts, offsets, srt, bexp, tot, slots, chunks, blocks * bm, blocks, NUM_EXPERTS=e, BLOCK_M=bm, BLOCK_E=e,
         BLOCK_P=triton.next_power_of_2(chunks), CHUNK=64, FILL=1024, num_warps=8)] * 8))
-    add("  moe_scatter_kernel", graph_bench([lambda: moe.moe_scatter_kernel[(chunks,)](
+    add("  moe_scatter_kernel", graph_ms([lambda: moe.moe_scatter_kernel[(chunks,)](
         flat, offsets, srt, slots, BLOCK_E=e, CHUNK=chunk, SUB=64, num_warps=4)] * 8))
     for cfg in [base] + [c for c in sweep if c != {kk: base[kk] for kk in c}]:
         try:

@@ -29,7 +29,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_decode import DEV, QWEN3_30B_A3B, compiled_graph, cuda_time, hf_model, ktc_model, log, shared_weights  # noqa: E402
+from gpu_decode import (
+    DEV,
+    QWEN3_30B_A3B,
+    compiled_graph,
+    cuda_time,
+    graph_ms,
+    hf_model,
+    ktc_model,
+    log,
+    shared_weights,  # noqa: E402
+)
 
 VARIANTS = {
     "compiled": "the configs the compiler chose (the shipped defaults)",
@@ -38,18 +48,8 @@ VARIANTS = {
 
 
 def graph_us(fns) -> float:
-    """Median us of one call when `fns` (each on its own inputs) are replayed back to back in a CUDA graph:
-    what a kernel costs inside a decode step's graph (no Python launch between calls)."""
-    from triton.testing import do_bench
-
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    return do_bench(g.replay, warmup=25, rep=200, return_mode="median") * 1e3 / len(fns)
+    """gpu_decode.graph_ms in us, over 200 ms of replays."""
+    return graph_ms(fns, rep=200) * 1e3
 
 
 def sweep(k, res: dict) -> dict:

@@ -18,17 +18,9 @@ from hypothesis import strategies as st
 
 from ktc.codegen.gpu import matmul, moe
 
-from .conftest import HAS_CUDA
+from .test_kernels import DEV, DOT32, moe_ref, rel
 
-DEV = "cuda" if HAS_CUDA else "cpu"
-# float32 tl.dot is exact-ish in the interpreter and TF32 (~1e-3 relative) on a GPU
-DOT32 = 3e-3 if HAS_CUDA else 1e-5
 FP8 = torch.float8_e4m3fn
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def rnd(*shape, seed=0, scale=1.0) -> torch.Tensor:
@@ -145,19 +137,6 @@ def test_fp8_configs_and_candidates():
 
 
 # -- fused MoE ---------------------------------------------------------------------------------------------
-def moe_ref(x, tw, ids, gate_up, down):
-    y = torch.zeros(x.shape, dtype=torch.float64)
-    inter = down.shape[-1]
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if e < 0:
-                continue
-            gu = gate_up[e].double() @ x[t].double()
-            y[t] += float(tw[t, j]) * (down[e].double() @ (torch.nn.functional.silu(gu[:inter]) * gu[inter:]))
-    return y
-
-
 @pytest.mark.parametrize("tokens,dtype,block_k,partial", [
     (1, torch.float16, None, False),      # decode: the grouped GEMM (no gemv path for quantized experts)
     (3, torch.float32, None, True),       # decode with experts held elsewhere (ids -1)

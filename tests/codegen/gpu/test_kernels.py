@@ -240,11 +240,14 @@ def test_router_fused(attrs, has_bias):
 
 
 def moe_ref(x, tw, ids, gate_up, down):
+    """float64 routed experts; an id < 0 (an expert run elsewhere) adds nothing."""
     y = torch.zeros(x.shape, dtype=torch.float64)
     inter = down.shape[-1]
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
+            if e < 0:
+                continue
             gu = gate_up[e].double() @ x[t].double()
             y[t] += float(tw[t, j]) * (down[e].double() @ (torch.nn.functional.silu(gu[:inter]) * gu[inter:]))
     return y

@@ -14,16 +14,7 @@ import torch
 
 from ktc.codegen.gpu import matmul, moe
 
-from .conftest import HAS_CUDA
-
-DEV = "cuda" if HAS_CUDA else "cpu"
-# float32 tl.dot is exact-ish in the interpreter and TF32 (~1e-3 relative) on a GPU
-DOT32 = 3e-3 if HAS_CUDA else 1e-5
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+from .test_kernels import DEV, DOT32, rel
 
 
 def rnd(*shape, seed=0, scale=1.0) -> torch.Tensor:

@@ -41,9 +41,9 @@ FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)   # fp8 weight-only linears (l
 
 
 @triton.jit
-def matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
-                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program: M blocks in bands of GROUP_M, so that neighbours share weight
+    tiles in L2."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -51,8 +51,23 @@ def matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, 
     group = pid // per_group
     first_m = group * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
+def _store_tile(acc, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS: tl.constexpr):
+    """c[offs_m, offs_n] = acc (+ bias[offs_n]) in c's dtype, rows < M and columns < N only."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -69,10 +84,7 @@ def matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, 
         acc = tl.dot(a, w.to(a.dtype), acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    _store_tile(acc, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS)
 
 
 @triton.jit
@@ -94,25 +106,14 @@ def gemv_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, st
         w = tl.load(w_ptr + w_rows[:, None] * stride_wn + kk[None, :], mask=kmask[None, :], other=0.0)
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + kk[None, :], mask=kmask[None, :], other=0.0)
         acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & nmask[None, :])
+    _store_tile(acc, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS)
 
 
 @triton.jit
 def matmul_w4a16_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_qn, stride_sn, stride_cm,
                         HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     HALF_G: tl.constexpr = GROUP // 2       # bytes per group
     BLOCK_KB: tl.constexpr = BLOCK_K // 2   # bytes per K step
@@ -144,25 +145,14 @@ def matmul_w4a16_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_a
         hi = packed.to(tl.int8, bitcast=True) >> 4
         acc = tl.dot(a_lo, (lo.to(tl.float32) * sc).to(a_lo.dtype), acc)
         acc = tl.dot(a_hi, (hi.to(tl.float32) * sc).to(a_lo.dtype), acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    _store_tile(acc, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS)
 
 
 @triton.jit
 def matmul_fp8_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_qn, stride_sn, stride_cm,
                       HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -186,10 +176,7 @@ def matmul_fp8_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am,
             # several whole groups: every value times its group's scale, then the dot
             sc = tl.load(s_base[None, :] + (kk // GROUP)[:, None], mask=kmask[:, None], other=0.0)
             acc = tl.dot(a, (w.to(tl.float32) * sc).to(a.dtype), acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    _store_tile(acc, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS)
 
 
 KERNELS = {"matmul_kernel": matmul_kernel, "gemv_kernel": gemv_kernel, "matmul_w4a16_kernel": matmul_w4a16_kernel,

@@ -221,3 +221,31 @@ def graph_from_hf(model, fuse_norms: bool = True) -> tuple[Graph, dict[str, torc
     logits = b.node("linear", [x], weights=dict(weight=model.lm_head.weight), name="lm_head")
     return b.graph([logits], model_type=cfg.model_type, vocab_size=cfg.vocab_size,
                    max_position_embeddings=cfg.max_position_embeddings, eos_token_id=None)
+
+
+def gpu_tuning_tasks(path, kinds: tuple[str, ...]) -> tuple[dict, list]:
+    """(the artifact's GPU tunables by table, its batch-1 tuning tasks whose kernel names contain one
+    of `kinds`), the tasks on the GPU when there is one, else the CPU (Triton's interpreter); float32."""
+    from ktc.runtime.artifact import read_manifest
+    from ktc.runtime.gpu.kernels import load_kernels
+    from ktc.runtime.gpu.tune import gpu_tasks, node_tunables
+
+    m = read_manifest(path)
+    kernels = load_kernels(path / m.gpu["dir"] / "src")
+    g = m.graph
+    tunables = {t.table: t for n in g.nodes for t in node_tunables(g, n, kernels)}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tasks = [t for t in gpu_tasks(g, kernels, [1], device=device, dtype=torch.float32)
+             if any(k in t.key.kernel for k in kinds)]
+    return tunables, tasks
+
+
+def assert_candidates_agree(tasks: list, atol: float, limit: int | None = None) -> None:
+    """Each task's default comes first among several candidates, and the candidates (the first `limit`)
+    compute what the default does."""
+    for task in tasks:
+        cands = task.candidates()
+        assert cands[0].config == task.default and len(cands) > 1
+        ref = cands[0].run().clone()
+        for c in cands[1:limit]:
+            assert torch.allclose(c.run(), ref, rtol=1e-4, atol=atol), c.config

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.runtime.gpu.test_gpu_model import _executor, _run_prefill_then_decode
+from tests.runtime.helpers import assert_candidates_agree, gpu_tuning_tasks
 from tests.test_end_to_end import hf_model, prompts, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
@@ -123,23 +124,8 @@ def test_random_weights_run_on_the_gpu_executor(dense_int4):
 
 
 def test_int4_linears_are_tunable(dense_int4):
-    from ktc.runtime.artifact import read_manifest
-    from ktc.runtime.gpu.kernels import load_kernels
-    from ktc.runtime.gpu.tune import gpu_tasks, node_tunables
-
-    path = dense_int4("qwen3_moe")
-    m = read_manifest(path)
-    kernels = load_kernels(path / m.gpu["dir"] / "src")
-    g = m.graph
-    tunables = {t.table: t for n in g.nodes for t in node_tunables(g, n, kernels)}
+    tunables, tasks = gpu_tuning_tasks(dense_int4("qwen3_moe"), ("linear_w4a16",))
     assert tunables["qkv"].kernel.startswith("matmul.linear_w4a16#") and tunables["qkv"].fmt == "w4a16-g64"
     assert tunables["o"].fmt == "w4a16-g128" and tunables["logits"].kernel.startswith("matmul.linear#")
-    tasks = [t for t in gpu_tasks(g, kernels, [1], device="cuda" if HAS_CUDA else "cpu", dtype=torch.float32)
-             if "linear_w4a16" in t.key.kernel]
     assert {t.key.shape for t in tasks} == {tunables["qkv"].shape, tunables["o"].shape}
-    for task in tasks:
-        cands = task.candidates()
-        assert cands[0].config == task.default and len(cands) > 1
-        ref = cands[0].run().clone()
-        for c in cands[1:]:
-            assert torch.allclose(c.run(), ref, rtol=1e-4, atol=1e-4), c.config
+    assert_candidates_agree(tasks, atol=1e-4)

@@ -17,6 +17,7 @@ import torch
 
 from ktc.errors import HostError
 from tests.runtime.gpu.test_gpu_model import _executor, _run_prefill_then_decode
+from tests.runtime.helpers import assert_candidates_agree, gpu_tuning_tasks
 from tests.test_end_to_end import hf_model, prompts, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
@@ -185,27 +186,12 @@ def test_fp8_artifact_without_a_gpu_is_refused_as_any_cuda_one(fp8_compiled):
 
 
 def test_fp8_linears_and_experts_are_tunable(fp8_compiled):
-    from ktc.runtime.artifact import read_manifest
-    from ktc.runtime.gpu.kernels import load_kernels
-    from ktc.runtime.gpu.tune import gpu_tasks, node_tunables
-
-    path = fp8_compiled("qwen3_moe")
-    m = read_manifest(path)
-    kernels = load_kernels(path / m.gpu["dir"] / "src")
-    g = m.graph
-    tunables = {t.table: t for n in g.nodes for t in node_tunables(g, n, kernels)}
+    tunables, tasks = gpu_tuning_tasks(fp8_compiled("qwen3_moe"), ("linear_fp8", "fused_moe"))
     assert tunables["qkv"].kernel.startswith("matmul.linear_fp8#") and tunables["qkv"].fmt == "fp8-g64"
     assert tunables["o"].fmt == "fp8-g128" and tunables["logits"].kernel.startswith("matmul.linear#")
     assert tunables["moe"].kernel.startswith("moe.fused_moe#") and tunables["moe"].fmt == "fp8-g32"
-    tasks = [t for t in gpu_tasks(g, kernels, [1], device="cuda" if HAS_CUDA else "cpu", dtype=torch.float32)
-             if "linear_fp8" in t.key.kernel or "fused_moe" in t.key.kernel]
     assert {t.key.shape for t in tasks} == {tunables[k].shape for k in ("qkv", "o", "moe")}
-    for task in tasks:
-        cands = task.candidates()
-        assert cands[0].config == task.default and len(cands) > 1
-        ref = cands[0].run().clone()
-        for c in cands[1:6]:
-            assert torch.allclose(c.run(), ref, rtol=1e-4, atol=1e-5), c.config
+    assert_candidates_agree(tasks, atol=1e-5, limit=6)
 
 
 def test_random_weights_run_on_the_gpu_executor(fp8_compiled):

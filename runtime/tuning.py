@@ -329,6 +329,7 @@ class Task:
     key: TuningKey
     default: dict[str, Any]
     candidates: Callable[[], list[Candidate]]   # built lazily: only for tasks that are tuned
+    configs: list[dict[str, Any]] | None = None  # the candidates' configs, where known before building them
 
 
 Timer = Callable[[Callable[[], None]], float]

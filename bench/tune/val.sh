@@ -16,6 +16,6 @@ import sys, json, os; sys.path.insert(0, '$R/bench'); from gpu_decode import QWE
 os.makedirs('/tmp/q3', exist_ok=True); json.dump(dict(c, num_hidden_layers=${LAYERS:-2}), open('/tmp/q3/config.json', 'w'))"
 python3 -m ktc compile /tmp/q3 -o /tmp/q3.ktc --target cuda --weights-free --force 2>&1 | grep -v -i warn | tail -1
 echo "compile $(( $(date +%s) - t )) s"
-timeout ${T:-270} python3 $R/bench/tune/validate.py /tmp/q3.ktc $OUT ${BUDGET:-120s} ${SIZES:-1,4,16,2048} 2>&1 | grep -v -i warn | tee $OUT/log.txt | tail -${TAIL:-90}
+timeout ${T:-270} python3 $R/bench/tune/validate.py /tmp/q3.ktc $OUT ${BUDGET:-120s} ${SIZES:-1,4,16,2048} "${TUNE_ARGS:-}" 2>&1 | grep -v -i warn | tee $OUT/log.txt | tail -${TAIL:-90}
 cp /tmp/q3.ktc/tuning/*.json $OUT/records.json 2>/dev/null
 echo "total $(( $(date +%s) - t )) s"

@@ -4,7 +4,7 @@ that applies the records as ktc.load does, that the tuned model is not slower th
   1. the validation bench (same statistic as `ktc tune`): tuned-as-loaded vs no records, 7 rounds;
   2. the issue's method (two models, per-step synced median of 100 decode steps after 1024 tokens,
      min of 3 prefills), 3 interleaved rounds.
-Args: PLAN OUTDIR BUDGET SIZES."""
+Args: PLAN OUTDIR BUDGET SIZES [EXTRA `ktc tune` ARGS, e.g. "--jobs 1"]."""
 import contextlib
 import io
 import json
@@ -23,7 +23,8 @@ from ktc.runtime.tune_validate import ModelBench
 plan, outdir, budget, sizes = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 buckets = [int(s) for s in sizes.split(",")]
 t0 = time.time()
-rc = main(["tune", plan, "--budget", budget, "--batch-sizes", sizes])
+extra = sys.argv[5].split() if len(sys.argv) > 5 else []
+rc = main(["tune", plan, "--budget", budget, "--batch-sizes", sizes, *extra])
 print("tune rc", rc, f"{time.time() - t0:.0f}s", flush=True)
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):

@@ -210,6 +210,9 @@ def tune_cmd(
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Time the whole model at each tuned "
                                   "bucket with and without its records and drop records that make it slower "
                                   "(--no-validate: apply the searched records unchecked)"),
+    jobs: int = typer.Option(None, "--jobs", "-j", min=1, help="Processes that compile the GPU kernel candidates "
+                             "before the search times them (default: one per core less one, at most 8, as many "
+                             "as the GPU's free memory allows; 1: compile while searching)"),
 ) -> None:
     """Time the artifact's GPU kernel configs and CPU kernel thread counts on this host; keep the best."""
     from ktc.runtime.artifact import read_manifest
@@ -294,6 +297,7 @@ def tune_cmd(
 
     start = _clock()
     search_s = budget_s * (1 - VALIDATE_SHARE) if budget_s is not None and validate else budget_s
+    _precompile(artifact, buckets, groups, work, jobs, search_s)
     done, stopped = _search(groups, work, start, search_s, save, failed)
     groups.clear()        # the search's tasks and their random inputs: freed before the model is loaded
     left_over = [k for k in pending if k not in work.records]
@@ -311,6 +315,30 @@ def tune_cmd(
                   soft_wrap=True)
     _validate_phase(artifact, manifest, work, buckets, validate, cache_only, art_path, cache_path,
                     over=lambda: budget_s is not None and _clock() - start >= budget_s)
+
+
+def _precompile(artifact: Path, buckets: list[int], groups: list[tuple[str, list, Any]], work: Any,
+                jobs: int | None, search_s: float | None) -> None:
+    """Compile the GPU tasks' candidates in parallel first (runtime/gpu/precompile.py), within the search's
+    time; the search then loads them from Triton's cache."""
+    todo = [t for label, tasks, _ in groups if label == "GPU" for t in tasks if t.key.id() not in work.records]
+    if not todo:
+        return
+    from ktc.runtime.gpu.precompile import default_workers, distinct_jobs, precompile
+
+    workers = default_workers() if jobs is None else jobs
+    if workers <= 1:
+        return
+    n = len(distinct_jobs(todo))
+    with err.status(f"compiling {n} distinct GPU kernel configs on {workers} processes"):
+        res = precompile(artifact, buckets, todo, workers, timeout_s=search_s)
+    why = "" if res.finished else " (stopped: the budget ran out)"
+    out.print(f"compiled {res.ran} of {res.jobs} distinct GPU kernel configs on {res.workers} processes in "
+              f"{res.seconds:.0f} s{why}" + (f"; {res.failed} did not run there" if res.failed else ""),
+              soft_wrap=True)
+    if res.error:
+        err.print(f"[dim]note: a compile worker failed ({escape(res.error)}); the search compiles its share[/]",
+                  soft_wrap=True)
 
 
 def _search(groups: list[tuple[str, list, Any]], work: Any, start: float, search_s: float | None, save: Any,

@@ -392,7 +392,7 @@ def gpu_tasks(graph: Graph, kernels: Any, buckets: list[int] | None = None, devi
                 run = make_runner(t, b, kernels, inputs, dtype)
                 return [Candidate(c, run(c)) for c in configs]
 
-            tasks.append(Task(TuningKey(t.kernel, t.shape, t.fmt, b), configs[0], build))
+            tasks.append(Task(TuningKey(t.kernel, t.shape, t.fmt, b), configs[0], build, configs))
     return tasks
 
 

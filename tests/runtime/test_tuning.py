@@ -385,6 +385,46 @@ def test_apply_gpu_records_sets_tables_and_ignores_configs_that_are_no_candidate
         assert node.attrs.get("gpu_tuned", {}).get("qkv", {}).get(1) == want, status
 
 
+# -- parallel precompile (runtime/gpu/precompile.py) ---------------------------------------------------
+def test_precompile_jobs_are_the_distinct_configs_per_token_class_split_without_overlap(cuda_artifacts):
+    import json
+
+    from ktc.runtime.gpu.precompile import distinct_jobs, split_jobs, token_class
+    from ktc.runtime.gpu.tune import gpu_tasks
+
+    m, kernels = _kernels(cuda_artifacts["qwen2_moe"])
+    tasks = gpu_tasks(m.graph, kernels, [1, 2, 32, 64], device="cpu", dtype=torch.float32)
+    want = {(t.key.kernel, t.key.format, json.dumps(c, sort_keys=True), token_class(t.key.batch))
+            for t in tasks for c in t.configs}
+    jobs = distinct_jobs(tasks)
+    by_id = {t.key.id(): t for t in tasks}
+    got = [(by_id[j.key].key.kernel, by_id[j.key].key.format, j.config, token_class(by_id[j.key].key.batch))
+           for j in jobs]
+    assert len(got) == len(set(got)) and set(got) == want
+    assert sum(t.key.batch == 1 for t in tasks) and {token_class(b) for b in (32, 64)} == {16}
+    assert len(jobs) < sum(len(t.configs) for t in tasks)        # 64's configs are 32's: compiled once
+    for workers in (1, 3, 1000):
+        shares = split_jobs(jobs, workers)
+        assert len(shares) == min(workers, len(jobs))
+        assert sorted((j for s in shares for j in s), key=str) == sorted(jobs, key=str)
+
+
+def test_precompile_workers_run_every_job_and_failures_or_the_time_limit_do_not_raise(cuda_artifacts, tmp_path):
+    from ktc.runtime.gpu.precompile import distinct_jobs, precompile
+    from ktc.runtime.gpu.tune import gpu_tasks
+
+    path = cuda_artifacts["qwen2_moe"]
+    m, kernels = _kernels(path)
+    tasks = [t for t in gpu_tasks(m.graph, kernels, [1], device="cpu", dtype=torch.float32) if "norm." in t.key.kernel]
+    res = precompile(path, [1], tasks, workers=2, device="cpu")        # Triton's interpreter: runs, compiles nothing
+    assert res.finished and res.error is None and res.workers == 2
+    assert res.ran == res.jobs == len(distinct_jobs(tasks)) > 2 and res.failed == 0
+    res = precompile(tmp_path / "missing.ktc", [1], tasks, workers=2, device="cpu")
+    assert res.finished and res.ran == 0 and res.failed == res.jobs and "missing.ktc" in res.error
+    res = precompile(path, [1], tasks, workers=2, device="cpu", timeout_s=0.01)
+    assert not res.finished and res.ran == 0 and res.seconds < 30
+
+
 # -- CPU thread counts --------------------------------------------------------------------------------
 def test_cpu_thread_tuning_with_a_real_timer_and_applied_thread_counts(compiled, monkeypatch):
     from ktc.runtime.artifact import read_manifest

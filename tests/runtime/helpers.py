@@ -242,10 +242,15 @@ def gpu_tuning_tasks(path, kinds: tuple[str, ...]) -> tuple[dict, list]:
 
 def assert_candidates_agree(tasks: list, atol: float, limit: int | None = None) -> None:
     """Each task's default comes first among several candidates, and the candidates (the first `limit`)
-    compute what the default does."""
+    compute what the default does: elementwise in the interpreter (float32 throughout); on a GPU, where the
+    tensor-core tiles multiply float32 as TF32 and the GEMV kernels do not, within TF32's relative error."""
     for task in tasks:
         cands = task.candidates()
         assert cands[0].config == task.default and len(cands) > 1
         ref = cands[0].run().clone()
         for c in cands[1:limit]:
-            assert torch.allclose(c.run(), ref, rtol=1e-4, atol=atol), c.config
+            got = c.run()
+            if got.is_cuda:
+                assert rel_err(got.float(), ref.float()) < 3e-3, c.config
+            else:
+                assert torch.allclose(got, ref, rtol=1e-4, atol=atol), c.config

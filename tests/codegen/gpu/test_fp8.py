@@ -101,6 +101,27 @@ def test_linear_fp8_matches_float64(m, n, k, group, block_k, bias, dtype):
     assert rel(y, ref) < (DOT32 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.parametrize("m,n,k,group,block_k,block_n,bias,dtype", [
+    (1, 40, 96, 32, 32, 4, True, torch.float16),      # a step = one group, 3 groups
+    (1, 21, 256, 16, 128, 8, False, torch.float32),   # 8 groups a step, N not a multiple of BLOCK_N
+    (2, 24, 384, 128, 512, 4, True, torch.float32),   # two rows, a step past K (masked groups)
+    (2, 9, 128, 128, 64, 2, False, torch.float16),    # a step below the group: the kernel takes one group
+])
+def test_gemv_fp8_matches_float64(m, n, k, group, block_k, block_n, bias, dtype):
+    """The decode GEMV (matmul.gemv_fp8_kernel): float32 products, scaled once per group."""
+    w, deq = packed((n, k), group, seed=m + n + k)
+    x = rnd(m, k, seed=1).to(dtype)
+    b = rnd(n, seed=2, scale=0.5).to(dtype) if bias else None
+    ref = x.double() @ deq.T + (b.double() if bias else 0)
+    gemv = {"GEMV": 1, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4}
+    y = matmul.linear_fp8(x.to(DEV), w["qweight"], w["scales"], None if b is None else b.to(DEV), gemv,
+                          out_dtype=torch.float32)
+    assert y.shape == (m, n) and rel(y, ref) < 1e-5
+    x3 = rnd(3, k, seed=3).to(dtype)          # a GEMV config meeting more rows than it serves runs the tiles
+    y3 = matmul.linear_fp8(x3.to(DEV), w["qweight"], w["scales"], config=gemv, out_dtype=torch.float32)
+    assert rel(y3, x3.double() @ deq.T) < (DOT32 if dtype == torch.float32 else 2e-3)
+
+
 def test_linear_fp8_default_configs_and_leading_dims():
     w, deq = packed((48, 256), 128, seed=7)
     for shape in ((1, 1, 256), (2, 11, 256)):          # decode (M <= 16) and prefill default configs
@@ -123,17 +144,20 @@ def test_linear_fp8_refuses_mismatched_parts():
 
 
 def test_fp8_configs_and_candidates():
-    dec, pre = matmul.default_config_fp8(1, 4096, 2048), matmul.default_config_fp8(2048, 4096, 2048)
+    gemv, dec, pre = (matmul.default_config_fp8(m, 4096, 2048) for m in (1, 4, 2048))
+    assert gemv == matmul.gemv_config(1, 4096, 2048) and matmul.default_config_fp8(2, 4096, 2048)["GEMV"]
     assert dec["BLOCK_M"] == 16 and dec["GROUP_M"] == 1 and dec["BLOCK_K"] == 256
     assert 4096 // dec["BLOCK_N"] >= matmul.NUM_SMS               # many programs, each streams its rows once
     assert pre["BLOCK_M"] == 128 and pre["GROUP_M"] == 8
-    assert matmul.default_config_fp8(1, 64, 32)["BLOCK_K"] == 32
-    for m in (1, 16, 64, 2048):
+    assert matmul.default_config_fp8(4, 64, 32)["BLOCK_K"] == 32
+    for m in (1, 4, 16, 64, 2048):
         cands = matmul.candidate_configs_fp8(m, 4096, 2048, max_shared=101376)
         assert cands[0] == matmul.default_config_fp8(m, 4096, 2048) and len(cands) > 4
         assert all(c not in cands[:i] for i, c in enumerate(cands))
+        tiles = [c for c in cands if not c.get("GEMV")]
+        assert (len(tiles) < len(cands)) == (m <= matmul.GEMV_ROWS)
         assert all(c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] * 2 + c["BLOCK_N"] * c["BLOCK_K"]) <= 101376
-                   for c in cands)
+                   for c in tiles)
 
 
 # -- fused MoE ---------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ Prints and writes (JSON) in order:
   2. decode tokens/s at batch 1 after a 1K-token prompt: ktc (CUDA graph) vs transformers eager
      vs transformers under torch.compile, same run, same weights, static caches;
   3. prefill tokens/s of a 2K prompt: ktc vs transformers eager;
-  4. per-kernel achieved GB/s (decode shapes) and TFLOP/s (prefill shapes) vs measured ceilings.
+  4. per-kernel achieved GB/s (decode shapes) and TFLOP/s (prefill shapes) vs measured ceilings;
+  5. the w4a16 / fp8 linears and MoE beside the bf16 ones, and the sampler beside torch's.
 """
 
 from __future__ import annotations
@@ -398,6 +399,122 @@ def bench_kernels(results: dict) -> None:
     results["kernels"] = rows
 
 
+
+def bench_quant_kernels(results: dict) -> None:
+    """The weight-only linears (w4a16 g128, fp8 g128) and MoE beside the bf16 ones at the same shapes, and
+    the sampler beside torch's: decode shapes in a CUDA graph (graph_ms) over enough weight copies that
+    nothing is served from L2, prefill shapes with do_bench."""
+    from triton.testing import do_bench
+
+    from ktc.codegen.gpu import matmul, moe, sampling
+
+    rows = []
+    bf = torch.bfloat16
+
+    def add(name, ms, nbytes=0, flops=0):
+        rows.append({"kernel": name, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6 if nbytes else None,
+                     "TFLOP/s": flops / ms / 1e9 if flops else None})
+        log(f"  {name:52s} {ms * 1e3:8.1f} us" + (f" {nbytes / ms / 1e6:7.0f} GB/s" if nbytes else "")
+            + (f" {flops / ms / 1e9:6.0f} TFLOP/s" if flops else ""))
+
+    def bench(fn):
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    group = 128
+    formats = {"bf16": lambda w: {"w": w.to(bf)}, "w4a16": lambda w: moe.pack_w4a16(w, group),
+               "fp8": lambda w: moe.pack_fp8(w, group)}
+
+    def run_linear(fmt, x, p, cfg=None):
+        if fmt == "bf16":
+            return matmul.linear(x, p["w"], config=cfg)
+        fn = matmul.linear_w4a16 if fmt == "w4a16" else matmul.linear_fp8
+        return fn(x, p["qweight"], p["scales"], config=cfg)
+
+    for n, kk, what in ((5120, 2048, "qkv"), (2048, 4096, "o")):
+        base = torch.randn(n, kk, device=DEV) * 0.02
+        for fmt, pack in formats.items():
+            p = pack(base)
+            nbytes = sum(t.numel() * t.element_size() for t in p.values())
+            copies = [p] + [{k: t.clone() for k, t in p.items()} for _ in range(-(-(160 << 20) // nbytes) - 1)]
+            x1 = torch.randn(1, kk, dtype=bf, device=DEV)
+            ms = graph_ms([lambda p=p, fmt=fmt, x1=x1: run_linear(fmt, x1, p) for p in copies])
+            add(f"linear {fmt} {what} M=1 N={n} K={kk}, in graph", ms, nbytes=nbytes)
+            if fmt != "bf16":     # the tensor-core tiles (the M=1 default before the GEMV kernels), and a GEMV sweep
+                tiles = (matmul.default_config_w4a16 if fmt == "w4a16" else matmul.default_config_fp8)(4, n, kk)
+                for cfg in [tiles, *matmul._gemv_candidates(1, kk, 1)]:
+                    ms = graph_ms([lambda p=p, fmt=fmt, x1=x1, cfg=cfg: run_linear(fmt, x1, p, cfg) for p in copies])
+                    add(f"  {fmt} {what} M=1 " + " ".join(f"{a}={b}" for a, b in cfg.items()), ms, nbytes=nbytes)
+            x = torch.randn(2048, kk, dtype=bf, device=DEV)
+            add(f"linear {fmt} {what} M=2048 N={n} K={kk}", bench(lambda p=p, x=x, fmt=fmt: run_linear(fmt, x, p)),
+                flops=2 * 2048 * n * kk)
+            copies = p = None
+        base = None
+
+    h, inter, e, k = 2048, 768, 128, 8
+    up = torch.randn(e, 2 * inter, h, device=DEV, dtype=bf) * 0.02
+    dn = torch.randn(e, h, inter, device=DEV, dtype=bf) * 0.02
+    for fmt in formats:
+        if fmt == "bf16":
+            w = {"gate_up": up, "down": dn}
+        else:
+            pk = moe.pack_w4a16 if fmt == "w4a16" else moe.pack_fp8
+            w = {f"{r}.{q}": t for r, t0 in (("gate_up", up), ("down", dn)) for q, t in pk(t0, group).items()}
+        per_expert = sum(t.numel() * t.element_size() for t in w.values()) / e
+        sets = [(torch.randn(1, h, dtype=bf, device=DEV), torch.rand(1, k, device=DEV),
+                 torch.randperm(e, device=DEV)[:k].to(torch.int32)[None]) for _ in range(16)]
+        ms = graph_ms([lambda xx=xx, tw=tw, ids=ids, w=w: moe.fused_moe(xx, tw, ids, w, e, inter)
+                       for xx, tw, ids in sets])
+        add(f"moe.fused_moe {fmt} T=1 (8 experts), in graph", ms, nbytes=k * per_expert)
+        if fmt != "bf16":     # the grouped GEMM (the decode path before the GEMV pair), and the GEMV pair's sweep
+            cands = moe.candidate_configs(1, k, e, h, inter, group)
+            grouped = next(c for c in cands if c["DECODE"] == "grouped")
+            for cfg in [grouped, *(c for c in cands if c["DECODE"] == "gemv")]:
+                ms = graph_ms([lambda xx=xx, tw=tw, ids=ids, w=w, cfg=cfg: moe.fused_moe(xx, tw, ids, w, e, inter,
+                                                                                         cfg)
+                               for xx, tw, ids in sets])
+                keys = ("DECODE", "GEMV_N_UP", "GEMV_K_UP", "GEMV_N_DOWN", "GEMV_K_DOWN", "gemv_warps")
+                add(f"  {fmt} T=1 " + " ".join(f"{a}={cfg[a]}" for a in keys), ms, nbytes=k * per_expert)
+        t = 2048
+        xx = torch.randn(t, h, dtype=bf, device=DEV)
+        ids = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)]).to(torch.int32)
+        tw = torch.rand(t, k, device=DEV)
+        ms = bench(lambda w=w, xx=xx, tw=tw, ids=ids: moe.fused_moe(xx, tw, ids, w, e, inter))
+        add(f"moe.fused_moe {fmt} T=2048", ms, flops=2 * t * k * 3 * inter * h)
+        w = None
+    up = dn = None
+
+    vocab = 151936
+
+    def torch_sample(logits, temperature, top_k, top_p):
+        """transformers' order: temperature, top-k, top-p (sorted cumulative), softmax, multinomial."""
+        x = logits / temperature
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+        srt, idx = torch.sort(x, descending=False, dim=-1)
+        drop = srt.softmax(-1).cumsum(-1) <= (1 - top_p)
+        x = x.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+        return torch.multinomial(x.softmax(-1), 1)
+
+    for b in (1, 8):
+        logits = [torch.randn(b, vocab, device=DEV) * 3 for _ in range(8)]
+        nbytes = b * vocab * 4
+        add(f"sampling.argmax B={b}, in graph", graph_ms([lambda x=x: sampling.argmax(x) for x in logits]),
+            nbytes=nbytes)
+        add(f"torch.argmax B={b}, in graph", graph_ms([lambda x=x: torch.argmax(x, -1) for x in logits]),
+            nbytes=nbytes)
+        add(f"sampling.sample T=0.7 top-k 50 top-p 0.9 B={b}, in graph",
+            graph_ms([lambda x=x, i=i: sampling.sample(x, 0.7, 50, 0.9, seed=1, step=i)
+                      for i, x in enumerate(logits)]), nbytes=nbytes)
+        add(f"sampling.sample T=0.7 (no top-k / top-p) B={b}, in graph",
+            graph_ms([lambda x=x, i=i: sampling.sample(x, 0.7, seed=1, step=i) for i, x in enumerate(logits)]),
+            nbytes=nbytes)
+        add(f"sampling.sample T=0.7 top-k 50 top-p 0.9 B={b}, eager",
+            bench(lambda x=logits[0]: sampling.sample(x, 0.7, 50, 0.9, seed=1)), nbytes=nbytes)
+        add(f"torch (transformers' processors) top-k 50 top-p 0.9 B={b}, eager",
+            bench(lambda x=logits[0]: torch_sample(x, 0.7, 50, 0.9)), nbytes=nbytes)
+    results["quant_kernels"] = rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=48)
@@ -405,7 +522,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--skip", default="", help="comma list of: correctness, e2e, kernels")
+    p.add_argument("--skip", default="", help="comma list of: correctness, e2e, kernels, quant")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     import transformers
@@ -421,6 +538,7 @@ def main() -> None:
                                                          indent=1))
     for name, fn in (("correctness", lambda: check_logits(results)),
                      ("kernels", lambda: bench_kernels(results)),
+                     ("quant", lambda: bench_quant_kernels(results)),
                      ("e2e", lambda: bench_e2e(results, args.layers, args.context, args.steps, args.prefill,
                                                not args.no_compile))):
         if name in skip:

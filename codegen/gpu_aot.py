@@ -161,6 +161,18 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                                                  y_ptr="bf16"), ("N", "K", "y_stride", "w_estride", "w_nstride"),
                                             consts=dict(TOP_K=top_k, BLOCK_N=gc["GEMV_N_DOWN"],
                                                         BLOCK_K=gc["GEMV_K_DOWN"])), num_warps=gc["gemv_warps"])
+    for qw, fp8 in (("u8", {}), ("fp8e4nv", dict(targets=FP8_TARGETS, variant="fp8"))):   # w4a16 / fp8 experts
+        q = dict(TOP_K=top_k, GROUP=group, FP8=bool(fp8))
+        ints = ("N", "K", "x_stride", "y_stride", "q_estride", "q_nstride", "s_estride", "s_nstride")
+        add("moe", "moe_gemv_up_q_kernel", _sig(dict(x_ptr="bf16", q_ptr=qw, s_ptr="fp32", ids_ptr="i32",
+                                                     out_ptr="bf16"), tuple(i for i in ints if i != "y_stride"),
+                                                consts=dict(q, BLOCK_N=gc["GEMV_N_UP"], BLOCK_K=gc["GEMV_K_UP"])),
+            num_warps=gc["gemv_warps"], **fp8)
+        add("moe", "moe_gemv_down_q_kernel",
+            _sig(dict(a_ptr="bf16", q_ptr=qw, s_ptr="fp32", ids_ptr="i32", topk_w_ptr="fp32", y_ptr="bf16"),
+                 tuple(i for i in ints if i != "x_stride"),
+                 consts=dict(q, BLOCK_N=gc["GEMV_N_DOWN"], BLOCK_K=gc["GEMV_K_DOWN"])),
+            num_warps=gc["gemv_warps"], **fp8)
     add("moe", "moe_down_sum_kernel", _sig(dict(a_ptr="bf16", w_ptr="bf16", ids_ptr="i32", topk_w_ptr="fp32",
                                                 y_ptr="bf16"), ("N", "K", "y_stride", "w_estride", "w_nstride"),
                                            consts=dict(TOP_K=top_k, BLOCK_M=16, BLOCK_N=gc["DOWN_SUM_N"],

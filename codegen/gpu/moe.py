@@ -15,13 +15,16 @@ A token's K routing choices are K "slots" (slot s = token s // K). Three steps:
                   total exit at once.
   moe_sum         y[t] = sum over k of the down pass's rows t*K .. t*K+K-1.
 
-Decode (at most GEMV_TOKENS tokens, dense weights) skips the alignment and the sum, two launches
+Decode (at most GEMV_TOKENS tokens) skips the alignment and the sum, two launches
 (config DECODE): "gemv" = moe_gemv_up (program = slot, N block: silu(gate) * up) and
 moe_gemv_down (program = token, N block: per K step, the token's K experts unrolled, sums
 weight * (down row . act) in float32 before one store); "dot" = the gate_up grouped GEMM on a
 constant alignment with one slot per M block (block_expert is topk_ids itself) and
 moe_down_sum, the same ordered sum on tensor cores; "mixed" = that gate_up + moe_gemv_down. "gemv" is
-the default (an in-graph sweep on an H100 measured it fastest at one token).
+the default (an in-graph sweep on an H100 measured it fastest at one token). w4a16 and fp8 experts
+decode on moe_gemv_up_q / moe_gemv_down_q (the same pair reading whole groups a K step, float32
+products summed per group and scaled once) unless their config says DECODE "grouped" (the
+grouped GEMM, a tuning candidate).
 Either way the weighted sum is folded into the down projection and stays deterministic (no
 atomics).
 
@@ -307,11 +310,91 @@ def moe_down_sum_kernel(a_ptr, w_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K, y_stride
     tl.store(y_ptr + t * y_stride + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
+@triton.jit
+def _group_dots(q_rows, s_rows, x_row, g, gmask, GROUP: tl.constexpr, FP8: tl.constexpr):
+    """[rows] float32: sum over the groups g (those with gmask) of scale * (the row's values of the group
+    . x's): int4 rows (pack_w4a16's nibble layout, q_rows byte pointers) or fp8 rows (q_rows value
+    pointers); s_rows the rows' scale pointers. Products in float32, one scale multiply a group."""
+    if FP8:
+        offs_j = tl.arange(0, GROUP)
+        w = tl.load(q_rows[:, None, None] + (g * GROUP)[None, :, None] + offs_j[None, None, :],
+                    mask=gmask[None, :, None], other=0.0).to(tl.float32)
+        xv = tl.load(x_row + (g * GROUP)[:, None] + offs_j[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        part = tl.sum(w * xv[None, :, :], axis=2)
+    else:
+        HALF_G: tl.constexpr = GROUP // 2
+        offs_j = tl.arange(0, HALF_G)
+        packed = tl.load(q_rows[:, None, None] + (g * HALF_G)[None, :, None] + offs_j[None, None, :],
+                         mask=gmask[None, :, None], other=0)
+        lo = ((packed << 4).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
+        hi = (packed.to(tl.int8, bitcast=True) >> 4).to(tl.float32)
+        x_lo = x_row + (g * GROUP)[:, None] + offs_j[None, :]
+        a_lo = tl.load(x_lo, mask=gmask[:, None], other=0.0).to(tl.float32)
+        a_hi = tl.load(x_lo + HALF_G, mask=gmask[:, None], other=0.0).to(tl.float32)
+        part = tl.sum(lo * a_lo[None, :, :] + hi * a_hi[None, :, :], axis=2)
+    sc = tl.load(s_rows[:, None] + g[None, :], mask=gmask[None, :], other=0.0)
+    return tl.sum(part * sc, axis=1)
+
+
+@triton.jit
+def moe_gemv_up_q_kernel(x_ptr, q_ptr, s_ptr, ids_ptr, out_ptr, N, K, x_stride, q_estride, q_nstride, s_estride,
+                         s_nstride, TOP_K: tl.constexpr, GROUP: tl.constexpr, FP8: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """moe_gemv_up_kernel on w4a16 / fp8 experts (decode): BLOCK_K / GROUP whole groups a step."""
+    NG: tl.constexpr = BLOCK_K // GROUP
+    slot = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    wn = tl.where(nmask, offs_n, 0).to(tl.int64)
+    expert = tl.load(ids_ptr + slot).to(tl.int64)
+    x_row = x_ptr + (slot // TOP_K) * x_stride
+    q_gate = q_ptr + expert * q_estride + wn * q_nstride
+    s_gate = s_ptr + expert * s_estride + wn * s_nstride
+    offs_g = tl.arange(0, NG)
+    groups = K // GROUP
+    acc_g = tl.zeros((BLOCK_N,), tl.float32)
+    acc_u = tl.zeros((BLOCK_N,), tl.float32)
+    for g0 in range(0, groups, NG):
+        g = g0 + offs_g
+        gmask = g < groups
+        acc_g += _group_dots(q_gate, s_gate, x_row, g, gmask, GROUP, FP8)
+        acc_u += _group_dots(q_gate + N * q_nstride, s_gate + N * s_nstride, x_row, g, gmask, GROUP, FP8)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(out_ptr + slot * N + offs_n, act.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def moe_gemv_down_q_kernel(a_ptr, q_ptr, s_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K, y_stride, q_estride, q_nstride,
+                           s_estride, s_nstride, TOP_K: tl.constexpr, GROUP: tl.constexpr, FP8: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """moe_gemv_down_kernel on w4a16 / fp8 experts (decode): per step the token's experts unrolled, each
+    weighted sum of (down rows . act) over BLOCK_K / GROUP whole groups, one store."""
+    NG: tl.constexpr = BLOCK_K // GROUP
+    t = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    wn = tl.where(nmask, offs_n, 0).to(tl.int64)
+    offs_g = tl.arange(0, NG)
+    groups = K // GROUP
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for g0 in range(0, groups, NG):
+        g = g0 + offs_g
+        gmask = g < groups
+        for j in tl.static_range(TOP_K):
+            slot = t * TOP_K + j
+            expert = tl.load(ids_ptr + slot).to(tl.int64)
+            weight = tl.load(topk_w_ptr + slot)
+            dots = _group_dots(q_ptr + expert * q_estride + wn * q_nstride, s_ptr + expert * s_estride + wn * s_nstride,
+                               a_ptr + slot * K, g, gmask, GROUP, FP8)
+            acc += dots * weight
+    tl.store(y_ptr + t * y_stride + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+
 KERNELS = {"moe_align_kernel": moe_align_kernel, "moe_count_kernel": moe_count_kernel,
            "moe_offsets_kernel": moe_offsets_kernel, "moe_scatter_kernel": moe_scatter_kernel,
            "fused_moe_kernel": fused_moe_kernel,
            "moe_sum_kernel": moe_sum_kernel, "moe_gemv_up_kernel": moe_gemv_up_kernel,
-           "moe_gemv_down_kernel": moe_gemv_down_kernel, "moe_down_sum_kernel": moe_down_sum_kernel}
+           "moe_gemv_down_kernel": moe_gemv_down_kernel, "moe_down_sum_kernel": moe_down_sum_kernel,
+           "moe_gemv_up_q_kernel": moe_gemv_up_q_kernel, "moe_gemv_down_q_kernel": moe_gemv_down_q_kernel}
 
 GEMV_TOKENS = 4          # dense steps with at most this many tokens take the two-launch decode path
 
@@ -333,8 +416,7 @@ def default_config(num_slots: int, hidden: int, inter: int, group_size: int | No
         cfg = {"BLOCK_M": 64, "BLOCK_N_UP": 64, "BLOCK_N_DOWN": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
     if group_size is not None:
         cfg["BLOCK_K"] = group_size
-    else:
-        cfg.update(gemv_config(hidden, inter))
+    cfg.update(gemv_config(hidden, inter))
     return cfg
 
 
@@ -418,12 +500,16 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
     cfg = config or default_config(slots, h, inter, None if cpu else group)
     if int8 or fp8:
         cfg = {**cfg, "BLOCK_K": min(cfg["BLOCK_K"], group)}
-    if not (int4 or int8 or fp8) and t <= GEMV_TOKENS:
+    gpu_q = (int4 or fp8) and not cpu      # GPU experts' w4a16 / fp8: GEMV decode unless a config says "grouped"
+    if t <= GEMV_TOKENS and (not (int4 or int8 or fp8) or (gpu_q and cfg.get("DECODE", "gemv") == "gemv")):
         if partial:
             held = topk_ids >= 0
             topk_weights = topk_weights * held
             topk_ids = topk_ids.clamp(min=0)
-        return _fused_moe_decode(x, topk_weights, topk_ids, weights, inter, {**gemv_config(h, inter), **cfg})
+        full = {**gemv_config(h, inter), **cfg}
+        if gpu_q:
+            return _fused_moe_decode_q(x, topk_weights, topk_ids, weights, inter, fp8, full)
+        return _fused_moe_decode(x, topk_weights, topk_ids, weights, inter, full)
     align = moe_align(topk_ids, num_experts, cfg["BLOCK_M"])
     key = ".q" if cpu else ".qweight" if int4 or fp8 else ""
     w_up, w_down = weights["gate_up" + key], weights["down" + key]
@@ -483,6 +569,30 @@ def _fused_moe_decode(x, topk_weights, topk_ids, weights, inter, cfg):
         moe_gemv_down_kernel[(t, triton.cdiv(h, cfg["GEMV_N_DOWN"]))](
             act, w_down, ids, tw, y, h, inter, y.stride(0), w_down.stride(0), w_down.stride(1), TOP_K=top_k,
             BLOCK_N=cfg["GEMV_N_DOWN"], BLOCK_K=cfg["GEMV_K_DOWN"], num_warps=cfg["gemv_warps"])
+    return y
+
+
+def _fused_moe_decode_q(x, topk_weights, topk_ids, weights, inter, fp8, cfg):
+    """The "gemv" decode on w4a16 / fp8 experts: moe_gemv_up_q + moe_gemv_down_q, K steps of whole groups."""
+    t, h = x.shape
+    top_k = topk_ids.shape[-1]
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    tw = topk_weights.reshape(-1).to(torch.float32)
+    q_up, s_up = weights["gate_up.qweight"], weights["gate_up.scales"]
+    q_dn, s_dn = weights["down.qweight"], weights["down.scales"]
+    g_up, g_dn = h // s_up.shape[-1], inter // s_dn.shape[-1]
+    act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
+    moe_gemv_up_q_kernel[(t * top_k, triton.cdiv(inter, cfg["GEMV_N_UP"]))](
+        x, q_up, s_up, ids, act, inter, h, x.stride(0), q_up.stride(0), q_up.stride(1), s_up.stride(0), s_up.stride(1),
+        TOP_K=top_k, GROUP=g_up, FP8=fp8, BLOCK_N=cfg["GEMV_N_UP"], BLOCK_K=max(g_up, cfg["GEMV_K_UP"]),
+        num_warps=cfg["gemv_warps"])
+    y = torch.empty(t, h, dtype=x.dtype, device=x.device)
+    moe_gemv_down_q_kernel[(t, triton.cdiv(h, cfg["GEMV_N_DOWN"]))](
+        act, q_dn, s_dn, ids, tw, y, h, inter, y.stride(0), q_dn.stride(0), q_dn.stride(1), s_dn.stride(0),
+        s_dn.stride(1), TOP_K=top_k, GROUP=g_dn, FP8=fp8, BLOCK_N=cfg["GEMV_N_DOWN"],
+        BLOCK_K=max(g_dn, cfg["GEMV_K_DOWN"]), num_warps=cfg["gemv_warps"])
     return y
 
 
@@ -561,7 +671,13 @@ def candidate_configs(tokens: int, top_k: int, num_experts: int, hidden: int, in
     block_ms = [b for b in (16, 32, 64, 128) if per_expert // 2 <= b <= 2 * per_expert] or [16]
     block_ks = (group_size,) if group_size is not None else (64, 128)
     launches = ((4, 3), (4, 4), (8, 3))
+    k_down = [k for k in (512, 1024) if k <= max(512, triton.next_power_of_2(inter))]
+    gemv_down = [{"GEMV_N_DOWN": n, "GEMV_K_DOWN": k} for n in (4, 8) for k in k_down]
+    k_up = [k for k in (1024, 2048) if k <= max(1024, triton.next_power_of_2(hidden))]
+    gemv_up = [{"GEMV_N_UP": n, "GEMV_K_UP": k} for n in (4, 8) for k in k_up]
     if group_size is not None or tokens > GEMV_TOKENS:
+        # quantized decode: the grouped GEMM too ("grouped"), beside the GEMV pair below
+        grouped = {"DECODE": "grouped"} if group_size is not None and tokens <= GEMV_TOKENS else {}
         for bm in block_ms:
             for bn_up, bn_down in ((32, 64), (64, 64), (64, 128), (128, 128)):
                 if bn_up > cap(inter) or bn_down > cap(hidden):
@@ -570,20 +686,21 @@ def candidate_configs(tokens: int, top_k: int, num_experts: int, hidden: int, in
                     for warps, stages in launches:
                         if fits(bm, bn_up, bk, stages, True) and fits(bm, bn_down, bk, stages, False):
                             add({**base, "BLOCK_M": bm, "BLOCK_N_UP": bn_up, "BLOCK_N_DOWN": bn_down,
-                                 "BLOCK_K": bk, "num_warps": warps, "num_stages": stages})
+                                 "BLOCK_K": bk, "num_warps": warps, "num_stages": stages, **grouped})
+        if grouped:
+            for warps in (4, 8):
+                for u in gemv_up:
+                    for d in gemv_down:
+                        add({**base, **u, **d, "DECODE": "gemv", "gemv_warps": warps})
         return out
     # dense decode: the gate_up grouped GEMM (modes dot and mixed) on one slot per 16-row M block
     up = [{"BLOCK_M": 16, "BLOCK_N_UP": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": stages}
           for bn in (16, 32, 64) for bk in (128, 256) for stages in (3, 4)
           if bn <= cap(inter) and bk <= max(128, triton.next_power_of_2(hidden)) and fits(16, bn, bk, stages, True)
           and fits(16, base["BLOCK_N_DOWN"], bk, stages, False)]
-    k_down = [k for k in (512, 1024) if k <= max(512, triton.next_power_of_2(inter))]
-    gemv_down = [{"GEMV_N_DOWN": n, "GEMV_K_DOWN": k} for n in (4, 8) for k in k_down]
     down_sum = [{"DOWN_SUM_N": n, "DOWN_SUM_K": k, "down_sum_warps": 4, "down_sum_stages": s}
                 for n in (16, 32) for k in (128, 256) for s in (3, 4)
                 if k <= max(128, triton.next_power_of_2(inter)) and s * (16 * k + k * n) * 2 <= max_shared]
-    k_up = [k for k in (1024, 2048) if k <= max(1024, triton.next_power_of_2(hidden))]
-    gemv_up = [{"GEMV_N_UP": n, "GEMV_K_UP": k} for n in (4, 8) for k in k_up]
     for warps in (4, 8):
         for u in up:
             for d in gemv_down:

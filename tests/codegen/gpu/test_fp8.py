@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from ktc.codegen.gpu import matmul, moe
 
-from .test_kernels import DEV, DOT32, moe_ref, rel
+from .test_kernels import DEV, DOT32, GEMV_Q, moe_ref, rel
 
 FP8 = torch.float8_e4m3fn
 
@@ -162,8 +162,10 @@ def test_fp8_configs_and_candidates():
 
 # -- fused MoE ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tokens,dtype,block_k,partial", [
-    (1, torch.float16, None, False),      # decode: the grouped GEMM (no gemv path for quantized experts)
+    (1, torch.float16, None, False),      # decode: the GEMV pair (moe_gemv_*_q), default config
     (3, torch.float32, None, True),       # decode with experts held elsewhere (ids -1)
+    (2, torch.float32, "gemv", True),     # the GEMV pair with small steps (one group; two, past K)
+    (2, torch.float16, "grouped", False),  # decode on the grouped GEMM (a tuning candidate)
     (9, torch.float16, 64, False),        # BLOCK_K past the group: cut to it
     (11, torch.float32, 16, True),        # K steps of half a group
 ])
@@ -180,8 +182,10 @@ def test_fused_moe_fp8_matches_float64(tokens, dtype, block_k, partial):
     tw = torch.rand(tokens, k, generator=g)
     weights = {"gate_up.qweight": pu["qweight"], "gate_up.scales": pu["scales"],
                "down.qweight": pd["qweight"], "down.scales": pd["scales"]}
-    config = None if block_k is None else {"BLOCK_M": 16, "BLOCK_N_UP": 16, "BLOCK_N_DOWN": 32,
-                                           "BLOCK_K": block_k, "num_warps": 4, "num_stages": 1}
+    tiles = {"BLOCK_M": 16, "BLOCK_N_UP": 16, "BLOCK_N_DOWN": 32, "num_warps": 4, "num_stages": 1}
+    config = {None: None, "gemv": {**tiles, "BLOCK_K": group, "DECODE": "gemv", **GEMV_Q},
+              "grouped": {**tiles, "BLOCK_K": group, "DECODE": "grouped", **GEMV_Q}}.get(
+        block_k, {**tiles, "BLOCK_K": block_k})
     y = moe.fused_moe(x, tw.to(DEV), ids.to(DEV), weights, e, inter, config=config, partial=partial)
     assert y.shape == (tokens, h) and y.dtype == dtype
     ref = moe_ref(x.cpu(), tw, ids, deq_u, deq_d)
@@ -194,7 +198,10 @@ def test_fused_moe_fp8_matches_float64(tokens, dtype, block_k, partial):
 
 def test_fp8_moe_configs_walk_whole_groups():
     cfg = moe.default_config(8, 2048, 768, 128)
-    assert cfg["BLOCK_K"] == 128 and "DECODE" not in cfg
+    assert cfg["BLOCK_K"] == 128 and cfg["DECODE"] == "gemv"
     cands = moe.candidate_configs(1, 8, 128, 2048, 768, 128)
     assert cands[0] == cfg and all(c["BLOCK_K"] == 128 for c in cands)
+    modes = [c["DECODE"] for c in cands]       # decode: the GEMV pair's blocks and the grouped GEMM's tiles
+    assert modes.count("gemv") > 4 and modes.count("grouped") > 4 and set(modes) == {"gemv", "grouped"}
+    assert all(c["DECODE"] == "gemv" for c in moe.candidate_configs(64, 8, 128, 2048, 768, 128))   # unused there
     assert math.isclose(moe.FP8_MAX, float(torch.finfo(FP8).max))

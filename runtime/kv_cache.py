@@ -108,6 +108,10 @@ class KVCache:
     def advance(self, seq: int) -> None:
         self.length += seq
 
+    def clear(self) -> None:
+        """Forget every token, keep the buffers (CUDA graphs captured over them stay valid)."""
+        self.length = 0
+
     def reset(self) -> None:
         """Forget every token and free the buffers."""
         self._buffers.clear()

@@ -342,16 +342,26 @@ class ModelBench:
         m = self.model
         n, s = self._prefill_shape(b)
         ids = self._ids(n, s)
-        for v in variants:                  # warm-up: compiles kernels of configs not run yet
-            self._switch(v)
+        graphs = []
+        for v in variants:                  # warm-up: compiles kernels of configs not run yet, and captures
+            self._switch(v)                 # each variant's prefill CUDA graph (kept per variant, as decode's)
+            if self.graphs:
+                m._prefill_graphs = {}
             m.prefill(ids)
+            graphs.append(m._prefill_graphs if self.graphs else None)
+
+        def use(i: int) -> None:
+            self._switch(variants[i])
+            if self.graphs:
+                m._prefill_graphs = graphs[i]
+
         if b not in self._per_round:
-            self._switch(variants[0])
+            use(0)
             self._per_round[b] = self._count(self._ms(lambda: m.prefill(ids), 1), 1, MAX_REPS)
         reps = self._per_round[b]
 
         def run(i: int) -> float:
-            self._switch(variants[i])
+            use(i)
             return self._ms(lambda: m.prefill(ids), reps)
 
         try:

@@ -485,6 +485,9 @@ def apply_records(model: Any, records: TuningRecords) -> int:
 
         manifest = getattr(model, "manifest", None)
         applied += apply_cpu_records(cpu, model.graph, records, manifest.get("files") if manifest else None)
+    drop = getattr(model, "drop_graphs", None)
+    if callable(drop):
+        drop()          # CUDA graphs captured the previous configs' launches
     return applied
 
 

@@ -156,11 +156,13 @@ class GpuExecutor:
                 out.append((seg, [k]))
         return out
 
-    def start(self, ids: torch.Tensor, positions: torch.Tensor, cache, past: int, last_only: bool = False
-              ) -> dict[str, Any]:
+    def start(self, ids: torch.Tensor, positions: torch.Tensor, cache, past: int, last_only: bool = False,
+              last: torch.Tensor | None = None) -> dict[str, Any]:
+        """A run's state. last_only: the head computes one position a row, the last one, or the one whose
+        index the device tensor `last` [1] holds (a padded prompt in a CUDA graph)."""
         b, s = ids.shape
         return {"ctx": GpuRunContext(self.kernels, cache, positions, b, s, past), "last_only": last_only,
-                "values": {self.ids_input: ids, self.positions_input: positions}}
+                "last": last, "values": {self.ids_input: ids, self.positions_input: positions}}
 
     def do(self, k: int, state: dict[str, Any]) -> None:
         """Carry out action k of the schedule on a run's state (from start())."""
@@ -170,7 +172,8 @@ class GpuExecutor:
         if kind == "gpu":
             args = [values[v] for v in node.inputs]
             if state["last_only"] and node is self._head:
-                args[0] = args[0][:, -1:, :].contiguous()
+                last = state.get("last")
+                args[0] = args[0][:, -1:, :].contiguous() if last is None else args[0].index_select(1, last)
             for name, t in zip(node.outputs, op.run(node, args, ws, state["ctx"]), strict=True):
                 values[name] = t
         elif kind == "stage":
@@ -188,11 +191,11 @@ class GpuExecutor:
         out = state["values"][self.output]
         return out.float() if out.dtype != torch.float32 else out
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, cache, past: int, last_only: bool = False
-            ) -> torch.Tensor:
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, cache, past: int, last_only: bool = False,
+            last: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (float32, on the device) of tokens `ids` [B, S] at `positions` [B, S] (device tensors).
         The cache must be reserved; it is not advanced here."""
-        state = self.start(ids, positions, cache, past, last_only)
+        state = self.start(ids, positions, cache, past, last_only, last)
         with torch.no_grad():
             for k in range(len(self.actions)):
                 self.do(k, state)

@@ -9,6 +9,17 @@ step after the first replays a CUDA graph captured for this batch and cache (tok
 positions are copied into static device buffers, the graph's kernels read them there).
 `step(tokens)` is one decode step on device tensors, for benchmarks and servers.
 
+Short prompts (batch x padded length <= PREFILL_GRAPH_TOKENS) prefill in CUDA graphs too: without
+one, a short prefill is bound by the host launching its ~14 kernels a layer (an H100, the 48-layer
+Qwen3-30B-A3B shape, 32 tokens: 49.9 ms of wall time for 10.8 ms of GPU work; bench/gpu_prefill_host.py).
+The prompt is padded to a power of two (at least PREFILL_GRAPH_MIN) and one graph per (batch,
+padded length) is captured at its first use; the padding sits after the prompt, so causal
+attention keeps it out of every real token, and the head reads the last real position, whose index
+is a device tensor. The pads' cache entries lie past the prompt: the next decode step overwrites the
+first and no kernel reads past its own position. A new prompt keeps the cache's buffers when they
+are big enough (KVCache.clear), so the captured graphs stay valid across prompts. Artifacts with
+CPU experts prefill without a graph (their CPU part is host work).
+
 Heterogeneous artifacts (routed experts partly on the CPU) run the same way: the executor's
 schedule has host actions (start a layer's CPU experts, wait for them) between stretches of
 stream work, and a decode step is captured as one CUDA graph per stretch, replayed in order
@@ -31,6 +42,9 @@ from ..sampling import sample
 from .executor import GpuExecutor
 from .kv_cache import GpuKVCache
 
+PREFILL_GRAPH_TOKENS = 2048   # the most batch x padded-length tokens a prefill CUDA graph serves
+PREFILL_GRAPH_MIN = 16        # the shortest padded length (shorter prompts share its graph)
+
 
 class GpuModel(CompiledModel):
     def __init__(self, graph: Graph, weights: Mapping[str, Any], kernels: Any, tokenizer: Any = None,
@@ -51,6 +65,9 @@ class GpuModel(CompiledModel):
         self._cache = self._new_cache()
         self.cuda_graphs = cuda_graphs
         self._cuda_graph: dict[str, Any] | None = None
+        self._prefill_graphs: dict[tuple[int, int], dict[str, Any]] = {}
+        self._prefill_pool: Any = None
+        self._prefill_uncapturable: set[tuple[int, int]] = set()   # shapes whose capture failed: eager
         self._sample_stream: tuple[torch.Generator | None, int, int] | None = None   # see _sampling_stream
 
     def _new_cache(self) -> GpuKVCache:
@@ -138,17 +155,79 @@ class GpuModel(CompiledModel):
 
     def reset(self) -> None:
         self._cache.reset()
+        self.drop_graphs()
+
+    def drop_graphs(self) -> None:
+        """Forget the captured CUDA graphs (they hold the launches of the configs in force when captured:
+        runtime.tuning.apply_records calls this)."""
         self._cuda_graph = None
+        self._prefill_graphs = {}
 
     def prefill(self, input_ids: torch.Tensor, reserve: int = 0) -> torch.Tensor:
         return self._prefill(input_ids, reserve).cpu()
 
     def _prefill(self, input_ids: torch.Tensor, reserve: int = 0) -> torch.Tensor:
+        """Last-position logits [batch, vocab] float32 on the GPU (from a prefill graph: valid until the
+        next prefill of that shape)."""
         ids = self._check_ids(input_ids)
-        self._check_length(ids.shape[1] + reserve, f"the prompt ({ids.shape[1]} tokens) + {reserve} new tokens")
-        self.reset()
-        self._cache.reserve(ids.shape[0], ids.shape[1] + reserve)
-        return self._forward(ids, self._cache, True)[:, -1]
+        b, n = ids.shape
+        self._check_length(n + reserve, f"the prompt ({n} tokens) + {reserve} new tokens")
+        padded = self._prefill_graph_length(b, n)
+        need = max(n + reserve, padded or 0)
+        cache = self._cache
+        if cache.batch == b and cache.capacity >= need:
+            cache.clear()
+        else:
+            self.reset()
+            cache.reserve(b, need)
+        if padded is None:
+            return self._forward(ids, cache, True)[:, -1]
+        return self._prefill_in_graph(ids, padded)
+
+    def _prefill_graph_length(self, b: int, n: int) -> int | None:
+        """The padded length a prompt of b rows x n tokens prefills at in a CUDA graph, or None (eager)."""
+        if not self.cuda_graphs or self.executor.offloads:
+            return None
+        padded = max(PREFILL_GRAPH_MIN, 1 << (n - 1).bit_length())
+        if b * padded > PREFILL_GRAPH_TOKENS or (self.max_context is not None and padded > self.max_context):
+            return None
+        return None if (b, padded) in self._prefill_uncapturable else padded
+
+    def _prefill_in_graph(self, ids: torch.Tensor, padded: int) -> torch.Tensor:
+        b, n = ids.shape
+        cache = self._cache
+        g = self._prefill_graphs.get((b, padded))
+        if g is not None and g["generation"] == cache.generation:
+            g["ids"][:, :n].copy_(ids)
+            g["last"].fill_(n - 1)
+            g["graph"].replay()
+            cache.advance(n)
+            return g["out"]
+        g = {"ids": torch.zeros(b, padded, dtype=torch.long, device=self.device),
+             "pos": torch.arange(padded, device=self.device).expand(b, padded).contiguous(),
+             "last": torch.full((1,), n - 1, dtype=torch.long, device=self.device), "generation": cache.generation}
+        g["ids"][:, :n].copy_(ids)
+        out = self.executor.run(g["ids"], g["pos"], cache, 0, True, g["last"])[:, -1]   # compiles the kernels
+        try:
+            self._capture_prefill(g)
+            self._prefill_graphs[(b, padded)] = g
+        except RuntimeError:            # an op that cannot be captured: this shape stays eager
+            self._prefill_uncapturable.add((b, padded))
+        cache.advance(n)
+        return out
+
+    def _capture_prefill(self, g: dict[str, Any]) -> None:
+        torch.cuda.synchronize()
+        ex = self.executor
+        state = ex.start(g["ids"], g["pos"], self._cache, 0, True, g["last"])
+        if self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self._prefill_pool):
+            for k in range(len(ex.actions)):
+                ex.do(k, state)
+            g["out"] = ex.finish(state)[:, -1]
+        g["graph"] = graph
 
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self._cache.length == 0:

@@ -132,3 +132,34 @@ def check_generate_with_cuda_graphs(artifact, folder) -> None:
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_generate_with_cuda_graphs_matches_transformers(tiny_models, gpu_compiled):
     check_generate_with_cuda_graphs(gpu_compiled("qwen3_moe"), tiny_models["qwen3_moe"])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_short_prefills_run_in_cuda_graphs_and_match_eager(gpu_compiled):
+    """Prompts padded to a power of two prefill in one CUDA graph per (batch, padded length), reused
+    across prompts; logits and the decode steps after them match an eager model on the same weights."""
+    import ktc
+    from ktc.runtime.gpu.model import PREFILL_GRAPH_MIN, PREFILL_GRAPH_TOKENS
+
+    model = ktc.load(str(gpu_compiled("qwen3_moe")), max_context=2200)
+    eager = ktc.load(str(gpu_compiled("qwen3_moe")), max_context=2200)
+    eager.cuda_graphs = False
+    vocab = int(model.config["vocab_size"])
+    captured = {}
+    # the long (eager) prompt first: its cache is big enough for the next ones, whose graphs then stay valid
+    for b, n in ((1, 2100), (1, 5), (1, PREFILL_GRAPH_MIN), (1, 23), (1, 11), (1, 40), (2, 9)):
+        ids = prompts(vocab, n, batch=b, seed=7)
+        got, ref = model.prefill(ids, reserve=4), eager.prefill(ids, reserve=4)
+        assert got.shape == ref.shape == (b, vocab) and rel_err(got, ref) < 1e-2, (b, n)
+        padded = max(PREFILL_GRAPH_MIN, 1 << (n - 1).bit_length())
+        if n > PREFILL_GRAPH_TOKENS:
+            assert (b, padded) not in model._prefill_graphs          # too long for a graph: eager
+            continue
+        graph = model._prefill_graphs[(b, padded)]["graph"]
+        assert captured.setdefault((b, padded), graph) is graph       # the shape's graph, replayed again
+        tok = got.argmax(-1)
+        for _ in range(3):                                            # decoding goes on from the prompt
+            step, ref_step = model.decode(tok), eager.decode(tok)
+            assert rel_err(step, ref_step) < 1e-2, (b, n)
+            tok = ref_step.argmax(-1)
+    assert set(captured) == {(1, 16), (1, 32), (2, 16), (1, 64)}

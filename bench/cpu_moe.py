@@ -65,6 +65,7 @@ SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "deepseek-v2-lite": (2048, 1408,
 OURS = [("int8-g32", "int8", 32), ("int8-g128", "int8", 128), ("int4-g128", "int4", 128)]
 KT_METHOD = {"int8": "AMXINT8", "int4": "AMXINT4"}
 REGIMES = [("decode-1", 1), ("decode-8", 8), ("prefill-512", 512)]
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)   # runtime.tuning.BATCH_BUCKETS
 COLD = "decode-1-cold"
 TARGETS = ("x86-amx", "x86-avx512")
 # x86-amx built with the other int8/int4 prefill paths (tir_experts.KernelConfig.prefill)
@@ -111,7 +112,8 @@ def cmd_build(args) -> None:
     from ktc.codegen.cpu_experts import ExpertKernelSpec, build_cpu_kernels, kernel_config
     from ktc.targets import get
 
-    specs = [ExpertKernelSpec(H, I, E, K, fmt, g) for (H, I, E, K) in SHAPES.values() for _, fmt, g in OURS]  # noqa: E741
+    specs = [ExpertKernelSpec(H, I, E, K, fmt, g) for (H, I, E, K) in SHAPES.values()  # noqa: E741
+             for label, fmt, g in OURS if not args.formats or label in args.formats]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(t, None) for t in args.targets] + [(t, d) for t in args.decode_targets for d in args.decode_paths]
@@ -281,6 +283,16 @@ def measure_ours(args) -> list[dict]:
                         return kern.moe_experts(name, x, tw, ids, parts)
                     fns[t] = fn
                     errs[t] = rel(fn(x, tw, ids), ref)
+                    tiles = kern.tile_variants(name) if args.tile_variants and hasattr(kern, "tile_variants") else []
+                    for v in tiles:       # the same kernel with other micro-kernel shapes, interleaved with it
+                        def fv(x, tw, ids, kern=kern, name=name, parts=parts, table=dict.fromkeys(BUCKETS, v)):
+                            kern.set_tuned_prefill(name, table)
+                            try:
+                                return kern.moe_experts(name, x, tw, ids, parts)
+                            finally:
+                                kern.set_tuned_prefill(name, None)
+                        fns[f"{t}:{v}"] = fv
+                        errs[f"{t}:{v}"] = rel(fv(x, tw, ids), ref)
                 for t, per_round in interleaved(fns, inputs, T, args.rounds).items():
                     med = sorted(per_round)[len(per_round) // 2]
                     rows.append(dict(shape=sname, impl=f"ktc {t}", fmt=label, regime=rname, T=T, ms=med * 1e3,
@@ -547,7 +559,8 @@ def cmd_run(args) -> None:
     built = json.loads((Path(args.kernels) / "manifest.json").read_text())
     ours = [t for t in args.targets if t in built]
     # our builds in one process, timed in turn (interleaved) so that drift hits them alike
-    jobs += [("ours", ["--ours", *ours, "--rounds", str(args.rounds)])] if plain and ours else []
+    jobs += [("ours", ["--ours", *ours, "--rounds", str(args.rounds), *(["--tile-variants"] if args.tile_variants
+                                                                         else [])])] if plain and ours else []
     if COLD in regimes:
         jobs.append(("cold", ["--cold-only", "--cold-target", args.cold_target, "--cold-layers", str(args.cold_layers),
                               "--cold-threads", *map(str, args.cold_threads), "--cold-iters", str(args.cold_iters),
@@ -593,6 +606,7 @@ def main(argv=None) -> None:
     b.add_argument("--targets", nargs="*", default=list(TARGETS), choices=TARGETS, help="plain builds to make")
     b.add_argument("--prefill-builds", nargs="*", default=list(PREFILL_BUILDS), choices=PREFILL_BUILDS,
                    help="x86-amx also built with these int8/int4 prefill paths (AMX-BF16 tiles)")
+    b.add_argument("--formats", nargs="*", default=None, help="subset of " + ", ".join(x for x, _, _ in OURS))
     r = sub.add_parser("run")
     r.add_argument("--kernels", default=str(ROOT / ".carry" / "kernels"))
     r.add_argument("--out", required=True)
@@ -608,6 +622,8 @@ def main(argv=None) -> None:
     r.add_argument("--ours", nargs="*", choices=BUILDS, default=None,
                    help="measure these builds in one process, interleaved (what `run` does)")
     r.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (ours)")
+    r.add_argument("--tile-variants", action="store_true",
+                   help="also time each kernel's tile variants (TARGET_CONFIGS tile_variants), interleaved")
     r.add_argument("--no-kt", action="store_true")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--cold-only", action="store_true")

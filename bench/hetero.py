@@ -177,6 +177,8 @@ def cmd_plan(args) -> None:
             "dsv2lite-int8": (ds, {"quant": "int8", "gpu_memory": "12GiB"}),
         }
         for name, (folder, opts) in jobs.items():
+            if args.only and name not in args.only:
+                continue
             t = time.perf_counter()
             rep = compile_model(folder, out / f"{name}.ktc", **common, **opts)
             plan = rep.graph.config.get("placement", {})
@@ -625,6 +627,7 @@ def main() -> None:
     p.add_argument("--out", default=".carry/hetero")
     p.add_argument("--cpu-target", default="x86-amx")
     p.add_argument("--gpu-memory", default="24GiB")
+    p.add_argument("--only", nargs="*", default=None, help="plans to compile (default: all)")
     r = sub.add_parser("run")
     r.add_argument("--plans", default=".carry/hetero")
     r.add_argument("--out", default="bench/out")

@@ -5,7 +5,9 @@ imports TVM, builds every requested spec into one IRModule, compiles it with tvm
 the request's JSON target, exports the shared library, writes the assembly (for the
 instruction check when no objdump is around) and a result JSON. The config's
 "prefill_variants" (vnni / amx targets) add, per quantized spec, the same kernel built with each
-other int8/int4 prefill path as symbol "<name>__<path>", for the runtime to choose by tuning.
+other int8/int4 prefill path as symbol "<name>__<path>", and its "tile_variants" ({name: KernelConfig
+overrides of the micro-kernel shapes}) the same kernel with other tile shapes as "<name>__<variant>",
+for the runtime to choose by tuning.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ def main(argv: list[str]) -> int:
 
     config = dict(req["config"])
     extra = [p for p in config.pop("prefill_variants", []) if p != config.get("prefill", "int")]
+    tile_variants = dict(config.pop("tile_variants", {}))
     cfg = KernelConfig(**config)
     funcs = {}
     symbols = {}
     variants: dict[str, dict[str, str]] = {}
+    tiles: dict[str, dict[str, str]] = {}
     for d in req["specs"]:
         spec = ExpertKernelSpec.from_dict(d)
         sym = spec.name
@@ -51,6 +55,15 @@ def main(argv: list[str]) -> int:
                                              spec.top_k, spec.format, spec.group_size,
                                              dataclasses.replace(cfg, prefill=path), vsym, paths)
             variants.setdefault(spec.name, {})[path] = vsym
+        for vname, overrides in tile_variants.items():   # the same kernel with other micro-kernel shapes
+            vsym = f"{sym}__{vname}"
+            try:
+                funcs[vsym] = make_moe_prim_func(spec.hidden_size, spec.intermediate_size, spec.num_experts,
+                                                 spec.top_k, spec.format, spec.group_size,
+                                                 dataclasses.replace(cfg, **overrides), vsym, paths)
+            except ValueError:      # shapes this spec cannot take (tile_rows must divide H and I): not built
+                continue
+            tiles.setdefault(spec.name, {})[vname] = vsym
     target = tvm.target.Target(req["target"])
     ex = tvm.compile(tvm.IRModule(funcs), target=target)
     ex.export_library(req["lib"])
@@ -58,7 +71,8 @@ def main(argv: list[str]) -> int:
         f.write(ex.mod.inspect_source("s"))
     runtime_lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime.so")
     with open(req["result"], "w") as f:
-        json.dump({"symbols": symbols, "variants": variants, "needs_runtime": True, "runtime_lib": runtime_lib}, f)
+        json.dump({"symbols": symbols, "variants": variants, "tiles": tiles, "needs_runtime": True,
+                   "runtime_lib": runtime_lib}, f)
     return 0
 
 

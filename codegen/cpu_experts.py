@@ -68,11 +68,17 @@ TARGET_CONFIGS: dict[str, dict[str, Any]] = {
                  "decode_rows": 2, "decode": "fused"},
     "x86-avx512": {"variant": "vnni", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
                    "decode_rows": 2, "decode": "fused", "decode_prefetch": 1, "prefill": "int",
-                   "prefill_variants": ["fma"]},
+                   "prefill_variants": ["fma"], "tile_variants": {"bt4": {"block_tokens": 4},
+                                                                 "tr8": {"tile_rows": 8}}},
     "x86-amx": {"variant": "amx", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
                 "decode_rows": 2, "decode": "fused", "decode_prefetch": 1, "prefill": "int",
-                "prefill_variants": ["bf16", "fma"]},
+                "prefill_variants": ["bf16", "fma"], "tile_variants": {"bt4": {"block_tokens": 4},
+                                                                      "tr8": {"tile_rows": 8}}},
 }
+# "tile_variants": the same kernels with other micro-kernel shapes (tir_experts.KernelConfig), built
+# into the library as "moe_experts@<name>" functions beside the default for `ktc tune` to time at every
+# batch bucket: "bt4" token blocks of 4 instead of 8 (batches of 2-16 tokens), "tr8" parallel work items
+# of 8 weight rows instead of 4 (fewer, larger items: less scheduling, coarser balance)
 # "decode_prefetch": 1 (software prefetch of the next row group's weights in the VNNI single-token
 # micro-kernel): cold one-token calls on the H100 machine's 16-core Xeon, Qwen3-30B-A3B experts,
 # ~5 of 8 active, 10% faster for int8 (0.342 -> 0.306 ms) and 20% for int4 (0.178 -> 0.143 ms);
@@ -338,7 +344,10 @@ def build_cpu_kernels(specs: list[ExpertKernelSpec], target: CpuTarget, out_dir:
             name: {"spec": s.to_dict(),
                    "functions": {"moe_experts": result["symbols"][name],
                                  **{f"moe_experts@{p}": sym
-                                    for p, sym in result.get("variants", {}).get(name, {}).items()}},
+                                    for p, sym in result.get("variants", {}).get(name, {}).items()},
+                                 **{f"moe_experts@{v}": sym
+                                    for v, sym in result.get("tiles", {}).get(name, {}).items()}},
+                   "tile_variants": list(result.get("tiles", {}).get(name, {})),
                    "prefill": cfg.get("prefill", "int"),
                    "prefill_from_pairs": PREFILL_PAIRS_PER_EXPERT * s.num_experts,
                    "weights": list(s.weight_parts()),

@@ -162,7 +162,8 @@ class CpuExpertKernels:
                     pass
             fn = paths[k.get("prefill", "int")]
             self._kernels[name] = {
-                "fn": fn, "paths": paths, "prefill_from_pairs": int(k.get("prefill_from_pairs", 0)),
+                "fn": fn, "paths": paths, "tiles": [t for t in k.get("tile_variants", []) if t in paths],
+                "prefill_from_pairs": int(k.get("prefill_from_pairs", 0)),
                 "H": int(spec["hidden_size"]), "I": int(spec["intermediate_size"]),
                 "E": int(spec["num_experts"]), "K": int(spec["top_k"]), "weights": list(k["weights"]),
                 "scratch": [(d["name"], _DTYPES[d["dtype"]], int(d["fixed"]), int(d["per_token"]))
@@ -207,7 +208,13 @@ class CpuExpertKernels:
 
     def prefill_paths(self, kernel_name: str) -> list[str]:
         """The int8/int4 prefill paths `kernel_name` was built with, its default first."""
-        return list(self._kernels[kernel_name]["paths"])
+        k = self._kernels[kernel_name]
+        return [p for p in k["paths"] if p not in k["tiles"]]
+
+    def tile_variants(self, kernel_name: str) -> list[str]:
+        """The other micro-kernel shapes `kernel_name` was built with (codegen TARGET_CONFIGS
+        "tile_variants"): functions `ktc tune` can choose at any batch bucket, like the prefill paths."""
+        return list(self._kernels[kernel_name]["tiles"])
 
     def prefill_from_tokens(self, kernel_name: str) -> int:
         """The batch size from which calls can take the prefill path (0: unknown)."""
@@ -215,8 +222,8 @@ class CpuExpertKernels:
         return -(-k["prefill_from_pairs"] // k["K"]) if k["prefill_from_pairs"] else 0
 
     def set_tuned_prefill(self, kernel_name: str, by_bucket: dict[int, str] | None) -> None:
-        """The prefill path of `kernel_name` by batch bucket, from `ktc tune` records (paths this
-        build lacks are ignored); None: the default path again."""
+        """The function of `kernel_name` by batch bucket, from `ktc tune` records: a prefill path or a
+        tile variant (names this build lacks are ignored); None: the default again."""
         tuned = self.__dict__.setdefault("_tuned_prefill", {})
         paths = self._kernels[kernel_name]["paths"] if kernel_name in self._kernels else {}
         table = {int(b): p for b, p in (by_bucket or {}).items() if p in paths}

@@ -1,8 +1,8 @@
-"""CPU tuning: the thread count and prefill path of each CPU expert kernel, per batch bucket.
+"""CPU tuning: the thread count and kernel function of each CPU expert kernel, per batch bucket.
 
 An artifact carries one TVM-built library per CPU target, and in it one kernel per expert shape
-and format, with its tile shapes and decode / prefill crossover fixed at compile time. What a
-host can choose at run time:
+and format, with its decode / prefill crossover fixed at compile time. What a host can choose at
+run time:
 - how many tasks the kernel's parallel phases are split into (its last argument, `nthr`): all
   cores, one fewer (room for the thread that drives the GPU or the OS), three quarters or half
   of them (memory-bound decode often saturates bandwidth before it runs out of cores);
@@ -12,7 +12,11 @@ host can choose at run time:
   decode / prefill crossover moved to never), which one runs, for the buckets that reach the
   prefill path: which is faster depends on the machine (tile throughput against dequantization,
   activation quantization and bandwidth).
-Both are tuned here together, per kernel and batch bucket, on one layer's real weights read from
+- which tile shapes run, where the library holds the kernel built with other micro-kernel shapes
+  (codegen TARGET_CONFIGS "tile_variants", x86-avx512 / x86-amx: token blocks of 4 instead of 8,
+  parallel work items of 8 weight rows instead of 4), at every bucket.
+A prefill path or a tile variant is one function of the library: a record's "prefill" names it.
+All are tuned here together, per kernel and batch bucket, on one layer's real weights read from
 the artifact and random routing; CpuExpertKernels.set_tuned_threads / set_tuned_prefill apply
 the winners at load.
 
@@ -166,13 +170,15 @@ def cpu_tasks(manifest: Manifest, kernels: Any, graph: Graph | None = None, buck
 
 
 def _paths_at(kernels: Any, name: str, bucket: int) -> list[str | None]:
-    """The prefill paths worth a candidate at `bucket` (default first), or [None] where there is no
-    choice: one path built, or a bucket below the prefill crossover (all paths run the same code)."""
+    """The kernel functions worth a candidate at `bucket` (the default first): the prefill paths from
+    the prefill crossover on (below it they all run the same code), the tile variants at every bucket;
+    [None] where there is no choice."""
     paths = kernels.prefill_paths(name) if hasattr(kernels, "prefill_paths") else []
+    tiles = kernels.tile_variants(name) if hasattr(kernels, "tile_variants") else []
     start = kernels.prefill_from_tokens(name) if len(paths) > 1 else 0
-    if len(paths) < 2 or not start or bucket < start:
-        return [None]
-    return paths
+    prefill = paths if len(paths) > 1 and start and bucket >= start else paths[:1]
+    out = [*prefill, *tiles]
+    return out if len(out) > 1 else [None]
 
 
 def apply_cpu_records(kernels: Any, graph: Graph | None, records: TuningRecords,
@@ -192,6 +198,7 @@ def apply_cpu_records(kernels: Any, graph: Graph | None, records: TuningRecords,
         valid: dict[int, int] = {}
         paths: dict[int, str] = {}
         known = kernels.prefill_paths(name) if hasattr(kernels, "prefill_paths") else []
+        tiles = kernels.tile_variants(name) if hasattr(kernels, "tile_variants") else []
         searched = False
         for b, rec in records.by_bucket(*kernel_key(kernels.entry, name, sha, n)).items():
             cfg = rec.active_config or {}
@@ -199,13 +206,14 @@ def apply_cpu_records(kernels: Any, graph: Graph | None, records: TuningRecords,
             if b in BATCH_BUCKETS and isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= n:
                 valid[b] = t
                 searched = searched or rec.status in APPLIED
-                if cfg.get("prefill") in known:
+                if cfg.get("prefill") in known or cfg.get("prefill") in tiles:
                     paths[b] = cfg["prefill"]
         kernels.set_tuned_threads(name, bucket_table(valid) if valid else None)
         if hasattr(kernels, "set_tuned_prefill"):
-            # the nearest recorded bucket's path, but the default below the prefill crossover
+            # the nearest recorded bucket's function, but not another prefill path below the prefill crossover
             start = kernels.prefill_from_tokens(name)
-            table = {b: p if b >= start else known[0] for b, p in bucket_table(paths).items()} if paths else None
+            table = ({b: p if b >= start or p in tiles else known[0] for b, p in bucket_table(paths).items()}
+                     if paths else None)
             kernels.set_tuned_prefill(name, table)
         applied += searched
     return applied

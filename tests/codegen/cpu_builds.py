@@ -29,6 +29,10 @@ EMU = "x86-amx-emu"
 EMU_BF16 = "x86-amx-emu-bf16"
 EMU_BF16X1 = "x86-amx-emu-bf16x1"     # one bf16 activation term whatever the format (int8 too)
 EMUS = (EMU, EMU_BF16, EMU_BF16X1)
+# x86-avx2 with two tile variants (TARGET_CONFIGS "tile_variants"); the other builds leave them out
+# (they cost build time and every test but the tile one would ignore them)
+TILES = "x86-avx2-tiles"
+TILE_VARIANTS = {"bt8": {"block_tokens": 8}, "tr8": {"tile_rows": 8}}
 
 # one kernel per format; odd little shapes (multiples of 32), several group sizes
 SPECS = {
@@ -65,22 +69,29 @@ def specs_for(name: str) -> list[ExpertKernelSpec]:
     base, decode = _split(name)
     if decode or base in EMUS or (base == "x86-amx" and not get_target(base).runs_here()):
         return [SPECS["int8"], SPECS["int4"]]
+    if base == TILES:
+        return [SPECS["float32"], SPECS["int8"]]
     return list(SPECS.values())
 
 
 def target_for(name: str):
     base = _split(name)[0]
-    return get_target("x86-avx512" if base in EMUS else base)
+    return get_target("x86-avx512" if base in EMUS else "x86-avx2" if base == TILES else base)
 
 
 def _build(name: str) -> tuple[Path, dict[str, Any]]:
     out = _root_dir() / name
     base, decode = _split(name)
-    config = dict(TARGET_CONFIGS["x86-amx"], variant="amx-emu") if base in EMUS else None
+    if base == TILES:
+        config = dict(TARGET_CONFIGS["x86-avx2"], tile_variants=TILE_VARIANTS)
+    else:
+        config = dict(TARGET_CONFIGS["x86-amx" if base in EMUS else base], tile_variants={})
+    if base in EMUS:
+        config["variant"] = "amx-emu"
     if base in (EMU_BF16, EMU_BF16X1):
         config["prefill"] = "bf16" if base == EMU_BF16 else "bf16x1"
     if decode:
-        config = dict(config or TARGET_CONFIGS[base], decode=decode)
+        config["decode"] = decode
     return out, build_cpu_kernels(specs_for(name), target_for(name), out, config=config)
 
 

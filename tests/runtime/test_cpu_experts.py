@@ -9,7 +9,19 @@ import torch
 from ktc.codegen.cpu_experts import PREFILL_PAIRS_PER_EXPERT, pack_expert_weights, unpack_expert_weights
 from ktc.errors import HostError, InputError
 from ktc.runtime.cpu_experts import CpuExpertKernels, check_host, num_threads
-from tests.codegen.cpu_builds import EMU, EMU_BF16, EMU_BF16X1, SPECS, builds, reference_moe, rel, specs_for, target_for
+from tests.codegen.cpu_builds import (
+    EMU,
+    EMU_BF16,
+    EMU_BF16X1,
+    SPECS,
+    TILE_VARIANTS,
+    TILES,
+    builds,
+    reference_moe,
+    rel,
+    specs_for,
+    target_for,
+)
 
 NAMES = ("x86-avx2", "x86-avx512", "x86-amx", EMU, EMU_BF16, EMU_BF16X1)
 RUNNABLE = [n for n in NAMES if target_for(n).runs_here()]
@@ -338,6 +350,48 @@ def test_thread_count_from_environment(monkeypatch):
     monkeypatch.delenv("KTC_NUM_THREADS")
     monkeypatch.delenv("TVM_NUM_THREADS")
     assert num_threads() >= 1
+
+
+def test_tile_variants_are_functions_tuning_chooses_at_every_bucket(weights):
+    """A library built with tile variants (TARGET_CONFIGS "tile_variants") holds each kernel with the
+    other micro-kernel shapes too; they compute the same layer, `ktc tune` times them at every bucket
+    (prefill paths only from the crossover on), and records pick one per bucket."""
+    from ktc.runtime.cpu_tune import _paths_at, apply_cpu_records, kernel_key, lib_hash
+    from ktc.runtime.tuning import TuningKey, TuningRecord, TuningRecords
+
+    kern = CpuExpertKernels.load(*builds([TILES])[TILES])
+    n = num_threads()
+    for fmt in ("float32", "int8"):
+        spec = SPECS[fmt]
+        name = spec.name
+        _, _, parts, gud, dnd = weights[fmt]
+        assert kern.tile_variants(name) == list(TILE_VARIANTS) and kern.prefill_paths(name) == ["int"]
+        assert _paths_at(kern, name, 1) == _paths_at(kern, name, 512) == ["int", *TILE_VARIANTS]
+        gen = torch.Generator().manual_seed(5)
+        for t in (1, 3, 11):            # one token, a short token block, two blocks and a tail
+            x = torch.randn(t, spec.hidden_size, generator=gen)
+            tw, ids = _routing(t, spec.top_k, spec.num_experts, gen)
+            ref = reference_moe(x, tw, ids, gud, dnd)
+            for variant in TILE_VARIANTS:
+                kern.set_tuned_prefill(name, {1: variant, 4: variant, 16: variant})
+                try:
+                    assert rel(kern.moe_experts(name, x, tw, ids, parts), ref) < TOL_DEQ[fmt], (fmt, t, variant)
+                finally:
+                    kern.set_tuned_prefill(name, None)
+        # records: tr8 at bucket 1 (below the prefill crossover: a tile variant applies there), a name
+        # this build lacks at bucket 4 (ignored)
+        kernel, shape, f = kernel_key(kern.entry, name, lib_hash(kern.entry, kern.kernel_dir), n)
+        recs = TuningRecords({"cpu": "test"})
+        for b, fn in ((1, "tr8"), (4, "bt16")):
+            recs.add(TuningRecord(TuningKey(kernel, shape, f, b).id(), {"threads": n, "prefill": fn}, 1.0, 2.0, 9,
+                                  {"threads": n, "prefill": "int"}, "kept"))
+        try:
+            apply_cpu_records(kern, None, recs)
+            table = kern.__dict__["_tuned_prefill"][name]
+            assert table[1] == table[2] == "tr8" and "bt16" not in table.values()
+        finally:
+            kern.set_tuned_prefill(name, None)
+            kern.set_tuned_threads(name, None)
 
 
 @pytest.mark.skipif(EMU not in RUNNABLE, reason=f"this host cannot run {EMU} kernels")

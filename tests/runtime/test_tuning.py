@@ -429,7 +429,14 @@ def test_precompile_workers_run_every_job_and_failures_or_the_time_limit_do_not_
 def test_cpu_thread_tuning_with_a_real_timer_and_applied_thread_counts(compiled, monkeypatch):
     from ktc.runtime.artifact import read_manifest
     from ktc.runtime.cpu_experts import num_threads
-    from ktc.runtime.cpu_tune import apply_cpu_records, cpu_tasks, load_cpu_kernels, thread_candidates, wall_timer
+    from ktc.runtime.cpu_tune import (
+        _paths_at,
+        apply_cpu_records,
+        cpu_tasks,
+        load_cpu_kernels,
+        thread_candidates,
+        wall_timer,
+    )
 
     assert thread_candidates(16) == [16, 15, 12, 8] and thread_candidates(2) == [2, 1]
     assert thread_candidates(1) == [1]
@@ -441,9 +448,12 @@ def test_cpu_thread_tuning_with_a_real_timer_and_applied_thread_counts(compiled,
     done = tune(tasks, recs, wall_timer(target_s=0.01))
     assert len(done) == len(tasks)
     n = num_threads()
-    for r in recs.records.values():
-        assert r.default == {"threads": n} and r.config["threads"] in thread_candidates(n)
-        assert r.candidates == len(thread_candidates(n)) and r.seconds > 0
+    for task in tasks:     # threads x the functions worth a candidate there (tile variants: x86-avx512 hosts)
+        r = recs.records[task.key.id()]
+        fns = _paths_at(kernels, task.key.kernel.split(".", 1)[1].split("#")[0], task.key.batch)
+        assert r.default == ({"threads": n} if fns == [None] else {"threads": n, "prefill": fns[0]})
+        assert r.config["threads"] in thread_candidates(n) and r.config.get("prefill") in fns
+        assert r.candidates == len(thread_candidates(n)) * len(fns) and r.seconds > 0
     assert apply_cpu_records(kernels, m.graph, recs, m.files) == 0        # pending: not applied
     assert not kernels.__dict__.get("_tuned_threads")
     for r in recs.records.values():
@@ -452,7 +462,7 @@ def test_cpu_thread_tuning_with_a_real_timer_and_applied_thread_counts(compiled,
     # a record asking for more threads than this host has is never applied
     name = kernels.kernel_names[0]
     for r in recs.records.values():
-        r.config = {"threads": n + 5}
+        r.config = {**r.config, "threads": n + 5}
     assert apply_cpu_records(kernels, m.graph, recs, m.files) == 0
     assert name not in kernels.__dict__.get("_tuned_threads", {})
 

@@ -93,9 +93,9 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
             num_warps=cfg["num_warps"])
     # --gpu-dense-quant int4 / fp8 linears: decode batches past the GEMV's rows and prefill configs on the
     # tiles (fp8 decode: K steps of several groups), one and two rows on the GEMV kernels
-    for kernel, gemv, default, qw, targets in (
-            ("matmul_w4a16_kernel", "gemv_w4a16_kernel", matmul.default_config_w4a16, "u8", None),
-            ("matmul_fp8_kernel", "gemv_fp8_kernel", matmul.default_config_fp8, "fp8e4nv", FP8_TARGETS)):
+    for kernel, fp8, default, qw, targets in (
+            ("matmul_w4a16_kernel", False, matmul.default_config_w4a16, "u8", None),
+            ("matmul_fp8_kernel", True, matmul.default_config_fp8, "fp8e4nv", FP8_TARGETS)):
         ptrs = dict(a_ptr="bf16", qw_ptr=qw, s_ptr="fp32", bias_ptr="bf16", c_ptr="bf16")
         ints = ("M", "N", "K", "stride_am", "stride_qn", "stride_sn", "stride_cm")
         for m, bias in ((4, False), (2048, True)):
@@ -105,9 +105,10 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                 targets=targets, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         for rows, bias in ((1, False), (2, True)):
             cfg = default(rows, hidden, hidden)
-            consts = dict(HAS_BIAS=bias, GROUP=group, ROWS=rows, BLOCK_N=cfg["BLOCK_N"],
+            consts = dict(HAS_BIAS=bias, GROUP=group, FP8=fp8, ROWS=rows, BLOCK_N=cfg["BLOCK_N"],
                           BLOCK_K=max(group, cfg["BLOCK_K"]))
-            add("matmul", gemv, _sig(ptrs, ints, consts=consts), targets=targets, num_warps=cfg["num_warps"])
+            add("matmul", "gemv_grouped_kernel", _sig(ptrs, ints, consts=consts), targets=targets,
+                variant="fp8" if fp8 else "", num_warps=cfg["num_warps"])
     add("rope", "rope_tables_kernel", _sig(dict(pos_ptr="i64", inv_freq_ptr="fp32", cos_ptr="fp32", sin_ptr="fp32"),
                                            floats=("scaling",), consts=dict(HALF=head_dim // 2, BLOCK=head_dim // 2)),
         num_warps=1)

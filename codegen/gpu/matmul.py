@@ -28,8 +28,8 @@ the rows' scales after the dot (float32, one multiply per output instead of per 
 step over several groups scales every value before it. Triton lowers fp8e4nv on sm89+ (and on AMD)
 only: an fp8 artifact is refused on older NVIDIA GPUs (runtime.artifact.check_host).
 
-gemv_w4a16_kernel and gemv_fp8_kernel are those two products for up to GEMV_ROWS rows, as gemv_kernel
-is matmul_kernel's: whole groups a step as [rows, groups, values] tiles, float32 products summed per
+gemv_grouped_kernel is those two products (FP8 picks the format) for up to GEMV_ROWS rows, as
+gemv_kernel is matmul_kernel's: whole groups a step as [rows, groups, values] tiles, float32 products summed per
 group and scaled once per group. On an H100 (in a graph, one row) they take 6-7 us for the qkv / o
 projections where the tiles took 42-77 us (the tiles' dequantize-then-dot at 16 padded rows ran at
 90-180 GB/s), i.e. 0.6x the bf16 GEMV's time for a quarter / half of its bytes.
@@ -187,20 +187,21 @@ def matmul_fp8_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am,
 
 
 @triton.jit
-def gemv_w4a16_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_qn, stride_sn, stride_cm,
-                      HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """matmul_w4a16_kernel for a few rows (decode, M <= ROWS), as gemv_kernel is matmul_kernel's: a
-    program streams BLOCK_N packed weight rows once, BLOCK_K values (BLOCK_K / GROUP whole groups) a
-    step, as [rows, groups, bytes] tiles; each group's nibbles times the activations are summed in
-    float32 first and scaled once per group."""
-    HALF_G: tl.constexpr = GROUP // 2
+def gemv_grouped_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_qn, stride_sn, stride_cm,
+                        HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, FP8: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """matmul_w4a16_kernel (FP8 false) / matmul_fp8_kernel (FP8 true) for a few rows (decode, M <= ROWS),
+    as gemv_kernel is matmul_kernel's: a program streams BLOCK_N packed weight rows once, BLOCK_K values
+    (BLOCK_K / GROUP whole groups) a step, as [rows, groups, bytes] tiles (int4: a byte holds value j of
+    the group in its low nibble and j + GROUP/2 in its high one; fp8: a byte a value); each group's
+    values times the activations are summed in float32 first and scaled once per group."""
+    VALS: tl.constexpr = GROUP if FP8 else GROUP // 2     # bytes of one row's group
     NG: tl.constexpr = BLOCK_K // GROUP
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
     offs_m = tl.arange(0, ROWS)
     offs_g = tl.arange(0, NG)
-    offs_j = tl.arange(0, HALF_G)
+    offs_j = tl.arange(0, VALS)
     q_base = qw_ptr + w_rows[:, None, None] * stride_qn + offs_j[None, None, :]
     s_base = s_ptr + w_rows[:, None] * stride_sn
     groups = K // GROUP
@@ -208,51 +209,28 @@ def gemv_w4a16_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am,
     for g0 in range(0, groups, NG):
         g = g0 + offs_g
         gmask = g < groups
-        packed = tl.load(q_base + (g * HALF_G)[None, :, None], mask=gmask[None, :, None], other=0)
-        lo = ((packed << 4).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
-        hi = (packed.to(tl.int8, bitcast=True) >> 4).to(tl.float32)
+        if FP8:
+            lo = tl.load(q_base + (g * VALS)[None, :, None], mask=gmask[None, :, None], other=0.0).to(tl.float32)
+        else:
+            packed = tl.load(q_base + (g * VALS)[None, :, None], mask=gmask[None, :, None], other=0)
+            lo = ((packed << 4).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
+            hi = (packed.to(tl.int8, bitcast=True) >> 4).to(tl.float32)
         sc = tl.load(s_base + g[None, :], mask=gmask[None, :], other=0.0)
         for r in tl.static_range(ROWS):
             a_row = a_ptr + r * stride_am + (g * GROUP)[:, None] + offs_j[None, :]
             amask = (gmask & (g * 0 + r < M))[:, None]       # a tensor mask: row r is a real row
             a_lo = tl.load(a_row, mask=amask, other=0.0).to(tl.float32)
-            a_hi = tl.load(a_row + HALF_G, mask=amask, other=0.0).to(tl.float32)
-            part = tl.sum(lo * a_lo[None, :, :] + hi * a_hi[None, :, :], axis=2)
+            if FP8:
+                part = tl.sum(lo * a_lo[None, :, :], axis=2)
+            else:
+                a_hi = tl.load(a_row + VALS, mask=amask, other=0.0).to(tl.float32)
+                part = tl.sum(lo * a_lo[None, :, :] + hi * a_hi[None, :, :], axis=2)
             acc += tl.where(offs_m[:, None] == r, tl.sum(part * sc, axis=1)[None, :], 0.0)
     _store_tile(acc, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS)
 
-
-@triton.jit
-def gemv_fp8_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_qn, stride_sn, stride_cm,
-                    HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """matmul_fp8_kernel for a few rows (decode, M <= ROWS): gemv_w4a16_kernel's scheme on fp8 values
-    (exact in float32), BLOCK_K / GROUP whole groups a step, scaled once per group."""
-    NG: tl.constexpr = BLOCK_K // GROUP
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_rows = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
-    offs_m = tl.arange(0, ROWS)
-    offs_g = tl.arange(0, NG)
-    offs_j = tl.arange(0, GROUP)
-    q_base = qw_ptr + w_rows[:, None, None] * stride_qn + offs_j[None, None, :]
-    s_base = s_ptr + w_rows[:, None] * stride_sn
-    groups = K // GROUP
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for g0 in range(0, groups, NG):
-        g = g0 + offs_g
-        gmask = g < groups
-        w = tl.load(q_base + (g * GROUP)[None, :, None], mask=gmask[None, :, None], other=0.0).to(tl.float32)
-        sc = tl.load(s_base + g[None, :], mask=gmask[None, :], other=0.0)
-        for r in tl.static_range(ROWS):
-            a = tl.load(a_ptr + r * stride_am + (g * GROUP)[:, None] + offs_j[None, :],
-                        mask=(gmask & (g * 0 + r < M))[:, None], other=0.0).to(tl.float32)
-            part = tl.sum(w * a[None, :, :], axis=2)
-            acc += tl.where(offs_m[:, None] == r, tl.sum(part * sc, axis=1)[None, :], 0.0)
-    _store_tile(acc, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS)
 
 KERNELS = {"matmul_kernel": matmul_kernel, "gemv_kernel": gemv_kernel, "matmul_w4a16_kernel": matmul_w4a16_kernel,
-           "matmul_fp8_kernel": matmul_fp8_kernel, "gemv_w4a16_kernel": gemv_w4a16_kernel,
-           "gemv_fp8_kernel": gemv_fp8_kernel}
+           "matmul_fp8_kernel": matmul_fp8_kernel, "gemv_grouped_kernel": gemv_grouped_kernel}
 
 NUM_SMS = 132   # H100 / H200; only used to pick block sizes, never for correctness
 
@@ -322,7 +300,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, c
 
 def default_config_w4a16(m: int, n: int, k: int) -> dict:
     """Block sizes for an [m, k] x int4 [n, k]^T product (group `group` along K). Up to GEMV_ROWS rows:
-    gemv_w4a16_kernel's (gemv_config's blocks; a K step is at least one group). Other decode batches
+    gemv_grouped_kernel's (gemv_config's blocks; a K step is at least one group). Other decode batches
     (m <= 16): as the bf16 product's tiles (narrow N blocks, so many programs each stream their rows
     once) with twice the K values per step (512: 256 bytes of every weight row, what bf16 reads with
     128 values); prefill: the bf16 tiles. BLOCK_K is at least 32 (16 bytes, tl.dot's smallest K)."""
@@ -346,17 +324,17 @@ def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, b
     group = k // scales.shape[-1]
     if group < 32 or group & (group - 1):
         raise ValueError(f"w4a16 group size {group} is not a power of two >= 32")
-    return _linear_grouped(matmul_w4a16_kernel, gemv_w4a16_kernel, default_config_w4a16, x, qweight, scales, group,
+    return _linear_grouped(matmul_w4a16_kernel, False, default_config_w4a16, x, qweight, scales, group,
                            bias, config, out_dtype, out)
 
 
-def _linear_grouped(kernel, gemv, default, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int,
-                    bias: torch.Tensor | None, config: dict | None, out_dtype: torch.dtype | None,
+def _linear_grouped(kernel, fp8: bool, default, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                    group: int, bias: torch.Tensor | None, config: dict | None, out_dtype: torch.dtype | None,
                     out: torch.Tensor | None) -> torch.Tensor:
-    """Launch a weight-only kernel (matmul_w4a16_kernel, matmul_fp8_kernel: the same arguments; their
-    gemv_* kernels for a GEMV config up to GEMV_ROWS rows) on x [.., K] and a packed [N, ..] weight with
-    a scale per row and group; `default` picks the config (and the tiles for a GEMV config meeting more
-    rows)."""
+    """Launch a weight-only kernel (matmul_w4a16_kernel, matmul_fp8_kernel: the same arguments;
+    gemv_grouped_kernel with FP8 = `fp8` for a GEMV config up to GEMV_ROWS rows) on x [.., K] and a
+    packed [N, ..] weight with a scale per row and group; `default` picks the config (and the tiles for
+    a GEMV config meeting more rows)."""
     k = x.shape[-1]
     n = qweight.shape[0]
     x2 = x.reshape(-1, k)
@@ -370,10 +348,10 @@ def _linear_grouped(kernel, gemv, default, x: torch.Tensor, qweight: torch.Tenso
         out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     b = scales if bias is None else bias
     if cfg.get("GEMV"):
-        gemv[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        gemv_grouped_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
             x2, qweight, scales, b, out, m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, GROUP=group, ROWS=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=max(group, cfg["BLOCK_K"]), num_warps=cfg["num_warps"])
+            HAS_BIAS=bias is not None, GROUP=group, FP8=fp8, ROWS=max(1, triton.next_power_of_2(m)),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=max(group, cfg["BLOCK_K"]), num_warps=cfg["num_warps"])
         return out.view(*x.shape[:-1], n)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     kernel[grid](x2, qweight, scales, b, out, m, n, k, x2.stride(0),
@@ -384,7 +362,7 @@ def _linear_grouped(kernel, gemv, default, x: torch.Tensor, qweight: torch.Tenso
 
 
 def default_config_fp8(m: int, n: int, k: int) -> dict:
-    """Block sizes for an [m, k] x fp8 [n, k]^T product: up to GEMV_ROWS rows gemv_fp8_kernel's
+    """Block sizes for an [m, k] x fp8 [n, k]^T product: up to GEMV_ROWS rows gemv_grouped_kernel's
     (gemv_config's blocks), else the bf16 product's tiles (decode: narrow N blocks, 256 values = 256
     bytes of every weight row a step; prefill: 128 x 128 x 64 tiles)."""
     if m <= GEMV_ROWS:
@@ -409,7 +387,7 @@ def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
     group = k // scales.shape[-1]
     if group < 16 or group & (group - 1):
         raise ValueError(f"fp8 group size {group} is not a power of two >= 16")
-    return _linear_grouped(matmul_fp8_kernel, gemv_fp8_kernel, default_config_fp8, x, qweight, scales, group,
+    return _linear_grouped(matmul_fp8_kernel, True, default_config_fp8, x, qweight, scales, group,
                            bias, config, out_dtype, out)
 
 
@@ -454,7 +432,7 @@ def candidate_configs_w4a16(m: int, n: int, k: int, max_shared: int = 232448, el
     """Configs `ktc tune` times for linear_w4a16 at [m, k] x int4 [n, k]^T, default first: the tiles of
     candidate_configs with K steps of 64 to 1024 values for decode (up to 512 bytes per weight row), whose
     pipelined activation tile and packed weight tile (half a byte a value) fit `max_shared`; up to
-    GEMV_ROWS rows gemv_w4a16_kernel's blocks (its products are per row: one row's registers)."""
+    GEMV_ROWS rows gemv_grouped_kernel's blocks (its products are per row: one row's registers)."""
     fits = _grouped_fits(lambda bk: bk // 2, max_shared, elem_bytes)
     out = _candidates(m, n, k, default_config_w4a16(m, n, k), fits, (64, 128, 256, 512, 1024), (64, 128))
     return out + [c for c in _gemv_candidates(m, k, 1) if c not in out]
@@ -463,7 +441,7 @@ def candidate_configs_w4a16(m: int, n: int, k: int, max_shared: int = 232448, el
 def candidate_configs_fp8(m: int, n: int, k: int, max_shared: int = 232448, elem_bytes: int = 2) -> list[dict]:
     """Configs `ktc tune` times for linear_fp8 at [m, k] x fp8 [n, k]^T, default first: the tiles of
     candidate_configs (K steps of 64 to 512 values for decode), whose pipelined activation tile and fp8
-    weight tile (a byte a value) fit `max_shared`; up to GEMV_ROWS rows gemv_fp8_kernel's blocks."""
+    weight tile (a byte a value) fit `max_shared`; up to GEMV_ROWS rows gemv_grouped_kernel's blocks."""
     fits = _grouped_fits(lambda bk: bk, max_shared, elem_bytes)
     out = _candidates(m, n, k, default_config_fp8(m, n, k), fits, (64, 128, 256, 512), (64, 128))
     return out + [c for c in _gemv_candidates(m, k, 1) if c not in out]

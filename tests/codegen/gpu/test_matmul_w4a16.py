@@ -59,7 +59,7 @@ def test_linear_w4a16_matches_float64(m, n, k, group, block_k, bias, dtype):
     (2, 9, 128, 128, 64, 2, False, torch.float16),    # a step below the group: the kernel takes one group
 ])
 def test_gemv_w4a16_matches_float64(m, n, k, group, block_k, block_n, bias, dtype):
-    """The decode GEMV (matmul.gemv_w4a16_kernel): float32 products, scaled once per group."""
+    """The decode GEMV (matmul.gemv_grouped_kernel, int4): float32 products, scaled once per group."""
     w, deq = packed(n, k, group, seed=m + n + k)
     x = rnd(m, k, seed=1).to(dtype)
     b = rnd(n, seed=2, scale=0.5).to(dtype) if bias else None

@@ -541,13 +541,18 @@ def _slot_blocks(slots: int, block_m: int, device) -> tuple[torch.Tensor, torch.
     return _ALIGN_CONST[key]
 
 
-def _fused_moe_decode(x, topk_weights, topk_ids, weights, inter, cfg):
-    t, h = x.shape
-    top_k = topk_ids.shape[-1]
+def _decode_slots(topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode kernels' per-slot inputs: expert ids int32 [T*K] and routing weights float32 [T*K]."""
     ids = topk_ids.reshape(-1)
     if ids.dtype != torch.int32:
         ids = ids.to(torch.int32)
-    tw = topk_weights.reshape(-1).to(torch.float32)
+    return ids, topk_weights.reshape(-1).to(torch.float32)
+
+
+def _fused_moe_decode(x, topk_weights, topk_ids, weights, inter, cfg):
+    t, h = x.shape
+    top_k = topk_ids.shape[-1]
+    ids, tw = _decode_slots(topk_weights, topk_ids)
     w_up, w_down = weights["gate_up"], weights["down"]
     mode = cfg["DECODE"]
     act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
@@ -576,10 +581,7 @@ def _fused_moe_decode_q(x, topk_weights, topk_ids, weights, inter, fp8, cfg):
     """The "gemv" decode on w4a16 / fp8 experts: moe_gemv_up_q + moe_gemv_down_q, K steps of whole groups."""
     t, h = x.shape
     top_k = topk_ids.shape[-1]
-    ids = topk_ids.reshape(-1)
-    if ids.dtype != torch.int32:
-        ids = ids.to(torch.int32)
-    tw = topk_weights.reshape(-1).to(torch.float32)
+    ids, tw = _decode_slots(topk_weights, topk_ids)
     q_up, s_up = weights["gate_up.qweight"], weights["gate_up.scales"]
     q_dn, s_dn = weights["down.qweight"], weights["down.scales"]
     g_up, g_dn = h // s_up.shape[-1], inter // s_dn.shape[-1]

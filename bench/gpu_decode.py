@@ -250,24 +250,33 @@ def graph_ms(fns, rep: int = 100) -> float:
     return do_bench(g.replay, warmup=25, rep=rep, return_mode="median") / len(fns)
 
 
+def _row_adder(rows: list, width: int):
+    """add(name, ms, nbytes=0, flops=0): a kernel row (us, GB/s, TFLOP/s) appended to `rows` and logged."""
+    def add(name, ms, nbytes=0, flops=0):
+        rows.append({"kernel": name, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6 if nbytes else None,
+                     "TFLOP/s": flops / ms / 1e9 if flops else None})
+        log(f"  {name:{width}s} {ms * 1e3:8.1f} us" + (f" {nbytes / ms / 1e6:7.0f} GB/s" if nbytes else "")
+            + (f" {flops / ms / 1e9:6.0f} TFLOP/s" if flops else ""))
+    return add
+
+
+def _bench(fn) -> float:
+    """Median ms of fn (triton's do_bench: 25 ms warm-up, 100 ms of calls)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
 def bench_kernels(results: dict) -> None:
     import triton
-    from triton.testing import do_bench
 
     from ktc.codegen.gpu import attention, matmul, moe
 
     h, inter, e, k, v = 2048, 768, 128, 8, 151936
     rows = []
     bf = torch.bfloat16
-
-    def add(name, ms, nbytes=0, flops=0):
-        rows.append({"kernel": name, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6 if nbytes else None,
-                     "TFLOP/s": flops / ms / 1e9 if flops else None})
-        log(f"  {name:44s} {ms * 1e3:8.1f} us" + (f" {nbytes / ms / 1e6:7.0f} GB/s" if nbytes else "")
-            + (f" {flops / ms / 1e9:6.0f} TFLOP/s" if flops else ""))
-
-    def bench(fn):
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    add = _row_adder(rows, 44)
+    bench = _bench
 
     # ceilings
     a = torch.empty(2 * 2**30 // 2, dtype=bf, device=DEV).normal_()
@@ -404,21 +413,13 @@ def bench_quant_kernels(results: dict) -> None:
     """The weight-only linears (w4a16 g128, fp8 g128) and MoE beside the bf16 ones at the same shapes, and
     the sampler beside torch's: decode shapes in a CUDA graph (graph_ms) over enough weight copies that
     nothing is served from L2, prefill shapes with do_bench."""
-    from triton.testing import do_bench
 
     from ktc.codegen.gpu import matmul, moe, sampling
 
     rows = []
     bf = torch.bfloat16
-
-    def add(name, ms, nbytes=0, flops=0):
-        rows.append({"kernel": name, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6 if nbytes else None,
-                     "TFLOP/s": flops / ms / 1e9 if flops else None})
-        log(f"  {name:52s} {ms * 1e3:8.1f} us" + (f" {nbytes / ms / 1e6:7.0f} GB/s" if nbytes else "")
-            + (f" {flops / ms / 1e9:6.0f} TFLOP/s" if flops else ""))
-
-    def bench(fn):
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    add = _row_adder(rows, 52)
+    bench = _bench
 
     group = 128
     formats = {"bf16": lambda w: {"w": w.to(bf)}, "w4a16": lambda w: moe.pack_w4a16(w, group),

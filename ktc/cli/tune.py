@@ -324,13 +324,12 @@ def _precompile(artifact: Path, buckets: list[int], groups: list[tuple[str, list
     todo = [t for label, tasks, _ in groups if label == "GPU" for t in tasks if t.key.id() not in work.records]
     if not todo:
         return
-    from ktc.runtime.gpu.precompile import default_workers, distinct_jobs, precompile
+    from ktc.runtime.gpu.precompile import default_workers, precompile
 
     workers = default_workers() if jobs is None else jobs
     if workers <= 1:
         return
-    n = len(distinct_jobs(todo))
-    with err.status(f"compiling {n} distinct GPU kernel configs on {workers} processes"):
+    with err.status(f"compiling the GPU kernel candidates on {workers} processes"):
         res = precompile(artifact, buckets, todo, workers, timeout_s=search_s)
     why = "" if res.finished else " (stopped: the budget ran out)"
     out.print(f"compiled {res.ran} of {res.jobs} distinct GPU kernel configs on {res.workers} processes in "

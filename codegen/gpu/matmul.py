@@ -26,7 +26,12 @@ of G values along K, amax / 448). The fp8 values are converted to the activation
 (exact: e4m3 fits bf16 / fp16) before tl.dot; a K step inside one group multiplies the product by
 the rows' scales after the dot (float32, one multiply per output instead of per weight value), a
 step over several groups scales every value before it. Triton lowers fp8e4nv on sm89+ (and on AMD)
-only: an fp8 artifact is refused on older NVIDIA GPUs (runtime.artifact.check_host).
+only: an fp8 artifact is refused on older NVIDIA GPUs (runtime.artifact.check_host). From
+W8A8_MIN_ROWS rows on (prefill) the same kernel runs w8a8 instead (constexpr A8, or a config's "A8"):
+each K step of activations (BLOCK_K <= G values) is quantized per row on the fly (amax / 448, e4m3) and
+multiplied by the raw e4m3 weight on fp8 tensor cores, the float32 product scaled by the row's and the
+weight rows' scales: twice bf16's tensor-core rate, no weight dequantization in registers, and the
+rounding of an fp8 activation (|error| <= 1/16 of the value) added to the weight's.
 
 gemv_grouped_kernel is those two products (FP8 picks the format) for up to GEMV_ROWS rows, as
 gemv_kernel is matmul_kernel's: whole groups a step as [rows, groups, values] tiles, float32 products summed per
@@ -155,9 +160,19 @@ def matmul_w4a16_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_a
 
 
 @triton.jit
+def quant_rows_fp8(a):
+    """Dynamic fp8 activations: an [M, BLOCK_K] tile -> (float8_e4m3fn values, float32 scale per row =
+    amax / 448; an all-zero row has scale 1 and zero values)."""
+    af = a.to(tl.float32)
+    amax = tl.max(tl.abs(af), axis=1)
+    sa = tl.where(amax > 0, amax / 448.0, 1.0)
+    return tl.clamp(af / sa[:, None], -448.0, 448.0).to(tl.float8e4nv), sa
+
+
+@triton.jit
 def matmul_fp8_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_qn, stride_sn, stride_cm,
                       HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, A8: tl.constexpr = False):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -174,7 +189,13 @@ def matmul_fp8_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am,
         kmask = kk < K
         a = tl.load(a_base + kk[None, :], mask=kmask[None, :], other=0.0)
         w = tl.load(q_base + kk[:, None], mask=kmask[:, None], other=0.0)
-        if BLOCK_K <= GROUP:
+        if A8:
+            # w8a8: the activations' step quantized per row on the fly, an fp8 x fp8 dot (BLOCK_K divides
+            # GROUP), the float32 product scaled by the row's and the weight row's scales
+            aq, sa = quant_rows_fp8(a)
+            sc = tl.load(s_base + k0 // GROUP)
+            acc += tl.dot(aq, w) * (sa[:, None] * sc[None, :])
+        elif BLOCK_K <= GROUP:
             # the step lies in one group (BLOCK_K divides GROUP, which divides K): scale the product
             sc = tl.load(s_base + k0 // GROUP)
             acc += tl.dot(a, w.to(a.dtype)) * sc[None, :]
@@ -354,11 +375,26 @@ def _linear_grouped(kernel, fp8: bool, default, x: torch.Tensor, qweight: torch.
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=max(group, cfg["BLOCK_K"]), num_warps=cfg["num_warps"])
         return out.view(*x.shape[:-1], n)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    a8 = fp8 and w8a8(cfg, m, group, x.device)
     kernel[grid](x2, qweight, scales, b, out, m, n, k, x2.stride(0),
                  qweight.stride(0), scales.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                 GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                 GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                 GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                 BLOCK_K=min(cfg["BLOCK_K"], group) if a8 else cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **({"A8": True} if a8 else {}))
     return out.view(*x.shape[:-1], n)
+
+
+W8A8_MIN_ROWS = 32    # fp8 products of at least this many rows (prefill) quantize their activations too
+
+
+def w8a8(cfg: dict, rows: int, group: int, device: torch.device) -> bool:
+    """Whether an fp8-weight product of `rows` rows on the tiles runs w8a8 (activations quantized per row
+    and K step to e4m3 on the fly, fp8 x fp8 tensor-core dots): the config's "A8" when it has one, else
+    from W8A8_MIN_ROWS rows on. Never for groups under 32 values (an fp8 dot's K is at least 32) nor on
+    AMD GPUs (the ahead-of-time builds lower the e4m3fn dot for NVIDIA sm89+ only)."""
+    if group < 32 or (device.type == "cuda" and torch.version.hip is not None):
+        return False
+    return bool(cfg.get("A8", rows >= W8A8_MIN_ROWS))
 
 
 def default_config_fp8(m: int, n: int, k: int) -> dict:

@@ -36,7 +36,10 @@ are float32 [E, N, K / G]. Or fp8 weight-only (w8a16, --gpu-quant fp8): float8_e
 with a float32 scale per row and group of G values along K (pack_fp8: amax / 448), on the
 grouped GEMM at every token count; it runs the 8-bit branch of fused_moe_kernel (the load is
 dtype-agnostic: int8 or fp8 values are converted to float32 in registers, scaled, and cast to the
-activation dtype before tl.dot). Triton lowers fp8e4nv on sm89+ (and AMD) only.
+activation dtype before tl.dot). Triton lowers fp8e4nv on sm89+ (and AMD) only. From W8A8_MIN_TOKENS
+tokens on (prefill) fp8 experts run w8a8 (constexpr A8): each K step of the gathered rows is quantized
+per row on the fly (amax / 448, e4m3) and multiplied by the raw e4m3 weights on fp8 tensor cores, the
+float32 product scaled by the row's and the weight rows' scales.
 """
 
 from __future__ import annotations
@@ -144,11 +147,21 @@ def moe_scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, num_slots, BLOCK_E: tl.
 
 
 @triton.jit
+def _quant_rows_fp8(a):
+    """Dynamic fp8 activations (matmul.quant_rows_fp8's arithmetic; kernel families import nothing from
+    each other): an [M, BLOCK_K] tile -> (e4m3 values, float32 scale per row = amax / 448, 1 for a zero row)."""
+    af = a.to(tl.float32)
+    amax = tl.max(tl.abs(af), axis=1)
+    sa = tl.where(amax > 0, amax / 448.0, 1.0)
+    return tl.clamp(af / sa[:, None], -448.0, 448.0).to(tl.float8e4nv), sa
+
+
+@triton.jit
 def fused_moe_kernel(a_ptr, w_ptr, scale_ptr, c_ptr, sorted_ptr, block_expert_ptr, total_ptr, topk_w_ptr,
                      N, K, num_slots, a_stride, c_stride, w_estride, w_nstride, s_estride, s_nstride,
                      A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, INT4: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     INT8: tl.constexpr = False, GROUP: tl.constexpr = 128):
+                     INT8: tl.constexpr = False, GROUP: tl.constexpr = 128, A8: tl.constexpr = False):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_n
@@ -196,11 +209,19 @@ def fused_moe_kernel(a_ptr, w_ptr, scale_ptr, c_ptr, sorted_ptr, block_expert_pt
             a = tl.load(a_ptr + arow[:, None] * a_stride + k0 + offs_k[None, :], mask=smask[:, None], other=0.0)
             w = tl.load(w_base + wn[None, :] * w_nstride + k0 + offs_k[:, None])
             sc = tl.load(s_base + wn * s_nstride + k0 // GROUP)[None, :]
-            acc = tl.dot(a, (w.to(tl.float32) * sc).to(a.dtype), acc)
+            if A8:
+                # fp8 weights, w8a8: the rows' step quantized on the fly, fp8 x fp8 dots scaled after
+                aq, sa = _quant_rows_fp8(a)
+                acc += tl.dot(aq, w) * (sa[:, None] * sc)
+            else:
+                acc = tl.dot(a, (w.to(tl.float32) * sc).to(a.dtype), acc)
             if GATED:
                 wu = tl.load(w_base + (wn + N)[None, :] * w_nstride + k0 + offs_k[:, None])
                 su = tl.load(s_base + (wn + N) * s_nstride + k0 // GROUP)[None, :]
-                acc_up = tl.dot(a, (wu.to(tl.float32) * su).to(a.dtype), acc_up)
+                if A8:
+                    acc_up += tl.dot(aq, wu) * (sa[:, None] * su)
+                else:
+                    acc_up = tl.dot(a, (wu.to(tl.float32) * su).to(a.dtype), acc_up)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
@@ -458,15 +479,16 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     return sorted_slots, block_expert, total
 
 
-def _gemm(a, w, scales, c, align, topk_w, n, k, a_div, gated, mul_weight, block_n, cfg, pair=None):
+def _gemm(a, w, scales, c, align, topk_w, n, k, a_div, gated, mul_weight, block_n, cfg, pair=None, a8=False):
     """pair: int4 values packed in blocks of `pair` (the CPU kernels' layout: 32) instead of one
-    block per scale group (w4a16's own layout)."""
+    block per scale group (w4a16's own layout). a8: fp8 weights, w8a8 (see w8a8)."""
     sorted_slots, block_expert, total = align
     quantized = scales is not None
     # int8 or fp8 (one value per byte, the 8-bit branch); else uint8: w4a16 (two values per byte)
     int8 = quantized and (w.dtype == torch.int8 or w.dtype == FP8_DTYPE)
     group = k // scales.shape[-1] if quantized else 128
     block_k = min(cfg["BLOCK_K"], group) if int8 else pair or cfg["BLOCK_K"]
+    a8 = a8 and w.dtype == FP8_DTYPE and block_k >= 32
     grid = (block_expert.numel() * triton.cdiv(n, block_n),)
     fused_moe_kernel[grid](
         a, w, scales if quantized else w, c, sorted_slots, block_expert, total, topk_w,
@@ -474,7 +496,20 @@ def _gemm(a, w, scales, c, align, topk_w, n, k, a_div, gated, mul_weight, block_
         scales.stride(0) if quantized else 0, scales.stride(1) if quantized else 0,
         A_DIV=a_div, GATED=gated, MUL_WEIGHT=mul_weight, INT4=quantized and not int8, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], INT8=int8,
-        GROUP=group)
+        GROUP=group, **({"A8": True} if a8 else {}))
+
+
+W8A8_MIN_TOKENS = 32    # fp8 experts' grouped GEMMs for at least this many tokens quantize activations too
+
+
+def w8a8(cfg: dict, tokens: int, device: torch.device) -> bool:
+    """Whether fp8 experts' grouped GEMMs run w8a8 (each K step of the rows quantized per row to e4m3 on
+    the fly, fp8 x fp8 tensor-core dots scaled by the row's and the weight row's scales; K steps of at
+    least 32 values): the config's "A8" when it has one, else from W8A8_MIN_TOKENS tokens on (prefill).
+    Never on AMD GPUs (the ahead-of-time builds lower the e4m3fn dot for NVIDIA sm89+ only)."""
+    if device.type == "cuda" and torch.version.hip is not None:
+        return False
+    return bool(cfg.get("A8", tokens >= W8A8_MIN_TOKENS))
 
 
 def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: dict,
@@ -517,9 +552,10 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
     s_down = weights["down.scales"] if int4 or int8 or fp8 else None
     tw = topk_weights.reshape(-1).to(torch.float32)
     inter_act = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
-    _gemm(x, w_up, s_up, inter_act, align, tw, inter, h, top_k, True, False, cfg["BLOCK_N_UP"], cfg, pair)
+    a8 = fp8 and w8a8(cfg, t, x.device)
+    _gemm(x, w_up, s_up, inter_act, align, tw, inter, h, top_k, True, False, cfg["BLOCK_N_UP"], cfg, pair, a8)
     out = (torch.zeros if partial else torch.empty)(slots, h, dtype=x.dtype, device=x.device)
-    _gemm(inter_act, w_down, s_down, out, align, tw, h, inter, 1, False, True, cfg["BLOCK_N_DOWN"], cfg, pair)
+    _gemm(inter_act, w_down, s_down, out, align, tw, h, inter, 1, False, True, cfg["BLOCK_N_DOWN"], cfg, pair, a8)
     y = torch.empty(t, h, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(h))
     moe_sum_kernel[(t, triton.cdiv(h, block))](out, y, h, TOP_K=top_k, BLOCK=block, num_warps=4)

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from ktc.codegen.gpu import FAMILIES
-from ktc.codegen.gpu_aot import FP8_TARGETS, TARGETS
+from ktc.codegen.gpu_aot import FP8_TARGETS, TARGETS, W8A8_TARGETS
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +50,15 @@ def test_fp8_kernels_build_where_triton_lowers_e4m3(aot_results):
     assert {k.rsplit("@", 1)[1] for k in fp8} == set(FP8_TARGETS) and "sm80" not in FP8_TARGETS
     assert {v["family"] for v in fp8.values()} == {"matmul", "moe"}
     assert all(v["ok"] for v in fp8.values()), {k: v.get("error") for k, v in fp8.items() if not v["ok"]}
+
+
+def test_w8a8_kernels_multiply_e4m3_on_tensor_cores(aot_results):
+    """The w8a8 variants (A8: prefill of fp8 linears and experts) are built for sm89 / sm90 only and lower
+    to e4m3 x e4m3 MMAs (sm90: wgmma); the weight-only ones convert the fp8 weights and multiply bf16."""
+    a8 = {k: v for k, v in aot_results.items() if "A8True" in k}
+    assert {k.split("[")[0] for k in a8} == {"matmul.matmul_fp8_kernel", "moe.fused_moe_kernel<fp8>"}
+    assert {k.rsplit("@", 1)[1] for k in a8} == set(W8A8_TARGETS) == {"sm89", "sm90"}
+    assert all(v["ok"] and v["fp8_mma"] for v in a8.values()), a8
+    assert all(v["wgmma"] for k, v in a8.items() if k.endswith("@sm90"))
+    w8a16 = [v for k, v in aot_results.items() if "fp8" in k and "A8True" not in k and k.endswith("@sm90")]
+    assert w8a16 and not any(v["fp8_mma"] for v in w8a16)

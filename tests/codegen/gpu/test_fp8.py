@@ -1,5 +1,7 @@
-"""fp8 (e4m3) weight-only kernels against float64 references: matmul.linear_fp8 (--gpu-dense-quant fp8),
-moe.fused_moe on fp8 experts (--gpu-quant fp8), and the packer moe.pack_fp8 they read.
+"""fp8 (e4m3) kernels against float64 references: matmul.linear_fp8 (--gpu-dense-quant fp8), moe.fused_moe on
+fp8 experts (--gpu-quant fp8), and the packer moe.pack_fp8 they read. Both products are weight-only
+(w8a16) at decode and w8a8 (activations quantized on the fly per row and K step) from their W8A8_MIN_*
+rows / tokens on; the w8a8 references quantize the activations the same way (fake_quant_rows).
 
 Without a GPU the kernels run in Triton's interpreter (conftest), which loads float8_e4m3fn CPU tensors
 and converts them; activations are float16 / float32 (it multiplies bf16 wrongly), shapes tiny and odd.
@@ -18,7 +20,7 @@ from hypothesis import strategies as st
 
 from ktc.codegen.gpu import matmul, moe
 
-from .test_kernels import DEV, DOT32, GEMV_Q, moe_ref, rel
+from .test_kernels import DEV, DOT32, GEMV_Q, HAS_CUDA, moe_ref, rel
 
 FP8 = torch.float8_e4m3fn
 
@@ -158,6 +160,100 @@ def test_fp8_configs_and_candidates():
         assert (len(tiles) < len(cands)) == (m <= matmul.GEMV_ROWS)
         assert all(c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] * 2 + c["BLOCK_N"] * c["BLOCK_K"]) <= 101376
                    for c in tiles)
+
+
+# -- w8a8 (prefill): activations quantized per row and K step ---------------------------------------------
+# the fp8 dots are exact in the interpreter; on a GPU, Triton's float32 division may round a quotient one
+# e4m3 step the other way, and a K step's fp8 tensor-core sum is kept to ~14 bits
+A8_TOL = 2e-3 if HAS_CUDA else 1e-5
+
+
+def fake_quant_rows(x: torch.Tensor, step: int) -> torch.Tensor:
+    """float64 x [R, K] as the w8a8 kernels see it: per row and K step of `step` values, e4m3 values of
+    x / (amax / 448) (scale 1 for a zero step), times that scale."""
+    r, k = x.shape
+    xg = x.float().reshape(r, k // step, step)
+    amax = xg.abs().amax(-1, keepdim=True)
+    s = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+    return ((xg / s).clamp(-448, 448).to(FP8).float() * s).reshape(r, k).double()
+
+
+@pytest.mark.parametrize("m,n,k,group,block_k,bias", [
+    (40, 24, 128, 64, 64, True),       # the default rule (>= W8A8_MIN_ROWS rows), a step = a group
+    (33, 17, 192, 64, 32, False),      # steps of half a group (activation scales per 32 values), odd N / M
+    (48, 40, 128, 32, 128, True),      # a step past the group: cut to it
+])
+def test_linear_w8a8_matches_quantized_reference(m, n, k, group, block_k, bias):
+    assert m >= matmul.W8A8_MIN_ROWS
+    w, deq = packed((n, k), group, seed=m + n)
+    x = rnd(m, k, seed=4).float()
+    x[1] = 0.0                                           # a zero row: scale 1, zero output (plus bias)
+    b = rnd(n, seed=5, scale=0.5).float() if bias else None
+    step = min(block_k, group)
+    ref = fake_quant_rows(x.double(), step) @ deq.T + (b.double() if bias else 0)
+    y = matmul.linear_fp8(x.to(DEV), w["qweight"], w["scales"], None if b is None else b.to(DEV),
+                          cfg(16, 16, block_k))
+    assert rel(y, ref) < A8_TOL
+    # the activations really are quantized: the weight-only product (A8 off) differs by e4m3 rounding
+    w16 = matmul.linear_fp8(x.to(DEV), w["qweight"], w["scales"], None if b is None else b.to(DEV),
+                            {**cfg(16, 16, block_k), "A8": False})
+    exact = x.double() @ deq.T + (b.double() if bias else 0)
+    assert rel(w16, exact) < DOT32 and 2e-3 < rel(y, exact) < 0.05
+
+
+def test_w8a8_rule():
+    dev = torch.device("cpu")
+    assert not matmul.w8a8({}, matmul.W8A8_MIN_ROWS - 1, 128, dev)
+    assert matmul.w8a8({}, matmul.W8A8_MIN_ROWS, 128, dev)
+    assert not matmul.w8a8({"A8": False}, 2048, 128, dev) and matmul.w8a8({"A8": True}, 3, 128, dev)
+    assert not matmul.w8a8({"A8": True}, 2048, 16, dev)       # an fp8 dot needs K steps of >= 32
+    assert not moe.w8a8({}, moe.W8A8_MIN_TOKENS - 1, dev) and moe.w8a8({}, moe.W8A8_MIN_TOKENS, dev)
+    assert not moe.w8a8({"A8": False}, 4096, dev)
+
+
+def test_linear_w8a8_forced_at_few_rows():
+    """A config's "A8" decides below the row rule too (what a tuned record would say)."""
+    w, deq = packed((24, 64), 32, seed=11)
+    x = rnd(3, 64, seed=12).float()
+    y = matmul.linear_fp8(x.to(DEV), w["qweight"], w["scales"], config={**cfg(16, 16, 32), "A8": True})
+    assert rel(y, fake_quant_rows(x.double(), 32) @ deq.T) < A8_TOL
+
+
+@pytest.mark.parametrize("tokens,block_k,partial", [(40, 32, False), (37, 64, True)])
+def test_fused_moe_w8a8_matches_quantized_reference(tokens, block_k, partial):
+    """Prefill on fp8 experts (>= W8A8_MIN_TOKENS tokens): the gate_up pass quantizes the gathered rows of
+    x, the down pass the silu(gate) * up rows, per row and K step."""
+    assert tokens >= moe.W8A8_MIN_TOKENS
+    e, k, h, inter, group = 5, 2, 64, 64, 64
+    pu, deq_u = packed((e, 2 * inter, h), group, seed=61)
+    pd, deq_d = packed((e, h, inter), group, seed=62)
+    x = rnd(tokens, h, seed=63).float()
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(tokens)]).to(torch.int32)
+    if partial:
+        ids[0, 0] = -1
+    tw = torch.rand(tokens, k, generator=g)
+    weights = {"gate_up.qweight": pu["qweight"], "gate_up.scales": pu["scales"],
+               "down.qweight": pd["qweight"], "down.scales": pd["scales"]}
+    config = {"BLOCK_M": 16, "BLOCK_N_UP": 16, "BLOCK_N_DOWN": 32, "BLOCK_K": block_k, "num_warps": 4,
+              "num_stages": 1}
+    y = moe.fused_moe(x.to(DEV), tw.to(DEV), ids.to(DEV), weights, e, inter, config=config, partial=partial)
+    step = min(block_k, group)
+    xq = fake_quant_rows(x.double(), step)
+    ref = torch.zeros(tokens, h, dtype=torch.float64)
+    for t in range(tokens):
+        for j in range(k):
+            ex = int(ids[t, j])
+            if ex < 0:
+                continue
+            gu = deq_u[ex] @ xq[t]
+            act = (torch.nn.functional.silu(gu[:inter]) * gu[inter:]).float().double()
+            ref[t] += float(tw[t, j]) * (deq_d[ex] @ fake_quant_rows(act[None], step)[0])
+    assert rel(y, ref) < A8_TOL
+    w16 = moe.fused_moe(x.to(DEV), tw.to(DEV), ids.to(DEV), weights, e, inter, config={**config, "A8": False},
+                        partial=partial)
+    exact = moe_ref(x, tw, ids, deq_u, deq_d)
+    assert rel(w16, exact) < DOT32 and 2e-3 < rel(y, exact) < 0.06
 
 
 # -- fused MoE ---------------------------------------------------------------------------------------------

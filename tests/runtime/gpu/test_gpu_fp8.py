@@ -143,6 +143,28 @@ def test_gpu_executor_matches_transformers_on_the_dequantized_weights(arch, tiny
     assert full_err < 0.15
 
 
+def test_gpu_executor_prefill_runs_w8a8(tiny_models, fp8_compiled, tmp_path):
+    """A prompt of W8A8_MIN_ROWS tokens or more prefills the fp8 products w8a8 (activations rounded to e4m3
+    per row and K step): its logits differ from the dequantized-weights reference by that rounding, far
+    more than float32's (the short prompts above: 1e-4) and of the order of the weights' own e4m3 rounding
+    (the float model above: 0.15), on this tiny random model."""
+    from ktc.codegen.gpu import matmul, moe
+
+    arch = "qwen3_moe"
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    ex, dev = _executor(fp8_compiled(arch), dtype)
+    ref = _fp8_ref(tiny_models[arch], ex.graph, tmp_path / "ref")
+    s = max(matmul.W8A8_MIN_ROWS, moe.W8A8_MIN_TOKENS) + 3
+    ids = prompts(ref.config.vocab_size, s)
+    got = _run_prefill_then_decode(ex, dev, ids, 1, dtype)
+    full = torch.cat((ids, got[:, s - 1:s].argmax(-1)), dim=1)
+    with torch.no_grad():
+        expected = ref(full).logits
+    prefill_err, decode_err = rel_err(got[:, :s], expected[:, :s]), rel_err(got[:, s:], expected[:, s:])
+    print(f"\nw8a8 prefill of {s} tokens: logits error {prefill_err:.2e}; the decode step after it {decode_err:.2e}")
+    assert 1e-2 < prefill_err < 0.2 and decode_err < 0.2
+
+
 def _fake_gpu(monkeypatch, capability, hip=None):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

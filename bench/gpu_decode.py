@@ -131,12 +131,30 @@ def check_logits(results: dict) -> None:
         full = torch.cat((ids.to(DEV), torch.stack(toks[:-1], 1)), 1)
         positions = [ids.shape[1] - 1 + i for i in range(steps)]
         hf_bf16 = ref(full).logits[0, positions].float()
+        # transformers bf16 against itself with its other attention / experts implementations: how far two
+        # bf16 implementations of this model land apart on this test (random weights, 4 layers)
+        default = (ref.config._attn_implementation, getattr(ref.config, "_experts_implementation", None))
+        variants = {}
+        for attn, experts in (("eager", default[1]), (default[0], "eager"), ("eager", "eager")):
+            try:
+                ref.set_attn_implementation(attn)
+                if experts is not None:
+                    ref.set_experts_implementation(experts)
+                variants[f"{attn} attention, {experts} experts"] = rel(ref(full).logits[0, positions].float(),
+                                                                       hf_bf16)
+            except (AttributeError, ValueError) as e:
+                variants[f"{attn} attention, {experts} experts"] = f"unavailable: {e}"[:200]
+        ref.set_attn_implementation(default[0])
+        if default[1] is not None:
+            ref.set_experts_implementation(default[1])
         ref32 = ref.float()
         hf_f32 = ref32(full).logits[0, positions]
     ours_t = torch.cat(ours, 0).float()
     out = {"shape": "Qwen3-30B-A3B dims, 4 layers", "tokens": f"prefill 100 + {steps - 1} decode steps",
            "ktc_vs_hf_bf16": rel(ours_t, hf_bf16), "ktc_vs_hf_fp32": rel(ours_t, hf_f32),
            "hf_bf16_vs_hf_fp32": rel(hf_bf16, hf_f32),
+           "hf_bf16_default": f"{default[0]} attention, {default[1]} experts",
+           "hf_bf16_variants_vs_hf_bf16": variants,
            "argmax_agree": float((ours_t.argmax(-1) == hf_bf16.argmax(-1)).float().mean())}
     results["correctness"] = out
     log("correctness:", json.dumps(out))
@@ -252,11 +270,11 @@ def graph_ms(fns, rep: int = 100) -> float:
 
 def _row_adder(rows: list, width: int):
     """add(name, ms, nbytes=0, flops=0): a kernel row (us, GB/s, TFLOP/s) appended to `rows` and logged."""
-    def add(name, ms, nbytes=0, flops=0):
+    def add(name, ms, nbytes=0, flops=0, err=None):
         rows.append({"kernel": name, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6 if nbytes else None,
-                     "TFLOP/s": flops / ms / 1e9 if flops else None})
+                     "TFLOP/s": flops / ms / 1e9 if flops else None, "rel_err": err})
         log(f"  {name:{width}s} {ms * 1e3:8.1f} us" + (f" {nbytes / ms / 1e6:7.0f} GB/s" if nbytes else "")
-            + (f" {flops / ms / 1e9:6.0f} TFLOP/s" if flops else ""))
+            + (f" {flops / ms / 1e9:6.0f} TFLOP/s" if flops else "") + (f"  err {err:.2e}" if err is not None else ""))
     return add
 
 
@@ -410,9 +428,10 @@ def bench_kernels(results: dict) -> None:
 
 
 def bench_quant_kernels(results: dict) -> None:
-    """The weight-only linears (w4a16 g128, fp8 g128) and MoE beside the bf16 ones at the same shapes, and
-    the sampler beside torch's: decode shapes in a CUDA graph (graph_ms) over enough weight copies that
-    nothing is served from L2, prefill shapes with do_bench."""
+    """The quantized linears (w4a16 g128, fp8 g128) and MoE beside the bf16 ones at the same shapes (fp8
+    prefill: w8a8, the default there, and weight-only), prefill rows with their error against float32 on
+    the unquantized weights, and the sampler beside torch's: decode shapes in a CUDA graph (graph_ms) over
+    enough weight copies that nothing is served from L2, prefill shapes with do_bench."""
 
     from ktc.codegen.gpu import matmul, moe, sampling
 
@@ -446,8 +465,15 @@ def bench_quant_kernels(results: dict) -> None:
                     ms = graph_ms([lambda p=p, fmt=fmt, x1=x1, cfg=cfg: run_linear(fmt, x1, p, cfg) for p in copies])
                     add(f"  {fmt} {what} M=1 " + " ".join(f"{a}={b}" for a, b in cfg.items()), ms, nbytes=nbytes)
             x = torch.randn(2048, kk, dtype=bf, device=DEV)
-            add(f"linear {fmt} {what} M=2048 N={n} K={kk}", bench(lambda p=p, x=x, fmt=fmt: run_linear(fmt, x, p)),
-                flops=2 * 2048 * n * kk)
+            exact = x.float() @ base.T
+            # fp8 prefill: w8a8 by default (A8), weight-only beside it; error vs float32 on the unquantized weight
+            for label, cfg in ((fmt + (" w8a8" if fmt == "fp8" else ""), None),
+                               *((("fp8 w8a16 (A8 off)", {**matmul.default_config_fp8(2048, n, kk), "A8": False}),)
+                                 if fmt == "fp8" else ())):
+                err = rel(run_linear(fmt, x, p, cfg), exact)
+                add(f"linear {label} {what} M=2048 N={n} K={kk}",
+                    bench(lambda p=p, x=x, fmt=fmt, cfg=cfg: run_linear(fmt, x, p, cfg)), flops=2 * 2048 * n * kk,
+                    err=err)
             copies = p = None
         base = None
 
@@ -475,12 +501,17 @@ def bench_quant_kernels(results: dict) -> None:
                                for xx, tw, ids in sets])
                 keys = ("DECODE", "GEMV_N_UP", "GEMV_K_UP", "GEMV_N_DOWN", "GEMV_K_DOWN", "gemv_warps")
                 add(f"  {fmt} T=1 " + " ".join(f"{a}={cfg[a]}" for a in keys), ms, nbytes=k * per_expert)
-        t = 2048
-        xx = torch.randn(t, h, dtype=bf, device=DEV)
-        ids = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)]).to(torch.int32)
-        tw = torch.rand(t, k, device=DEV)
-        ms = bench(lambda w=w, xx=xx, tw=tw, ids=ids: moe.fused_moe(xx, tw, ids, w, e, inter))
-        add(f"moe.fused_moe {fmt} T=2048", ms, flops=2 * t * k * 3 * inter * h)
+        for t in (512, 2048):
+            xx = torch.randn(t, h, dtype=bf, device=DEV)
+            ids = torch.stack([torch.randperm(e, device=DEV)[:k] for _ in range(t)]).to(torch.int32)
+            tw = torch.rand(t, k, device=DEV)
+            exact = moe.fused_moe(xx.float(), tw, ids, {"gate_up": up.float(), "down": dn.float()}, e, inter)
+            for label, cfg in ((fmt + (" w8a8" if fmt == "fp8" else ""), None),
+                               *((("fp8 w8a16 (A8 off)", {**moe.default_config(t * k, h, inter, group), "A8": False}),)
+                                 if fmt == "fp8" else ())):
+                err = rel(moe.fused_moe(xx, tw, ids, w, e, inter, cfg), exact)
+                ms = bench(lambda w=w, xx=xx, tw=tw, ids=ids, cfg=cfg: moe.fused_moe(xx, tw, ids, w, e, inter, cfg))
+                add(f"moe.fused_moe {label} T={t}", ms, flops=2 * t * k * 3 * inter * h, err=err)
         w = None
     up = dn = None
 

@@ -427,6 +427,14 @@ def bench_kernels(results: dict) -> None:
 
 
 
+# w8a8 tiles beside the defaults (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); a first H100 sweep found 128 x 128
+# tiles with 8 warps 1.4x slower than 64 x 128 with 4, and 128-row MoE blocks 2.7-3.2x slower than 64
+W8A8_LINEAR_SWEEP = ((128, 128, 128, 8, 3), (128, 64, 128, 4, 4), (64, 128, 128, 4, 3), (64, 128, 128, 4, 5),
+                     (64, 256, 128, 4, 3), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4))
+W8A8_MOE_SWEEP = ((64, 64, 128, 4, 4), (64, 128, 256, 8, 3), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4),
+                  (64, 32, 128, 4, 4))
+
+
 def bench_quant_kernels(results: dict) -> None:
     """The quantized linears (w4a16 g128, fp8 g128) and MoE beside the bf16 ones at the same shapes (fp8
     prefill: w8a8, the default there, and weight-only), prefill rows with their error against float32 on
@@ -474,6 +482,12 @@ def bench_quant_kernels(results: dict) -> None:
                 add(f"linear {label} {what} M=2048 N={n} K={kk}",
                     bench(lambda p=p, x=x, fmt=fmt, cfg=cfg: run_linear(fmt, x, p, cfg)), flops=2 * 2048 * n * kk,
                     err=err)
+            if fmt == "fp8":      # w8a8 tiles (the `ktc tune` candidates' kind of sweep)
+                for bm, bn, bk, warps, stages in W8A8_LINEAR_SWEEP:
+                    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
+                           "num_stages": stages, "A8": True}
+                    add(f"  fp8 w8a8 {what} M=2048 " + " ".join(f"{a}={b}" for a, b in cfg.items() if a != "A8"),
+                        bench(lambda p=p, x=x, cfg=cfg: run_linear("fp8", x, p, cfg)), flops=2 * 2048 * n * kk)
             copies = p = None
         base = None
 
@@ -512,6 +526,14 @@ def bench_quant_kernels(results: dict) -> None:
                 err = rel(moe.fused_moe(xx, tw, ids, w, e, inter, cfg), exact)
                 ms = bench(lambda w=w, xx=xx, tw=tw, ids=ids, cfg=cfg: moe.fused_moe(xx, tw, ids, w, e, inter, cfg))
                 add(f"moe.fused_moe {label} T={t}", ms, flops=2 * t * k * 3 * inter * h, err=err)
+            if fmt == "fp8" and t == 2048:
+                for bm, bn_up, bn_down, warps, stages in W8A8_MOE_SWEEP:
+                    cfg = {**moe.default_config(t * k, h, inter, group), "BLOCK_M": bm, "BLOCK_N_UP": bn_up,
+                           "BLOCK_N_DOWN": bn_down, "num_warps": warps, "num_stages": stages, "A8": True}
+                    ms = bench(lambda w=w, xx=xx, tw=tw, ids=ids, cfg=cfg: moe.fused_moe(xx, tw, ids, w, e, inter,
+                                                                                         cfg))
+                    add(f"  fp8 w8a8 T={t} BLOCK_M={bm} N_UP={bn_up} N_DOWN={bn_down} warps={warps} "
+                        f"stages={stages}", ms, flops=2 * t * k * 3 * inter * h)
         w = None
     up = dn = None
 

@@ -8,8 +8,8 @@ sm90 and hip gfx942 so that a syntax or lowering error fails there and not on a 
 The fp8 (e4m3 weight-only) kernels are listed for FP8_TARGETS only: Triton refuses fp8e4nv below
 sm89 ("type fp8e4nv not supported in this architecture"), so they are built for sm89, sm90 and
 gfx942 (which compiles e4m3fn too), and the runtime refuses an fp8 artifact on an older NVIDIA GPU.
-Their w8a8 variants (constexpr A8: fp8 x fp8 dots, prefill) are built for W8A8_TARGETS, NVIDIA only;
-the launchers never pick them on AMD.
+The w8a8 kernels (fp8 prefill: activation quantization and fp8 x fp8 dots) are built for W8A8_TARGETS,
+NVIDIA only; the launchers never pick them on AMD.
 """
 
 from __future__ import annotations
@@ -104,14 +104,19 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
         for m, bias in ((4, False), (2048, True)):
             cfg = default(m, hidden, hidden)
             consts = {k: v for k, v in cfg.items() if k.isupper()}
-            add("matmul", kernel, _sig(ptrs, ints, consts=dict(HAS_BIAS=bias, GROUP=group, **consts,
-                                                              **({"A8": False} if fp8 else {}))),
+            add("matmul", kernel, _sig(ptrs, ints, consts=dict(HAS_BIAS=bias, GROUP=group, **consts)),
                 targets=targets, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             if fp8 and m >= matmul.W8A8_MIN_ROWS:       # prefill: w8a8 (fp8 x fp8 dots)
-                a8 = dict(HAS_BIAS=bias, GROUP=group, **consts, A8=True)
+                a8 = dict(HAS_BIAS=bias, GROUP=group, **consts)
                 a8["BLOCK_K"] = min(a8["BLOCK_K"], group)
-                add("matmul", kernel, _sig(ptrs, ints, consts=a8), targets=W8A8_TARGETS,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                add("matmul", "matmul_w8a8_kernel", _sig(
+                    dict(a_ptr="fp8e4nv", as_ptr="fp32", qw_ptr="fp8e4nv", s_ptr="fp32", bias_ptr="bf16", c_ptr="bf16"),
+                    ("M", "N", "K", "stride_am", "stride_asm", "stride_qn", "stride_sn", "stride_cm"), consts=a8),
+                    targets=W8A8_TARGETS, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    for family in ("matmul", "moe"):       # the w8a8 products' activation quantization (each family has its own)
+        add(family, "quant_fp8_kernel", _sig(dict(x_ptr="bf16", q_ptr="fp8e4nv", s_ptr="fp32"), ("K", "x_stride"),
+                                             consts=dict(GROUP=group, BLOCK_G=hidden // group)),
+            targets=W8A8_TARGETS, num_warps=4)
         for rows, bias in ((1, False), (2, True)):
             cfg = default(rows, hidden, hidden)
             consts = dict(HAS_BIAS=bias, GROUP=group, FP8=fp8, ROWS=rows, BLOCK_N=cfg["BLOCK_N"],
@@ -207,9 +212,17 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
             cfg = moe.default_config(slots, hidden, inter, group if fmt in ("int4", "fp8") else None)
             block_k = min(cfg["BLOCK_K"], group) if int8 else cfg["BLOCK_K"]
             fp8 = dict(targets=FP8_TARGETS, variant="fp8") if fmt == "fp8" else {}
-            # fp8 prefill: w8a8 too (fp8 x fp8 dots)
-            a8s = (False, True) if fmt == "fp8" and slots // top_k >= moe.W8A8_MIN_TOKENS else (False,)
-            for gated, a8 in ((g, a) for g in (True, False) for a in a8s):
+            for gated in (True, False):
+                if fmt == "fp8" and slots // top_k >= moe.W8A8_MIN_TOKENS:     # fp8 prefill: w8a8
+                    add("moe", "fused_moe_w8a8_kernel", _sig(
+                        dict(a_ptr="fp8e4nv", as_ptr="fp32", w_ptr="fp8e4nv", scale_ptr="fp32", c_ptr="bf16",
+                             sorted_ptr="i32", block_expert_ptr="i32", total_ptr="i32", topk_w_ptr="fp32"),
+                        ("N", "K", "num_slots", "a_stride", "as_stride", "c_stride", "w_estride", "w_nstride",
+                         "s_estride", "s_nstride"),
+                        consts=dict(A_DIV=top_k if gated else 1, GATED=gated, MUL_WEIGHT=not gated,
+                                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N_UP" if gated else "BLOCK_N_DOWN"],
+                                    BLOCK_K=block_k, GROUP=group)),
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], targets=W8A8_TARGETS)
                 add("moe", "fused_moe_kernel", _sig(
                     dict(a_ptr="bf16", w_ptr={"int4": "u8", "int8": "i8", "fp8": "fp8e4nv"}.get(fmt, "bf16"),
                          scale_ptr="fp32", c_ptr="bf16", sorted_ptr="i32", block_expert_ptr="i32", total_ptr="i32",
@@ -217,9 +230,8 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                     ("N", "K", "num_slots", "a_stride", "c_stride", "w_estride", "w_nstride", "s_estride", "s_nstride"),
                     consts=dict(A_DIV=top_k if gated else 1, GATED=gated, MUL_WEIGHT=not gated, INT4=int4,
                                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N_UP" if gated else "BLOCK_N_DOWN"],
-                                BLOCK_K=block_k, INT8=int8, GROUP=group, A8=a8)),
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                    **({**fp8, "targets": W8A8_TARGETS} if a8 else fp8))
+                                BLOCK_K=block_k, INT8=int8, GROUP=group)),
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **fp8)
     add("moe", "moe_sum_kernel", _sig(dict(c_ptr="bf16", y_ptr="bf16"), ("hidden",),
                                       consts=dict(TOP_K=top_k, BLOCK=1024)))
     add("sampling", "argmax_blocks_kernel", _sig(dict(x_ptr="fp32", val_ptr="fp32", idx_ptr="i32"),

@@ -26,12 +26,14 @@ of G values along K, amax / 448). The fp8 values are converted to the activation
 (exact: e4m3 fits bf16 / fp16) before tl.dot; a K step inside one group multiplies the product by
 the rows' scales after the dot (float32, one multiply per output instead of per weight value), a
 step over several groups scales every value before it. Triton lowers fp8e4nv on sm89+ (and on AMD)
-only: an fp8 artifact is refused on older NVIDIA GPUs (runtime.artifact.check_host). From
-W8A8_MIN_ROWS rows on (prefill) the same kernel runs w8a8 instead (constexpr A8, or a config's "A8"):
-each K step of activations (BLOCK_K <= G values) is quantized per row on the fly (amax / 448, e4m3) and
-multiplied by the raw e4m3 weight on fp8 tensor cores, the float32 product scaled by the row's and the
-weight rows' scales: twice bf16's tensor-core rate, no weight dequantization in registers, and the
-rounding of an fp8 activation (|error| <= 1/16 of the value) added to the weight's.
+only: an fp8 artifact is refused on older NVIDIA GPUs (runtime.artifact.check_host).
+
+matmul_w8a8_kernel is the fp8 product from W8A8_MIN_ROWS rows on (prefill; a config's "A8" overrides):
+quant_fp8_kernel first rounds the activations to e4m3 with a float32 scale per row and group of G values
+(amax / 448), then the raw e4m3 activation and weight tiles are multiplied on fp8 tensor cores (sm90:
+wgmma e4m3.e4m3), each K step's float32 product scaled by the rows' and the weight rows' group scales:
+twice bf16's tensor-core rate and no weight conversion in registers, for the rounding of an fp8
+activation (|error| <= 1/16 of the value) on top of the weight's.
 
 gemv_grouped_kernel is those two products (FP8 picks the format) for up to GEMV_ROWS rows, as
 gemv_kernel is matmul_kernel's: whole groups a step as [rows, groups, values] tiles, float32 products summed per
@@ -160,19 +162,9 @@ def matmul_w4a16_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_a
 
 
 @triton.jit
-def quant_rows_fp8(a):
-    """Dynamic fp8 activations: an [M, BLOCK_K] tile -> (float8_e4m3fn values, float32 scale per row =
-    amax / 448; an all-zero row has scale 1 and zero values)."""
-    af = a.to(tl.float32)
-    amax = tl.max(tl.abs(af), axis=1)
-    sa = tl.where(amax > 0, amax / 448.0, 1.0)
-    return tl.clamp(af / sa[:, None], -448.0, 448.0).to(tl.float8e4nv), sa
-
-
-@triton.jit
 def matmul_fp8_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_qn, stride_sn, stride_cm,
                       HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, A8: tl.constexpr = False):
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -189,13 +181,7 @@ def matmul_fp8_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am,
         kmask = kk < K
         a = tl.load(a_base + kk[None, :], mask=kmask[None, :], other=0.0)
         w = tl.load(q_base + kk[:, None], mask=kmask[:, None], other=0.0)
-        if A8:
-            # w8a8: the activations' step quantized per row on the fly, an fp8 x fp8 dot (BLOCK_K divides
-            # GROUP), the float32 product scaled by the row's and the weight row's scales
-            aq, sa = quant_rows_fp8(a)
-            sc = tl.load(s_base + k0 // GROUP)
-            acc += tl.dot(aq, w) * (sa[:, None] * sc[None, :])
-        elif BLOCK_K <= GROUP:
+        if BLOCK_K <= GROUP:
             # the step lies in one group (BLOCK_K divides GROUP, which divides K): scale the product
             sc = tl.load(s_base + k0 // GROUP)
             acc += tl.dot(a, w.to(a.dtype)) * sc[None, :]
@@ -205,6 +191,50 @@ def matmul_fp8_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am,
             acc = tl.dot(a, (w.to(tl.float32) * sc).to(a.dtype), acc)
     _store_tile(acc, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS)
 
+
+
+@triton.jit
+def quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Dynamic fp8 activations for the w8a8 products: row program_id(0) of x, BLOCK_G groups of GROUP values
+    a program -> e4m3 values of x / scale and a float32 scale per group = amax / 448 (1 for a zero group)."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    groups = K // GROUP
+    gmask = g < groups
+    offs = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    x = tl.load(x_ptr + row * x_stride + offs, mask=gmask[:, None], other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.where(amax > 0, amax / 448.0, 1.0)
+    q = tl.clamp(x / scale[:, None], -448.0, 448.0).to(tl.float8e4nv)
+    tl.store(q_ptr + row * K + offs, q, mask=gmask[:, None])
+    tl.store(s_ptr + row * groups + g, scale, mask=gmask)
+
+
+@triton.jit
+def matmul_w8a8_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_asm, stride_qn,
+                       stride_sn, stride_cm, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """e4m3 activations with a scale per row and group (quant_fp8) times an fp8 weight (pack_fp8's layout,
+    the same groups) on fp8 tensor cores: each K step (BLOCK_K divides GROUP) is a fresh float32 dot, scaled
+    by the rows' and the weight rows' scales of its group before it is added."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    w_rows = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    a_base = a_ptr + a_rows[:, None] * stride_am
+    q_base = qw_ptr + w_rows[None, :] * stride_qn
+    as_base = as_ptr + a_rows * stride_asm
+    s_base = s_ptr + w_rows * stride_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_base + (k0 + offs_k)[None, :])
+        w = tl.load(q_base + (k0 + offs_k)[:, None])
+        sa = tl.load(as_base + k0 // GROUP)
+        sw = tl.load(s_base + k0 // GROUP)
+        acc += tl.dot(a, w) * (sa[:, None] * sw[None, :])
+    _store_tile(acc, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS)
 
 
 @triton.jit
@@ -251,7 +281,8 @@ def gemv_grouped_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_a
 
 
 KERNELS = {"matmul_kernel": matmul_kernel, "gemv_kernel": gemv_kernel, "matmul_w4a16_kernel": matmul_w4a16_kernel,
-           "matmul_fp8_kernel": matmul_fp8_kernel, "gemv_grouped_kernel": gemv_grouped_kernel}
+           "matmul_fp8_kernel": matmul_fp8_kernel, "gemv_grouped_kernel": gemv_grouped_kernel,
+           "quant_fp8_kernel": quant_fp8_kernel, "matmul_w8a8_kernel": matmul_w8a8_kernel}
 
 NUM_SMS = 132   # H100 / H200; only used to pick block sizes, never for correctness
 
@@ -375,23 +406,40 @@ def _linear_grouped(kernel, fp8: bool, default, x: torch.Tensor, qweight: torch.
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=max(group, cfg["BLOCK_K"]), num_warps=cfg["num_warps"])
         return out.view(*x.shape[:-1], n)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    a8 = fp8 and w8a8(cfg, m, group, x.device)
+    if fp8 and w8a8(cfg, m, group, x.device):
+        xq, xs = quant_fp8(x2, group)
+        matmul_w8a8_kernel[grid](xq, xs, qweight, scales, b, out, m, n, k, xq.stride(0), xs.stride(0),
+                                 qweight.stride(0), scales.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                                 GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                 BLOCK_K=min(cfg["BLOCK_K"], group), GROUP_M=cfg["GROUP_M"],
+                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return out.view(*x.shape[:-1], n)
     kernel[grid](x2, qweight, scales, b, out, m, n, k, x2.stride(0),
                  qweight.stride(0), scales.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                 GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                 BLOCK_K=min(cfg["BLOCK_K"], group) if a8 else cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **({"A8": True} if a8 else {}))
+                 GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                 GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.view(*x.shape[:-1], n)
+
+
+def quant_fp8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (K a multiple of `group`) -> (float8_e4m3fn [M, K], float32 scales [M, K / group]): quant_fp8_kernel."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(m, k // group, dtype=torch.float32, device=x.device)
+    block_g = min(triton.next_power_of_2(k // group), max(1, 4096 // group))
+    quant_fp8_kernel[(m, triton.cdiv(k // group, block_g))](x, q, s, k, x.stride(0), GROUP=group, BLOCK_G=block_g,
+                                                            num_warps=4)
+    return q, s
 
 
 W8A8_MIN_ROWS = 32    # fp8 products of at least this many rows (prefill) quantize their activations too
 
 
 def w8a8(cfg: dict, rows: int, group: int, device: torch.device) -> bool:
-    """Whether an fp8-weight product of `rows` rows on the tiles runs w8a8 (activations quantized per row
-    and K step to e4m3 on the fly, fp8 x fp8 tensor-core dots): the config's "A8" when it has one, else
-    from W8A8_MIN_ROWS rows on. Never for groups under 32 values (an fp8 dot's K is at least 32) nor on
-    AMD GPUs (the ahead-of-time builds lower the e4m3fn dot for NVIDIA sm89+ only)."""
+    """Whether an fp8-weight product of `rows` rows on the tiles runs w8a8 (quant_fp8 on the activations,
+    then matmul_w8a8_kernel): the config's "A8" when it has one, else from W8A8_MIN_ROWS rows on. Never for
+    groups under 32 values (an fp8 dot's K is at least 32) nor on AMD GPUs (the ahead-of-time builds lower
+    the e4m3fn dot for NVIDIA sm89+ only)."""
     if group < 32 or (device.type == "cuda" and torch.version.hip is not None):
         return False
     return bool(cfg.get("A8", rows >= W8A8_MIN_ROWS))
@@ -399,10 +447,15 @@ def w8a8(cfg: dict, rows: int, group: int, device: torch.device) -> bool:
 
 def default_config_fp8(m: int, n: int, k: int) -> dict:
     """Block sizes for an [m, k] x fp8 [n, k]^T product: up to GEMV_ROWS rows gemv_grouped_kernel's
-    (gemv_config's blocks), else the bf16 product's tiles (decode: narrow N blocks, 256 values = 256
-    bytes of every weight row a step; prefill: 128 x 128 x 64 tiles)."""
+    (gemv_config's blocks), from W8A8_MIN_ROWS rows matmul_w8a8_kernel's 64 x 128 tiles with K steps of
+    128 (the best of an H100 sweep at 2048 rows: 87-95 us for the qkv / o projections against 122-206 us
+    for 128 x 128 tiles; bench/gpu_decode.py), else the bf16 product's tiles (decode: narrow N blocks,
+    256 values = 256 bytes of every weight row a step)."""
     if m <= GEMV_ROWS:
         return gemv_config(m, n, k)
+    if m >= W8A8_MIN_ROWS:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": max(32, min(128, triton.next_power_of_2(k))),
+                "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
     cfg = dict(tile_config(m, n, k))
     cfg["BLOCK_K"] = max(16, min(cfg["BLOCK_K"], triton.next_power_of_2(k)))
     return cfg
@@ -477,8 +530,9 @@ def candidate_configs_w4a16(m: int, n: int, k: int, max_shared: int = 232448, el
 def candidate_configs_fp8(m: int, n: int, k: int, max_shared: int = 232448, elem_bytes: int = 2) -> list[dict]:
     """Configs `ktc tune` times for linear_fp8 at [m, k] x fp8 [n, k]^T, default first: the tiles of
     candidate_configs (K steps of 64 to 512 values for decode), whose pipelined activation tile and fp8
-    weight tile (a byte a value) fit `max_shared`; up to GEMV_ROWS rows gemv_grouped_kernel's blocks."""
-    fits = _grouped_fits(lambda bk: bk, max_shared, elem_bytes)
+    weight tile (a byte a value) fit `max_shared` (from W8A8_MIN_ROWS rows the activations are e4m3 too);
+    up to GEMV_ROWS rows gemv_grouped_kernel's blocks."""
+    fits = _grouped_fits(lambda bk: bk, max_shared, 1 if m >= W8A8_MIN_ROWS else elem_bytes)
     out = _candidates(m, n, k, default_config_fp8(m, n, k), fits, (64, 128, 256, 512), (64, 128))
     return out + [c for c in _gemv_candidates(m, k, 1) if c not in out]
 

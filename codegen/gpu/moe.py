@@ -37,9 +37,10 @@ with a float32 scale per row and group of G values along K (pack_fp8: amax / 448
 grouped GEMM at every token count; it runs the 8-bit branch of fused_moe_kernel (the load is
 dtype-agnostic: int8 or fp8 values are converted to float32 in registers, scaled, and cast to the
 activation dtype before tl.dot). Triton lowers fp8e4nv on sm89+ (and AMD) only. From W8A8_MIN_TOKENS
-tokens on (prefill) fp8 experts run w8a8 (constexpr A8): each K step of the gathered rows is quantized
-per row on the fly (amax / 448, e4m3) and multiplied by the raw e4m3 weights on fp8 tensor cores, the
-float32 product scaled by the row's and the weight rows' scales.
+tokens on (prefill) fp8 experts run w8a8: quant_fp8_kernel rounds each pass's activations (x, then
+silu(gate) * up) to e4m3 with a float32 scale per row and group (amax / 448), and fused_moe_w8a8_kernel
+multiplies the raw e4m3 rows and weights on fp8 tensor cores, each K step's float32 product scaled by the
+rows' and the weight rows' group scales.
 """
 
 from __future__ import annotations
@@ -147,34 +148,16 @@ def moe_scatter_kernel(ids_ptr, offsets_ptr, sorted_ptr, num_slots, BLOCK_E: tl.
 
 
 @triton.jit
-def _quant_rows_fp8(a):
-    """Dynamic fp8 activations (matmul.quant_rows_fp8's arithmetic; kernel families import nothing from
-    each other): an [M, BLOCK_K] tile -> (e4m3 values, float32 scale per row = amax / 448, 1 for a zero row)."""
-    af = a.to(tl.float32)
-    amax = tl.max(tl.abs(af), axis=1)
-    sa = tl.where(amax > 0, amax / 448.0, 1.0)
-    return tl.clamp(af / sa[:, None], -448.0, 448.0).to(tl.float8e4nv), sa
-
-
-@triton.jit
 def fused_moe_kernel(a_ptr, w_ptr, scale_ptr, c_ptr, sorted_ptr, block_expert_ptr, total_ptr, topk_w_ptr,
                      N, K, num_slots, a_stride, c_stride, w_estride, w_nstride, s_estride, s_nstride,
                      A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, INT4: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     INT8: tl.constexpr = False, GROUP: tl.constexpr = 128, A8: tl.constexpr = False):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+                     INT8: tl.constexpr = False, GROUP: tl.constexpr = 128):
+    pid_m, pid_n = _moe_block_ids(N, BLOCK_N)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    slots = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    smask = slots < num_slots
-    arow = tl.where(smask, slots // A_DIV, 0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    wn = tl.where(nmask, offs_n, 0).to(tl.int64)
+    expert, slots, smask, arow, offs_n, nmask, wn = _moe_block(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots,
+                                                               N, A_DIV, BLOCK_M, BLOCK_N)
     w_base = w_ptr + expert * w_estride
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -209,19 +192,11 @@ def fused_moe_kernel(a_ptr, w_ptr, scale_ptr, c_ptr, sorted_ptr, block_expert_pt
             a = tl.load(a_ptr + arow[:, None] * a_stride + k0 + offs_k[None, :], mask=smask[:, None], other=0.0)
             w = tl.load(w_base + wn[None, :] * w_nstride + k0 + offs_k[:, None])
             sc = tl.load(s_base + wn * s_nstride + k0 // GROUP)[None, :]
-            if A8:
-                # fp8 weights, w8a8: the rows' step quantized on the fly, fp8 x fp8 dots scaled after
-                aq, sa = _quant_rows_fp8(a)
-                acc += tl.dot(aq, w) * (sa[:, None] * sc)
-            else:
-                acc = tl.dot(a, (w.to(tl.float32) * sc).to(a.dtype), acc)
+            acc = tl.dot(a, (w.to(tl.float32) * sc).to(a.dtype), acc)
             if GATED:
                 wu = tl.load(w_base + (wn + N)[None, :] * w_nstride + k0 + offs_k[:, None])
                 su = tl.load(s_base + (wn + N) * s_nstride + k0 // GROUP)[None, :]
-                if A8:
-                    acc_up += tl.dot(aq, wu) * (sa[:, None] * su)
-                else:
-                    acc_up = tl.dot(a, (wu.to(tl.float32) * su).to(a.dtype), acc_up)
+                acc_up = tl.dot(a, (wu.to(tl.float32) * su).to(a.dtype), acc_up)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
@@ -234,12 +209,87 @@ def fused_moe_kernel(a_ptr, w_ptr, scale_ptr, c_ptr, sorted_ptr, block_expert_pt
                 wu = tl.load(w_base + (wn + N)[None, :] * w_nstride + k0 + offs_k[:, None], mask=kmask[:, None],
                              other=0.0)
                 acc_up = tl.dot(a, wu.to(a.dtype), acc_up)
+    _moe_store(acc, acc_up, c_ptr, c_stride, topk_w_ptr, slots, smask, offs_n, nmask, GATED, MUL_WEIGHT)
+
+
+@triton.jit
+def _moe_block_ids(N, BLOCK_N: tl.constexpr):
+    """(M block, N block) of this program of a grouped GEMM launch (M blocks outer)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    return tl.program_id(0) // num_n, tl.program_id(0) % num_n
+
+
+@triton.jit
+def _moe_block(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N, A_DIV: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The expert, slots (and which are real), activation rows (slot // A_DIV), output columns (and which
+    are in N) and clamped weight rows of M block pid_m, N block pid_n."""
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    slots = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    smask = slots < num_slots
+    arow = tl.where(smask, slots // A_DIV, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    return expert, slots, smask, arow, offs_n, nmask, tl.where(nmask, offs_n, 0).to(tl.int64)
+
+
+@triton.jit
+def _moe_store(acc, acc_up, c_ptr, c_stride, topk_w_ptr, slots, smask, offs_n, nmask, GATED: tl.constexpr,
+               MUL_WEIGHT: tl.constexpr):
+    """Row slot of c = silu(gate) * up (gate_up pass) or routing weight * acc (down pass), in c's dtype."""
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     if MUL_WEIGHT:
         acc = acc * tl.load(topk_w_ptr + slots, mask=smask, other=0.0)[:, None]
     c_ptrs = c_ptr + tl.where(smask, slots, 0).to(tl.int64)[:, None] * c_stride + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def quant_fp8_kernel(x_ptr, q_ptr, s_ptr, K, x_stride, GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Dynamic fp8 activations for w8a8 experts (matmul.quant_fp8_kernel's arithmetic: kernel families import
+    nothing from each other): row program_id(0) of x, BLOCK_G groups of GROUP values a program -> e4m3 values
+    of x / scale and a float32 scale per group = amax / 448 (1 for a zero group)."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    groups = K // GROUP
+    gmask = g < groups
+    offs = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    x = tl.load(x_ptr + row * x_stride + offs, mask=gmask[:, None], other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.where(amax > 0, amax / 448.0, 1.0)
+    q = tl.clamp(x / scale[:, None], -448.0, 448.0).to(tl.float8e4nv)
+    tl.store(q_ptr + row * K + offs, q, mask=gmask[:, None])
+    tl.store(s_ptr + row * groups + g, scale, mask=gmask)
+
+
+@triton.jit
+def fused_moe_w8a8_kernel(a_ptr, as_ptr, w_ptr, scale_ptr, c_ptr, sorted_ptr, block_expert_ptr, total_ptr, topk_w_ptr,
+                          N, K, num_slots, a_stride, as_stride, c_stride, w_estride, w_nstride, s_estride, s_nstride,
+                          A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """fused_moe_kernel for fp8 experts at prefill (w8a8): e4m3 activation rows with a scale per group
+    (quant_fp8) times the raw e4m3 weights on fp8 tensor cores, each K step (BLOCK_K divides GROUP) a fresh
+    float32 dot scaled by the rows' and the weight rows' scales of its group."""
+    pid_m, pid_n = _moe_block_ids(N, BLOCK_N)
+    if pid_m * BLOCK_M >= tl.load(total_ptr):
+        return
+    expert, slots, smask, arow, offs_n, nmask, wn = _moe_block(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots,
+                                                               N, A_DIV, BLOCK_M, BLOCK_N)
+    w_base = w_ptr + expert * w_estride
+    s_base = scale_ptr + expert * s_estride
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr + arow[:, None] * a_stride + k0 + offs_k[None, :], mask=smask[:, None], other=0.0)
+        sa = tl.load(as_ptr + arow * as_stride + k0 // GROUP, mask=smask, other=0.0)[:, None]
+        w = tl.load(w_base + wn[None, :] * w_nstride + k0 + offs_k[:, None])
+        acc += tl.dot(a, w) * (sa * tl.load(s_base + wn * s_nstride + k0 // GROUP)[None, :])
+        if GATED:
+            wu = tl.load(w_base + (wn + N)[None, :] * w_nstride + k0 + offs_k[:, None])
+            acc_up += tl.dot(a, wu) * (sa * tl.load(s_base + (wn + N) * s_nstride + k0 // GROUP)[None, :])
+    _moe_store(acc, acc_up, c_ptr, c_stride, topk_w_ptr, slots, smask, offs_n, nmask, GATED, MUL_WEIGHT)
 
 
 @triton.jit
@@ -412,7 +462,8 @@ def moe_gemv_down_q_kernel(a_ptr, q_ptr, s_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K
 
 KERNELS = {"moe_align_kernel": moe_align_kernel, "moe_count_kernel": moe_count_kernel,
            "moe_offsets_kernel": moe_offsets_kernel, "moe_scatter_kernel": moe_scatter_kernel,
-           "fused_moe_kernel": fused_moe_kernel,
+           "fused_moe_kernel": fused_moe_kernel, "quant_fp8_kernel": quant_fp8_kernel,
+           "fused_moe_w8a8_kernel": fused_moe_w8a8_kernel,
            "moe_sum_kernel": moe_sum_kernel, "moe_gemv_up_kernel": moe_gemv_up_kernel,
            "moe_gemv_down_kernel": moe_gemv_down_kernel, "moe_down_sum_kernel": moe_down_sum_kernel,
            "moe_gemv_up_q_kernel": moe_gemv_up_q_kernel, "moe_gemv_down_q_kernel": moe_gemv_down_q_kernel}
@@ -479,35 +530,53 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     return sorted_slots, block_expert, total
 
 
-def _gemm(a, w, scales, c, align, topk_w, n, k, a_div, gated, mul_weight, block_n, cfg, pair=None, a8=False):
+def _gemm(a, w, scales, c, align, topk_w, n, k, a_div, gated, mul_weight, block_n, cfg, pair=None):
     """pair: int4 values packed in blocks of `pair` (the CPU kernels' layout: 32) instead of one
-    block per scale group (w4a16's own layout). a8: fp8 weights, w8a8 (see w8a8)."""
+    block per scale group (w4a16's own layout). `a` is (e4m3 values, scales) from quant_fp8 for w8a8."""
     sorted_slots, block_expert, total = align
     quantized = scales is not None
     # int8 or fp8 (one value per byte, the 8-bit branch); else uint8: w4a16 (two values per byte)
     int8 = quantized and (w.dtype == torch.int8 or w.dtype == FP8_DTYPE)
     group = k // scales.shape[-1] if quantized else 128
     block_k = min(cfg["BLOCK_K"], group) if int8 else pair or cfg["BLOCK_K"]
-    a8 = a8 and w.dtype == FP8_DTYPE and block_k >= 32
     grid = (block_expert.numel() * triton.cdiv(n, block_n),)
+    if isinstance(a, tuple):
+        (aq, a_scales), a = a, None
+        fused_moe_w8a8_kernel[grid](
+            aq, a_scales, w, scales, c, sorted_slots, block_expert, total, topk_w, n, k, c.shape[0], aq.stride(0),
+            a_scales.stride(0), c.stride(0), w.stride(0), w.stride(1), scales.stride(0), scales.stride(1),
+            A_DIV=a_div, GATED=gated, MUL_WEIGHT=mul_weight, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
+            BLOCK_K=block_k, GROUP=group, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return
     fused_moe_kernel[grid](
         a, w, scales if quantized else w, c, sorted_slots, block_expert, total, topk_w,
         n, k, c.shape[0], a.stride(0), c.stride(0), w.stride(0), w.stride(1),
         scales.stride(0) if quantized else 0, scales.stride(1) if quantized else 0,
         A_DIV=a_div, GATED=gated, MUL_WEIGHT=mul_weight, INT4=quantized and not int8, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], INT8=int8,
-        GROUP=group, **({"A8": True} if a8 else {}))
+        GROUP=group)
+
+
+def quant_fp8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (K a multiple of `group`) -> (float8_e4m3fn [M, K], float32 scales [M, K / group])."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(m, k // group, dtype=torch.float32, device=x.device)
+    block_g = min(triton.next_power_of_2(k // group), max(1, 4096 // group))
+    quant_fp8_kernel[(m, triton.cdiv(k // group, block_g))](x, q, s, k, x.stride(0), GROUP=group, BLOCK_G=block_g,
+                                                            num_warps=4)
+    return q, s
 
 
 W8A8_MIN_TOKENS = 32    # fp8 experts' grouped GEMMs for at least this many tokens quantize activations too
 
 
-def w8a8(cfg: dict, tokens: int, device: torch.device) -> bool:
-    """Whether fp8 experts' grouped GEMMs run w8a8 (each K step of the rows quantized per row to e4m3 on
-    the fly, fp8 x fp8 tensor-core dots scaled by the row's and the weight row's scales; K steps of at
-    least 32 values): the config's "A8" when it has one, else from W8A8_MIN_TOKENS tokens on (prefill).
-    Never on AMD GPUs (the ahead-of-time builds lower the e4m3fn dot for NVIDIA sm89+ only)."""
-    if device.type == "cuda" and torch.version.hip is not None:
+def w8a8(cfg: dict, tokens: int, group: int, device: torch.device) -> bool:
+    """Whether fp8 experts' grouped GEMMs run w8a8 (quant_fp8 on each pass's activations, then
+    fused_moe_w8a8_kernel): the config's "A8" when it has one, else from W8A8_MIN_TOKENS tokens on
+    (prefill). Never for groups under 32 values (an fp8 dot's K is at least 32) nor on AMD GPUs (the
+    ahead-of-time builds lower the e4m3fn dot for NVIDIA sm89+ only)."""
+    if group < 32 or (device.type == "cuda" and torch.version.hip is not None):
         return False
     return bool(cfg.get("A8", tokens >= W8A8_MIN_TOKENS))
 
@@ -552,10 +621,12 @@ def fused_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
     s_down = weights["down.scales"] if int4 or int8 or fp8 else None
     tw = topk_weights.reshape(-1).to(torch.float32)
     inter_act = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
-    a8 = fp8 and w8a8(cfg, t, x.device)
-    _gemm(x, w_up, s_up, inter_act, align, tw, inter, h, top_k, True, False, cfg["BLOCK_N_UP"], cfg, pair, a8)
+    a8 = fp8 and w8a8(cfg, t, group, x.device)
+    _gemm(quant_fp8(x, group) if a8 else x, w_up, s_up, inter_act, align, tw, inter, h, top_k, True, False,
+          cfg["BLOCK_N_UP"], cfg, pair)
     out = (torch.zeros if partial else torch.empty)(slots, h, dtype=x.dtype, device=x.device)
-    _gemm(inter_act, w_down, s_down, out, align, tw, h, inter, 1, False, True, cfg["BLOCK_N_DOWN"], cfg, pair, a8)
+    down_in = quant_fp8(inter_act, inter // s_down.shape[-1]) if a8 else inter_act
+    _gemm(down_in, w_down, s_down, out, align, tw, h, inter, 1, False, True, cfg["BLOCK_N_DOWN"], cfg, pair)
     y = torch.empty(t, h, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(h))
     moe_sum_kernel[(t, triton.cdiv(h, block))](out, y, h, TOP_K=top_k, BLOCK=block, num_warps=4)

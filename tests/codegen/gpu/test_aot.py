@@ -53,12 +53,16 @@ def test_fp8_kernels_build_where_triton_lowers_e4m3(aot_results):
 
 
 def test_w8a8_kernels_multiply_e4m3_on_tensor_cores(aot_results):
-    """The w8a8 variants (A8: prefill of fp8 linears and experts) are built for sm89 / sm90 only and lower
-    to e4m3 x e4m3 MMAs (sm90: wgmma); the weight-only ones convert the fp8 weights and multiply bf16."""
-    a8 = {k: v for k, v in aot_results.items() if "A8True" in k}
-    assert {k.split("[")[0] for k in a8} == {"matmul.matmul_fp8_kernel", "moe.fused_moe_kernel<fp8>"}
+    """The w8a8 kernels (fp8 prefill: activation quantization, then fp8 x fp8 products of linears and experts)
+    are built for sm89 / sm90 only, and the products lower to e4m3 x e4m3 MMAs (sm90: wgmma); the
+    weight-only fp8 kernels convert the weights and multiply bf16."""
+    a8 = {k: v for k, v in aot_results.items() if "w8a8" in k or "quant_fp8" in k}
+    assert {k.split("[")[0].split("@")[0] for k in a8} == {
+        "matmul.matmul_w8a8_kernel", "moe.fused_moe_w8a8_kernel", "matmul.quant_fp8_kernel", "moe.quant_fp8_kernel"}
     assert {k.rsplit("@", 1)[1] for k in a8} == set(W8A8_TARGETS) == {"sm89", "sm90"}
-    assert all(v["ok"] and v["fp8_mma"] for v in a8.values()), a8
-    assert all(v["wgmma"] for k, v in a8.items() if k.endswith("@sm90"))
-    w8a16 = [v for k, v in aot_results.items() if "fp8" in k and "A8True" not in k and k.endswith("@sm90")]
+    assert all(v["ok"] for v in a8.values()), a8
+    products = {k: v for k, v in a8.items() if "w8a8" in k}
+    assert all(v["fp8_mma"] for v in products.values()), products
+    assert all(v["wgmma"] for k, v in products.items() if k.endswith("@sm90"))
+    w8a16 = [v for k, v in aot_results.items() if "fp8" in k and k not in a8 and k.endswith("@sm90")]
     assert w8a16 and not any(v["fp8_mma"] for v in w8a16)

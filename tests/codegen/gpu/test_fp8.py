@@ -1,6 +1,6 @@
 """fp8 (e4m3) kernels against float64 references: matmul.linear_fp8 (--gpu-dense-quant fp8), moe.fused_moe on
 fp8 experts (--gpu-quant fp8), and the packer moe.pack_fp8 they read. Both products are weight-only
-(w8a16) at decode and w8a8 (activations quantized on the fly per row and K step) from their W8A8_MIN_*
+(w8a16) at decode and w8a8 (activations quantized per row and group first, quant_fp8) from their W8A8_MIN_*
 rows / tokens on; the w8a8 references quantize the activations the same way (fake_quant_rows).
 
 Without a GPU the kernels run in Triton's interpreter (conftest), which loads float8_e4m3fn CPU tensors
@@ -150,7 +150,9 @@ def test_fp8_configs_and_candidates():
     assert gemv == matmul.gemv_config(1, 4096, 2048) and matmul.default_config_fp8(2, 4096, 2048)["GEMV"]
     assert dec["BLOCK_M"] == 16 and dec["GROUP_M"] == 1 and dec["BLOCK_K"] == 256
     assert 4096 // dec["BLOCK_N"] >= matmul.NUM_SMS               # many programs, each streams its rows once
-    assert pre["BLOCK_M"] == 128 and pre["GROUP_M"] == 8
+    # prefill (w8a8): 64 x 128 tiles, K steps of 128
+    assert (pre["BLOCK_M"], pre["BLOCK_N"], pre["BLOCK_K"], pre["GROUP_M"]) == (64, 128, 128, 8)
+    assert matmul.default_config_fp8(matmul.W8A8_MIN_ROWS - 1, 4096, 2048)["BLOCK_M"] == 64
     assert matmul.default_config_fp8(4, 64, 32)["BLOCK_K"] == 32
     for m in (1, 4, 16, 64, 2048):
         cands = matmul.candidate_configs_fp8(m, 4096, 2048, max_shared=101376)
@@ -158,19 +160,20 @@ def test_fp8_configs_and_candidates():
         assert all(c not in cands[:i] for i, c in enumerate(cands))
         tiles = [c for c in cands if not c.get("GEMV")]
         assert (len(tiles) < len(cands)) == (m <= matmul.GEMV_ROWS)
-        assert all(c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] * 2 + c["BLOCK_N"] * c["BLOCK_K"]) <= 101376
+        a_bytes = 1 if m >= matmul.W8A8_MIN_ROWS else 2     # w8a8: e4m3 activation tiles
+        assert all(c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_K"] * a_bytes + c["BLOCK_N"] * c["BLOCK_K"]) <= 101376
                    for c in tiles)
 
 
-# -- w8a8 (prefill): activations quantized per row and K step ---------------------------------------------
+# -- w8a8 (prefill): activations quantized per row and group (quant_fp8), fp8 x fp8 products -----------------
 # the fp8 dots are exact in the interpreter; on a GPU, Triton's float32 division may round a quotient one
 # e4m3 step the other way, and a K step's fp8 tensor-core sum is kept to ~14 bits
 A8_TOL = 2e-3 if HAS_CUDA else 1e-5
 
 
 def fake_quant_rows(x: torch.Tensor, step: int) -> torch.Tensor:
-    """float64 x [R, K] as the w8a8 kernels see it: per row and K step of `step` values, e4m3 values of
-    x / (amax / 448) (scale 1 for a zero step), times that scale."""
+    """float64 x [R, K] as the w8a8 kernels see it: per row and group of `step` values, e4m3 values of
+    x / (amax / 448) (scale 1 for a zero group), times that scale."""
     r, k = x.shape
     xg = x.float().reshape(r, k // step, step)
     amax = xg.abs().amax(-1, keepdim=True)
@@ -180,7 +183,7 @@ def fake_quant_rows(x: torch.Tensor, step: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("m,n,k,group,block_k,bias", [
     (40, 24, 128, 64, 64, True),       # the default rule (>= W8A8_MIN_ROWS rows), a step = a group
-    (33, 17, 192, 64, 32, False),      # steps of half a group (activation scales per 32 values), odd N / M
+    (33, 17, 192, 64, 32, False),      # steps of half a group (both scale the same group), odd N / M
     (48, 40, 128, 32, 128, True),      # a step past the group: cut to it
 ])
 def test_linear_w8a8_matches_quantized_reference(m, n, k, group, block_k, bias):
@@ -189,8 +192,7 @@ def test_linear_w8a8_matches_quantized_reference(m, n, k, group, block_k, bias):
     x = rnd(m, k, seed=4).float()
     x[1] = 0.0                                           # a zero row: scale 1, zero output (plus bias)
     b = rnd(n, seed=5, scale=0.5).float() if bias else None
-    step = min(block_k, group)
-    ref = fake_quant_rows(x.double(), step) @ deq.T + (b.double() if bias else 0)
+    ref = fake_quant_rows(x.double(), group) @ deq.T + (b.double() if bias else 0)
     y = matmul.linear_fp8(x.to(DEV), w["qweight"], w["scales"], None if b is None else b.to(DEV),
                           cfg(16, 16, block_k))
     assert rel(y, ref) < A8_TOL
@@ -207,8 +209,8 @@ def test_w8a8_rule():
     assert matmul.w8a8({}, matmul.W8A8_MIN_ROWS, 128, dev)
     assert not matmul.w8a8({"A8": False}, 2048, 128, dev) and matmul.w8a8({"A8": True}, 3, 128, dev)
     assert not matmul.w8a8({"A8": True}, 2048, 16, dev)       # an fp8 dot needs K steps of >= 32
-    assert not moe.w8a8({}, moe.W8A8_MIN_TOKENS - 1, dev) and moe.w8a8({}, moe.W8A8_MIN_TOKENS, dev)
-    assert not moe.w8a8({"A8": False}, 4096, dev)
+    assert not moe.w8a8({}, moe.W8A8_MIN_TOKENS - 1, 128, dev) and moe.w8a8({}, moe.W8A8_MIN_TOKENS, 128, dev)
+    assert not moe.w8a8({"A8": False}, 4096, 128, dev) and not moe.w8a8({"A8": True}, 4096, 16, dev)
 
 
 def test_linear_w8a8_forced_at_few_rows():
@@ -221,8 +223,8 @@ def test_linear_w8a8_forced_at_few_rows():
 
 @pytest.mark.parametrize("tokens,block_k,partial", [(40, 32, False), (37, 64, True)])
 def test_fused_moe_w8a8_matches_quantized_reference(tokens, block_k, partial):
-    """Prefill on fp8 experts (>= W8A8_MIN_TOKENS tokens): the gate_up pass quantizes the gathered rows of
-    x, the down pass the silu(gate) * up rows, per row and K step."""
+    """Prefill on fp8 experts (>= W8A8_MIN_TOKENS tokens): x and the silu(gate) * up rows are quantized per
+    row and group before each pass."""
     assert tokens >= moe.W8A8_MIN_TOKENS
     e, k, h, inter, group = 5, 2, 64, 64, 64
     pu, deq_u = packed((e, 2 * inter, h), group, seed=61)
@@ -238,8 +240,7 @@ def test_fused_moe_w8a8_matches_quantized_reference(tokens, block_k, partial):
     config = {"BLOCK_M": 16, "BLOCK_N_UP": 16, "BLOCK_N_DOWN": 32, "BLOCK_K": block_k, "num_warps": 4,
               "num_stages": 1}
     y = moe.fused_moe(x.to(DEV), tw.to(DEV), ids.to(DEV), weights, e, inter, config=config, partial=partial)
-    step = min(block_k, group)
-    xq = fake_quant_rows(x.double(), step)
+    xq = fake_quant_rows(x.double(), group)
     ref = torch.zeros(tokens, h, dtype=torch.float64)
     for t in range(tokens):
         for j in range(k):
@@ -248,7 +249,7 @@ def test_fused_moe_w8a8_matches_quantized_reference(tokens, block_k, partial):
                 continue
             gu = deq_u[ex] @ xq[t]
             act = (torch.nn.functional.silu(gu[:inter]) * gu[inter:]).float().double()
-            ref[t] += float(tw[t, j]) * (deq_d[ex] @ fake_quant_rows(act[None], step)[0])
+            ref[t] += float(tw[t, j]) * (deq_d[ex] @ fake_quant_rows(act[None], group)[0])
     assert rel(y, ref) < A8_TOL
     w16 = moe.fused_moe(x.to(DEV), tw.to(DEV), ids.to(DEV), weights, e, inter, config={**config, "A8": False},
                         partial=partial)

@@ -145,7 +145,7 @@ def test_gpu_executor_matches_transformers_on_the_dequantized_weights(arch, tiny
 
 def test_gpu_executor_prefill_runs_w8a8(tiny_models, fp8_compiled, tmp_path):
     """A prompt of W8A8_MIN_ROWS tokens or more prefills the fp8 products w8a8 (activations rounded to e4m3
-    per row and K step): its logits differ from the dequantized-weights reference by that rounding, far
+    per row and group): its logits differ from the dequantized-weights reference by that rounding, far
     more than float32's (the short prompts above: 1e-4) and of the order of the weights' own e4m3 rounding
     (the float model above: 0.15), on this tiny random model."""
     from ktc.codegen.gpu import matmul, moe

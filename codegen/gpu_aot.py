@@ -175,9 +175,7 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
     add("moe", "moe_gemv_down_kernel", _sig(dict(a_ptr="bf16", w_ptr="bf16", ids_ptr="i32", topk_w_ptr="fp32",
                                                  y_ptr="bf16"), ("N", "K", "y_stride", "w_estride", "w_nstride"),
                                             consts=dict(TOP_K=top_k, BLOCK_N=gc["GEMV_N_DOWN"],
-                                                        BLOCK_K=gc["GEMV_K_DOWN"],
-                                                        TOP_K_P2=1 << (top_k - 1).bit_length())),
-        num_warps=gc["gemv_warps"])
+                                                        BLOCK_K=gc["GEMV_K_DOWN"])), num_warps=gc["gemv_warps"])
     for qw, fp8 in (("u8", {}), ("fp8e4nv", dict(targets=FP8_TARGETS, variant="fp8"))):   # w4a16 / fp8 experts
         q = dict(TOP_K=top_k, GROUP=group, FP8=bool(fp8))
         ints = ("N", "K", "x_stride", "y_stride", "q_estride", "q_nstride", "s_estride", "s_nstride")

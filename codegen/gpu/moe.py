@@ -236,13 +236,11 @@ def _moe_block(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N, A_DIV: 
 @triton.jit
 def _moe_store(acc, acc_up, c_ptr, c_stride, topk_w_ptr, slots, smask, offs_n, nmask, GATED: tl.constexpr,
                MUL_WEIGHT: tl.constexpr):
-    """Row slot of c = silu(gate) * up (gate_up pass) or routing weight * acc (down pass), in c's dtype,
-    rounded to it where the eager model rounds: gate, up, silu(gate) and the down projection too."""
-    dt = c_ptr.dtype.element_ty
+    """Row slot of c = silu(gate) * up (gate_up pass) or routing weight * acc (down pass), in c's dtype."""
     if GATED:
-        acc = _silu_mul_rounded(acc, acc_up, dt)
+        acc = acc * tl.sigmoid(acc) * acc_up
     if MUL_WEIGHT:
-        acc = acc.to(dt).to(tl.float32) * tl.load(topk_w_ptr + slots, mask=smask, other=0.0)[:, None]
+        acc = acc * tl.load(topk_w_ptr + slots, mask=smask, other=0.0)[:, None]
     c_ptrs = c_ptr + tl.where(smask, slots, 0).to(tl.int64)[:, None] * c_stride + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=smask[:, None] & nmask[None, :])
 
@@ -326,47 +324,31 @@ def moe_gemv_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, x_stride, w_estride
         wu = tl.load(w_base + (wn + N)[:, None] * w_nstride + kk[None, :], mask=kmask[None, :], other=0.0)
         acc_g += tl.sum(wg.to(tl.float32) * xv, axis=1)
         acc_u += tl.sum(wu.to(tl.float32) * xv, axis=1)
-    act = _silu_mul_rounded(acc_g, acc_u, out_ptr.dtype.element_ty)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(out_ptr + slot * N + offs_n, act.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 @triton.jit
-def _silu_mul_rounded(gate, up, dt: tl.constexpr):
-    """silu(gate) * up from float32 projections, rounded to the activations' dtype where the eager model
-    rounds (gate, up, silu(gate))."""
-    gate = gate.to(dt).to(tl.float32)
-    return (gate * tl.sigmoid(gate)).to(dt).to(tl.float32) * up.to(dt).to(tl.float32)
-
-
-@triton.jit
 def moe_gemv_down_kernel(a_ptr, w_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K, y_stride, w_estride, w_nstride,
-                         TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         TOP_K_P2: tl.constexpr):
-    """Each expert's down projection summed apart ([experts, BLOCK_N] float32), then rounded to the
-    activations' dtype, times its routing weight, rounded again and summed in float32: the prefill path's
-    arithmetic (fused_moe's down pass + moe_sum), so a token decodes as it prefills."""
+                         TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     wn = tl.where(nmask, offs_n, 0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    jj = tl.arange(0, TOP_K_P2)        # TOP_K rounded up to a power of two
-    acc = tl.zeros((TOP_K_P2, BLOCK_N), tl.float32)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         kmask = kk < K
         for j in tl.static_range(TOP_K):     # unrolled: the experts' weight tiles are loaded together
             slot = t * TOP_K + j
             expert = tl.load(ids_ptr + slot).to(tl.int64)
-            av = tl.load(a_ptr + slot * K + kk, mask=kmask, other=0.0).to(tl.float32)
+            weight = tl.load(topk_w_ptr + slot)
+            av = tl.load(a_ptr + slot * K + kk, mask=kmask, other=0.0).to(tl.float32) * weight
             w = tl.load(w_ptr + expert * w_estride + wn[:, None] * w_nstride + kk[None, :], mask=kmask[None, :],
                         other=0.0)
-            part = tl.sum(w.to(tl.float32) * av[None, :], axis=1)
-            acc += tl.where(jj[:, None] == j, part[None, :], 0.0)
-    dt = y_ptr.dtype.element_ty
-    weights = tl.load(topk_w_ptr + t * TOP_K + jj, mask=jj < TOP_K, other=0.0)
-    y = tl.sum((acc.to(dt).to(tl.float32) * weights[:, None]).to(dt).to(tl.float32), axis=0)
-    tl.store(y_ptr + t * y_stride + offs_n, y.to(dt), mask=nmask)
+            acc += tl.sum(w.to(tl.float32) * av[None, :], axis=1)
+    tl.store(y_ptr + t * y_stride + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
 @triton.jit
@@ -448,7 +430,7 @@ def moe_gemv_up_q_kernel(x_ptr, q_ptr, s_ptr, ids_ptr, out_ptr, N, K, x_stride, 
         gmask = g < groups
         acc_g += _group_dots(q_gate, s_gate, x_row, g, gmask, GROUP, FP8)
         acc_u += _group_dots(q_gate + N * q_nstride, s_gate + N * s_nstride, x_row, g, gmask, GROUP, FP8)
-    act = _silu_mul_rounded(acc_g, acc_u, out_ptr.dtype.element_ty)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(out_ptr + slot * N + offs_n, act.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
@@ -699,8 +681,7 @@ def _fused_moe_decode(x, topk_weights, topk_ids, weights, inter, cfg):
     else:
         moe_gemv_down_kernel[(t, triton.cdiv(h, cfg["GEMV_N_DOWN"]))](
             act, w_down, ids, tw, y, h, inter, y.stride(0), w_down.stride(0), w_down.stride(1), TOP_K=top_k,
-            BLOCK_N=cfg["GEMV_N_DOWN"], BLOCK_K=cfg["GEMV_K_DOWN"], TOP_K_P2=triton.next_power_of_2(top_k),
-            num_warps=cfg["gemv_warps"])
+            BLOCK_N=cfg["GEMV_N_DOWN"], BLOCK_K=cfg["GEMV_K_DOWN"], num_warps=cfg["gemv_warps"])
     return y
 
 

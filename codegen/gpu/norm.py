@@ -3,10 +3,6 @@
     rms_norm(x [T, H], w [H]) -> w * x / sqrt(mean(x^2) + eps)
     add_rms_norm(x, r) -> (rms_norm(x + r), x + r)     the sum is rounded to the output
                                                        dtype first, as an eager model does
-
-Like transformers' RMSNorm (`weight * x.to(input_dtype)`), the normalised row is rounded to the
-activation dtype before it is multiplied by the weight (and the product rounded again): a bf16 model
-rounds where its Hugging Face original does.
 """
 
 from __future__ import annotations
@@ -30,8 +26,7 @@ def rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, n_cols, x_stride, r_strid
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n_cols
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    # rounded to the output dtype before the weight, as the eager model's `weight * x.to(dtype)` is
-    y = (xf * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty).to(tl.float32) * w
+    y = xf * tl.rsqrt(var + eps) * w
     tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -7,9 +7,6 @@
         rotate_half rotary on the first R dims of the head (partial rotary when R < D); q heads
         go to q, k heads (and the matching v heads) are written straight into the static cache
         [B, Hkv, capacity, D] at slot positions[t], so k and v never round-trip through memory.
-        The arithmetic is float32, rounded to the activations' dtype where transformers' eager
-        bf16 model rounds: the normalised head before and after its weight, cos / sin, each
-        rotary product and their sum.
 """
 
 from __future__ import annotations
@@ -48,7 +45,6 @@ def qk_rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, qn_ptr, kn_ptr, q_p
     src = qkv_ptr + t * qkv_stride + head * HEAD_DIM
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    dt = q_ptr.dtype.element_ty        # the activations' dtype: the eager model rounds to it after every op
     x = tl.load(src + d, mask=dmask, other=0.0).to(tl.float32)
     if HAS_NORM:
         inv = tl.rsqrt(tl.sum(x * x, axis=0) / HEAD_DIM + eps)
@@ -56,7 +52,7 @@ def qk_rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, qn_ptr, kn_ptr, q_p
             nw = tl.load(qn_ptr + d, mask=dmask, other=0.0).to(tl.float32)
         else:
             nw = tl.load(kn_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-        x = ((x * inv).to(dt).to(tl.float32) * nw).to(dt).to(tl.float32)
+        x = x * inv * nw
     # rotate_half on the first ROT dims: (x[i], x[i + ROT/2]) turn together
     half: tl.constexpr = ROT // 2
     in_rot = d < ROT
@@ -67,12 +63,11 @@ def qk_rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, qn_ptr, kn_ptr, q_p
             pw = tl.load(qn_ptr + partner, mask=in_rot, other=0.0).to(tl.float32)
         else:
             pw = tl.load(kn_ptr + partner, mask=in_rot, other=0.0).to(tl.float32)
-        xp = ((xp * inv).to(dt).to(tl.float32) * pw).to(dt).to(tl.float32)
-    # q * cos + rotate_half(q) * sin with cos / sin and each product in the activations' dtype
-    c = tl.load(cos_ptr + t * ROT + d, mask=in_rot, other=1.0).to(dt).to(tl.float32)
-    s = tl.load(sin_ptr + t * ROT + d, mask=in_rot, other=0.0).to(dt).to(tl.float32)
+        xp = xp * inv * pw
+    c = tl.load(cos_ptr + t * ROT + d, mask=in_rot, other=1.0)
+    s = tl.load(sin_ptr + t * ROT + d, mask=in_rot, other=0.0)
     sign = tl.where(d < half, -1.0, 1.0)
-    y = tl.where(in_rot, (x * c).to(dt).to(tl.float32) + (sign * xp * s).to(dt).to(tl.float32), x)
+    y = tl.where(in_rot, x * c + sign * xp * s, x)
     if is_q:
         tl.store(q_ptr + (t * NUM_HEADS + head) * HEAD_DIM + d, y.to(q_ptr.dtype.element_ty), mask=dmask)
     else:

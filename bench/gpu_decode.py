@@ -113,6 +113,21 @@ def cuda_time(fn, reps: int) -> float:
 
 
 # -- 1. correctness -------------------------------------------------------------------------
+class Float32Gemms(torch.overrides.TorchFunctionMode):
+    """Within it, a bf16 F.linear is a float32 GEMM of the same bf16 values, rounded to bf16: the model's
+    rounding points unchanged, only the order in which each GEMM sums its products (float32 tensor cores
+    off: torch's default) differs from cuBLAS's bf16 kernels."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and args[0].dtype == torch.bfloat16:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            y = x.float() @ w.float().T
+            return (y if b is None else y + b.float()).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
 def check_logits(results: dict) -> None:
     cfg = dict(QWEN3_30B_A3B, num_hidden_layers=4)
     graph = compiled_graph(cfg)
@@ -144,7 +159,17 @@ def check_logits(results: dict) -> None:
                                                                        hf_bf16)
             except (AttributeError, ValueError) as e:
                 variants[f"{attn} attention, {experts} experts"] = f"unavailable: {e}"[:200]
+        # the same rounding points, only the GEMMs' sums in another order: eager experts (every matmul an
+        # F.linear), each bf16 F.linear once as cuBLAS's bf16 GEMM, once as a float32 GEMM rounded to bf16
         ref.set_attn_implementation(default[0])
+        try:
+            ref.set_experts_implementation("eager")
+            eager_experts = ref(full).logits[0, positions].float()
+            with Float32Gemms():
+                float32_sums = ref(full).logits[0, positions].float()
+            variants["eager experts, float32 GEMM sums vs bf16 GEMMs"] = rel(float32_sums, eager_experts)
+        except (AttributeError, ValueError) as e:
+            variants["eager experts, float32 GEMM sums vs bf16 GEMMs"] = f"unavailable: {e}"[:200]
         if default[1] is not None:
             ref.set_experts_implementation(default[1])
         ref32 = ref.float()

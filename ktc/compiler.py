@@ -109,7 +109,8 @@ def compile_model(
     weights_free: the plan and its kernels from config.json alone (no safetensors read, weight
     dtypes taken from config.json) and no weight shards: `ktc pack` (ktc.pack) adds them later.
     gpu_quant: the GPU-resident routed experts' format: "none" (bf16), "int4" (w4a16) or "fp8" (e4m3
-    weight-only, group-wise float32 scales; needs an sm89+ NVIDIA GPU or AMD at run time).
+    weights, group-wise float32 scales; decode weight-only, prefill w8a8 on fp8 tensor cores with activations
+    quantized per token and group; needs an sm89+ NVIDIA GPU, or AMD, weight-only there, at run time).
     gpu_dense_quant: "int4" / "fp8" stores the GPU dense linears (attention projections, dense MLPs, shared
     experts; not the lm_head) int4 w4a16 / fp8, group-wise (passes/quantization.py); "none" keeps them bf16."""
     from ktc.artifact import copy_tokenizer, staging_folder, write_manifest

@@ -7,9 +7,10 @@ dense ops in float32).
 
 GPU-resident weights are stored bfloat16 (small float32 tables such as rope's inv_freq stay
 float32); GPU routed experts are bfloat16 (--gpu-quant none, the default), int4 weight-only
-(w4a16, group-wise, symmetric; --gpu-quant int4, implied by --quant int4) or fp8 weight-only
+(w4a16, group-wise, symmetric; --gpu-quant int4, implied by --quant int4) or fp8
 (--gpu-quant fp8: float8_e4m3fn values with a float32 scale per row and group of K, amax / 448;
-Triton runs them on sm89+ NVIDIA GPUs and AMD). int8 experts exist only for the CPU kernels. A
+Triton runs them on sm89+ NVIDIA GPUs and AMD: weight-only at decode, and at prefill on NVIDIA
+w8a8, the activations rounded to e4m3 per token and group at run time). int8 experts exist only for the CPU kernels. A
 placement rule with `format` sets one layer part's format.
 
 GPU dense linears (--gpu-dense-quant int4 / fp8; default none = bf16): the weights of gqa attention's

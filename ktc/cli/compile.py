@@ -41,10 +41,10 @@ def compile_cmd(
                                    "dense layers and KV cache leave is filled with the hottest routed experts; the "
                                    "rest run on the CPU"),
     gpu_quant: str = typer.Option(None, help="GPU-resident routed experts: none (bf16, default), int4 (w4a16) or "
-                                  "fp8 (e4m3 weight-only; sm89+ GPUs)"),
+                                  "fp8 (e4m3 weights; prefill w8a8 on fp8 tensor cores; sm89+ GPUs)"),
     gpu_dense_quant: str = typer.Option("none", help="GPU dense linears (attention projections, dense MLP, shared "
                                         "experts; never the lm_head): none (bf16, default), int4 (w4a16, "
-                                        "group-wise) or fp8 (e4m3 weight-only; sm89+ GPUs): more GPU memory "
+                                        "group-wise) or fp8 (e4m3 weights, prefill w8a8; sm89+ GPUs): more GPU memory "
                                         "left for experts"),
     max_context: int = typer.Option(None, help="Tokens the GPU KV cache is sized for (default min(4096, the "
                                     "model's))"),

@@ -95,6 +95,7 @@ def compile_model(
     gpu_memory: str | int | None = None,
     gpu_quant: str | None = None,
     gpu_dense_quant: str = "none",
+    group_size: int | None = None,
     max_context: int | None = None,
     calibration: str | Path | None = None,
     rules: str | Path | None = None,
@@ -112,7 +113,9 @@ def compile_model(
     weights, group-wise float32 scales; decode weight-only, prefill w8a8 on fp8 tensor cores with activations
     quantized per token and group; needs an sm89+ NVIDIA GPU, or AMD, weight-only there, at run time).
     gpu_dense_quant: "int4" / "fp8" stores the GPU dense linears (attention projections, dense MLPs, shared
-    experts; not the lm_head) int4 w4a16 / fp8, group-wise (passes/quantization.py); "none" keeps them bf16."""
+    experts; not the lm_head) int4 w4a16 / fp8, group-wise (passes/quantization.py); "none" keeps them bf16.
+    group_size: the routed experts' quantization group along K (32, 64 or 128; default the largest dividing
+    the expert dims)."""
     from ktc.artifact import copy_tokenizer, staging_folder, write_manifest
     from ktc.checkpoint import Checkpoint, read_config
     from ktc.codegen.cpu_experts import build_cpu_kernels
@@ -134,6 +137,11 @@ def compile_model(
         raise KtcError(f"--gpu-quant {gpu_quant!r} is not one of {', '.join(GPU_QUANT_CHOICES)}")
     if gpu_dense_quant not in GPU_DENSE_QUANT_CHOICES:
         raise KtcError(f"--gpu-dense-quant {gpu_dense_quant!r} is not one of {', '.join(GPU_DENSE_QUANT_CHOICES)}")
+    if group_size is not None:
+        from ktc.passes.quantization import GROUP_SIZES
+
+        if group_size not in GROUP_SIZES:
+            raise KtcError(f"--group-size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
     if max_context is not None and int(max_context) < 1:
         raise KtcError(f"--max-context must be at least 1, got {max_context}")
     options = dict(options or {})
@@ -171,7 +179,8 @@ def compile_model(
         counter = iter(range(100))
         instruments.append(lambda name, g: (dump_dir / f"{next(counter):02d}-{name}.txt").write_text(str(g) + "\n"))
     ctx = PassContext(target=device, cpu_target=cpu.name, quant=quant, gpu_memory_bytes=parse_size(gpu_memory),
-                      gpu_quant=gpu_quant, gpu_dense_quant=gpu_dense_quant, options=options)
+                      gpu_quant=gpu_quant, gpu_dense_quant=gpu_dense_quant, group_size=group_size,
+                      options=options)
     manager = PassManager(DEFAULT_PIPELINE, instruments)
     graph = manager.run(graph, ctx)
     phases["passes"] = time.perf_counter() - t
@@ -219,6 +228,7 @@ def compile_model(
             "compile": {"target": target, "cpu_target": cpu.name, "quant": quant, "weights_free": weights_free,
                         "gpu_quant": ctx.gpu_expert_quant if device != "cpu" else None,
                         "gpu_dense_quant": gpu_dense_quant if device != "cpu" else None,
+                        "group_size": group_size,
                         "gpu_memory": ctx.gpu_memory_bytes, "max_context": options.get("max_context"),
                         "calibration": str(calibration) if calibration else None,
                         "rules": [r.to_dict() for r in options.get("placement_rules", []) if hasattr(r, "to_dict")],

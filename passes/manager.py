@@ -24,6 +24,7 @@ class PassContext:
     gpu_memory_bytes: int = 0
     gpu_quant: str | None = None        # routed experts on the GPU: "none" (bf16) | "int4" | "fp8"; None: see below
     gpu_dense_quant: str = "none"       # GPU dense linears (attention, dense MLP, shared experts): none | int4 | fp8
+    group_size: int | None = None       # routed experts' quantization group (32 | 64 | 128); None: the largest dividing
     options: dict[str, Any] = field(default_factory=dict)
 
     @property

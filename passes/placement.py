@@ -93,13 +93,14 @@ def _dense_quantized(graph: Graph, dense_quant: str, rules: list[Rule] | None = 
     return gpu_dense_quant_weights(graph, dense_quant, rules, assume_gpu) if dense_quant != "none" or rules else {}
 
 
-def expert_gpu_bytes(node: Node, quant: str) -> float:
+def expert_gpu_bytes(node: Node, quant: str, group: int | None = None) -> float:
     """Bytes one routed expert of `node` takes on the GPU: bf16, or int4 (half a byte a value) / fp8
-    (a byte a value) + a float32 scale per group (counted at group 128's overhead: 4 bytes per 128
-    values) with --gpu-quant int4 / fp8."""
+    (a byte a value) + a float32 scale per group (counted at group 128's overhead, 4 bytes per 128
+    values, unless --group-size names the group) with --gpu-quant int4 / fp8."""
     a = node.attrs
     numel = 3 * int(a["hidden_size"]) * int(a["intermediate_size"])
-    per_value = {"int4": 0.5 + 4 / 128, "fp8": 1 + 4 / 128}.get(quant, GPU_FLOAT_BYTES)
+    scales = 4 / (group or 128)
+    per_value = {"int4": 0.5 + scales, "fp8": 1 + scales}.get(quant, GPU_FLOAT_BYTES)
     return numel * per_value
 
 
@@ -199,12 +200,12 @@ def _gpu_placement(graph: Graph, ctx: PassContext, rules) -> None:
         for node in moe:
             gpu_sets[node.name] = {e for e in range(int(node.attrs["num_experts"]))
                                    if pinned[node.name].get(e, ctx.target) == ctx.target}
-        used = dense + sum(expert_gpu_bytes(n, gpu_quant) * len(gpu_sets[n.name]) for n in moe)
+        used = dense + sum(expert_gpu_bytes(n, gpu_quant, ctx.group_size) * len(gpu_sets[n.name]) for n in moe)
         stream = 0
     else:
         fixed = dense + kv + GPU_RESERVE_BYTES
-        forced = sum(expert_gpu_bytes(n, gpu_quant) * sum(1 for d in pinned[n.name].values() if d == ctx.target)
-                     for n in moe)
+        forced = sum(expert_gpu_bytes(n, gpu_quant, ctx.group_size)
+                     * sum(1 for d in pinned[n.name].values() if d == ctx.target) for n in moe)
         if fixed + forced > budget:
             linears = "bf16" if ctx.gpu_dense_quant == "none" else f"with {ctx.gpu_dense_quant} linears"
             raise KtcError(
@@ -217,9 +218,11 @@ def _gpu_placement(graph: Graph, ctx: PassContext, rules) -> None:
         # int8 / int4 CPU experts of one layer are streamed to the GPU for long prefills: the budget keeps
         # a staging buffer for the largest CPU share of a layer, which shrinks as experts go to the GPU
         streamed = ctx.quant if ctx.quant in ("int8", "int4") else None
-        gpu_sets, stream, used = _fill(moe, pinned, gpu_quant, fixed, budget, ctx.target, streamed)
+        gpu_sets, stream, used = _fill(moe, pinned, gpu_quant, fixed, budget, ctx.target, streamed,
+                                       ctx.group_size)
         if used > budget:     # not even the smallest buffer fits: no streaming (the runtime reads stream 0)
-            gpu_sets, stream, used = _fill(moe, pinned, gpu_quant, fixed, budget, ctx.target, None)
+            gpu_sets, stream, used = _fill(moe, pinned, gpu_quant, fixed, budget, ctx.target, None,
+                                           ctx.group_size)
     n_gpu = n_cpu = 0
     for node in moe:
         e = int(node.attrs["num_experts"])
@@ -244,18 +247,18 @@ def _gpu_placement(graph: Graph, ctx: PassContext, rules) -> None:
 
 
 def _fill(moe: list[Node], pinned: dict[str, dict[int, str]], gpu_quant: str, fixed: float, budget: int,
-          target: str, streamed: str | None) -> tuple[dict[str, set[int]], int, float]:
+          target: str, streamed: str | None, group: int | None = None) -> tuple[dict[str, set[int]], int, float]:
     """Pinned GPU experts, then one more free expert per layer per round (hottest first, ties:
     lower id) while fixed + GPU experts + the stream buffer (streamed: the largest CPU share of a
     layer in that CPU format) fit the budget. -> (GPU experts per node, stream buffer bytes, bytes used)."""
     gpu_sets = {n.name: {e for e, d in pinned[n.name].items() if d == target} for n in moe}
     cpu_left = {n.name: int(n.attrs["num_experts"]) - len(gpu_sets[n.name]) for n in moe}
-    per_cpu = {n.name: expert_cpu_bytes(n, streamed) if streamed else 0 for n in moe}
+    per_cpu = {n.name: expert_cpu_bytes(n, streamed, group) if streamed else 0 for n in moe}
 
     def stream() -> int:
         return max((per_cpu[n.name] * cpu_left[n.name] for n in moe), default=0)
 
-    experts = sum(expert_gpu_bytes(n, gpu_quant) * len(gpu_sets[n.name]) for n in moe)
+    experts = sum(expert_gpu_bytes(n, gpu_quant, group) * len(gpu_sets[n.name]) for n in moe)
     queues = {}
     for node in moe:
         load = node.attrs.get("expert_load")
@@ -268,7 +271,7 @@ def _fill(moe: list[Node], pinned: dict[str, dict[int, str]], gpu_quant: str, fi
             q = queues[node.name]
             if not q:
                 continue
-            cost = expert_gpu_bytes(node, gpu_quant)
+            cost = expert_gpu_bytes(node, gpu_quant, group)
             cpu_left[node.name] -= 1
             if fixed + experts + cost + stream() <= budget:
                 gpu_sets[node.name].add(q.pop(0))
@@ -285,14 +288,14 @@ def expert_cpu_int8_bytes(node: Node) -> int:
     return expert_cpu_bytes(node, "int8")
 
 
-def expert_cpu_bytes(node: Node, fmt: str) -> int:
+def expert_cpu_bytes(node: Node, fmt: str, group: int | None = None) -> int:
     """Bytes of one routed expert in the CPU kernels' int8 or int4 layout (codes: 1 or 1/2 byte a
-    value, a float32 scale per group, a float32 compensation per row)."""
+    value, a float32 scale per group, a float32 compensation per row); group: --group-size, if given."""
     from ktc.passes.quantization import expert_group_size
 
     h, i = int(node.attrs["hidden_size"]), int(node.attrs["intermediate_size"])
     try:
-        group = expert_group_size(h, i)
+        group = expert_group_size(h, i, group)
     except KtcError:
         return 0
     return 3 * h * i // (2 if fmt == "int4" else 1) + 3 * h * i // group * 4 + (2 * i + h) * 4

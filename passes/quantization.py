@@ -42,8 +42,18 @@ DENSE_LINEAR_ROLES = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "
                       "linear": ("weight",)}
 
 
-def expert_group_size(hidden_size: int, intermediate_size: int) -> int:
-    """Largest group in (128, 64, 32) dividing both K dims of the expert matrices."""
+def expert_group_size(hidden_size: int, intermediate_size: int, wanted: int | None = None) -> int:
+    """The quantization group of the expert matrices: `wanted` (--group-size) when it divides both K
+    dims, else the largest group in (128, 64, 32) that does. Smaller groups are more accurate and a
+    little slower (int8 on Gaussian weights: group 128 1.1e-2, group 32 0.94e-2 relative error)."""
+    if wanted is not None:
+        if wanted not in GROUP_SIZES:
+            raise KtcError(f"--group-size {wanted} is not one of {', '.join(map(str, GROUP_SIZES))}")
+        if hidden_size % wanted or intermediate_size % wanted:
+            raise KtcError(f"--group-size {wanted} does not divide the experts' hidden size {hidden_size} and "
+                           f"intermediate size {intermediate_size}: choose "
+                           f"{expert_group_size(hidden_size, intermediate_size)} or leave it out")
+        return wanted
     for g in (128, 64, 32):
         if hidden_size % g == 0 and intermediate_size % g == 0:
             return g
@@ -147,7 +157,7 @@ def quantization(graph: Graph, ctx: PassContext) -> Graph:
                                "CPU: use --quant int8 or int4")
             node.format = fmt
             continue
-        group = expert_group_size(node.attrs["hidden_size"], node.attrs["intermediate_size"])
+        group = expert_group_size(node.attrs["hidden_size"], node.attrs["intermediate_size"], ctx.group_size)
         node.format = quant
         for w in weights:
             w.format = quant
@@ -175,7 +185,7 @@ def _gpu_experts(graph: Graph, node, ctx: PassContext, rules) -> None:
     if quant not in GPU_WEIGHT_FORMATS:
         raise KtcError(f"{node.name}: {quant} experts run only on the CPU; GPU experts are bf16 (--gpu-quant none), "
                        "int4 w4a16 (--gpu-quant int4) or fp8 (--gpu-quant fp8)")
-    group = expert_group_size(node.attrs["hidden_size"], node.attrs["intermediate_size"])
+    group = expert_group_size(node.attrs["hidden_size"], node.attrs["intermediate_size"], ctx.group_size)
     node.format = quant
     for w in weights:
         w.format = quant

@@ -95,6 +95,13 @@ def test_bad_options(capsys, tmp_path, tiny_models):
                           "--quant")
     assert_one_line_error(*run_cli(capsys, "compile", m, "-o", str(tmp_path / "a"), "--target", "tpu")[::2],
                           "--target")
+    assert_one_line_error(*run_cli(capsys, "compile", m, "-o", str(tmp_path / "a"), "--group-size", "48")[::2],
+                          "--group-size 48 is not one of 128, 64, 32")
+    # the tiny Qwen3-MoE's experts are 32 wide: a group of 64 does not divide them
+    q = str(tiny_models["qwen3_moe"])
+    assert_one_line_error(*run_cli(capsys, "compile", q, "-o", str(tmp_path / "a"), "--group-size", "64")[::2],
+                          "choose 32")
+    assert not (tmp_path / "a").exists()
 
 
 def test_ctrl_c_during_compile_leaves_no_artifact(tmp_path, tiny_models):

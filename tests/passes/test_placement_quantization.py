@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from ktc.errors import KtcError
@@ -158,6 +160,26 @@ def test_group_size_is_the_largest_dividing_both_dims():
     assert expert_group_size(64, 96) == 32
     with pytest.raises(KtcError, match="--quant none"):
         expert_group_size(100, 64)
+
+
+def test_group_size_option():
+    """--group-size picks the experts' group when it divides both K dims (CPU and GPU experts alike)."""
+    assert expert_group_size(2048, 768, 32) == 32 and expert_group_size(2048, 1408, 64) == 64
+    with pytest.raises(KtcError, match="--group-size 48 is not one of 128, 64, 32"):
+        expert_group_size(2048, 768, 48)
+    with pytest.raises(KtcError, match="does not divide the experts' hidden size 64 and intermediate size 96: "
+                                       "choose 32"):
+        expert_group_size(64, 96, 64)
+    g = quantization(one_layer_moe(), PassContext(quant="int8"))
+    moe = next(iter(g.nodes_of("moe_experts")))
+    assert {g.weights[moe.weights[r]].group_size for r in ("gate_up", "down")} == {32}
+    with pytest.raises(KtcError, match="--group-size 64 does not divide"):
+        quantization(one_layer_moe(), PassContext(quant="int8", group_size=64))
+    # placement's byte counts follow the group: a float32 scale per 32 values instead of per 128
+    big = dataclasses.replace(moe, attrs={**moe.attrs, "hidden_size": 2048, "intermediate_size": 768})
+    scales = 3 * 2048 * 768 * 4 * (1 / 32 - 1 / 128)
+    assert expert_cpu_bytes(big, "int8", 32) - expert_cpu_bytes(big, "int8") == scales
+    assert expert_gpu_bytes(big, "fp8", 32) - expert_gpu_bytes(big, "fp8") == pytest.approx(scales)
 
 
 def test_unknown_quant_is_refused():

@@ -68,6 +68,17 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _tile_rows(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile (_tile_ids): (offs_m, offs_n, activation rows, weight rows), the rows clamped
+    to 0 past M / N so that their loads stay in bounds (_store_tile masks them out)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return (offs_m, offs_n, tl.where(offs_m < M, offs_m, 0).to(tl.int64),
+            tl.where(offs_n < N, offs_n, 0).to(tl.int64))
+
+
+@triton.jit
 def _store_tile(acc, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS: tl.constexpr):
     """c[offs_m, offs_n] = acc (+ bias[offs_n]) in c's dtype, rows < M and columns < N only."""
     if HAS_BIAS:
@@ -80,13 +91,8 @@ def _store_tile(acc, bias_ptr, c_ptr, offs_m, offs_n, M, N, stride_cm, HAS_BIAS:
 def matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, a_rows, w_rows = _tile_rows(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    a_rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    w_rows = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + w_rows[None, :] * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -126,15 +132,10 @@ def gemv_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, st
 def matmul_w4a16_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_qn, stride_sn, stride_cm,
                         HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
     HALF_G: tl.constexpr = GROUP // 2       # bytes per group
     BLOCK_KB: tl.constexpr = BLOCK_K // 2   # bytes per K step
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, a_rows, w_rows = _tile_rows(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_b = tl.arange(0, BLOCK_KB)
-    a_rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    w_rows = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
     a_base = a_ptr + a_rows[:, None] * stride_am
     q_base = qw_ptr + w_rows[None, :] * stride_qn
     s_base = s_ptr + w_rows * stride_sn
@@ -165,13 +166,8 @@ def matmul_w4a16_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_a
 def matmul_fp8_kernel(a_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_qn, stride_sn, stride_cm,
                       HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, a_rows, w_rows = _tile_rows(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    a_rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    w_rows = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
     a_base = a_ptr + a_rows[:, None] * stride_am
     q_base = qw_ptr + w_rows[None, :] * stride_qn
     s_base = s_ptr + w_rows * stride_sn
@@ -217,12 +213,8 @@ def matmul_w8a8_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, bias_ptr, c_ptr, M, N, K, s
     """e4m3 activations with a scale per row and group (quant_fp8) times an fp8 weight (pack_fp8's layout,
     the same groups) on fp8 tensor cores: each K step (BLOCK_K divides GROUP) is a fresh float32 dot, scaled
     by the rows' and the weight rows' scales of its group before it is added."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, a_rows, w_rows = _tile_rows(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    a_rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    w_rows = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
     a_base = a_ptr + a_rows[:, None] * stride_am
     q_base = qw_ptr + w_rows[None, :] * stride_qn
     as_base = as_ptr + a_rows * stride_asm

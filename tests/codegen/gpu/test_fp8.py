@@ -171,14 +171,11 @@ def test_fp8_configs_and_candidates():
 A8_TOL = 2e-3 if HAS_CUDA else 1e-5
 
 
-def fake_quant_rows(x: torch.Tensor, step: int) -> torch.Tensor:
-    """float64 x [R, K] as the w8a8 kernels see it: per row and group of `step` values, e4m3 values of
-    x / (amax / 448) (scale 1 for a zero group), times that scale."""
-    r, k = x.shape
-    xg = x.float().reshape(r, k // step, step)
-    amax = xg.abs().amax(-1, keepdim=True)
-    s = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
-    return ((xg / s).clamp(-448, 448).to(FP8).float() * s).reshape(r, k).double()
+def fake_quant_rows(x: torch.Tensor, group: int) -> torch.Tensor:
+    """float64 x [R, K] as the w8a8 kernels see it: quant_fp8 rounds activations exactly as pack_fp8 rounds a
+    weight (per row and group, e4m3 values of x / (amax / 448)), so the packer's round trip is the reference."""
+    parts = moe.pack_fp8(x.float(), group)
+    return moe.unpack_fp8(parts["qweight"], parts["scales"]).double()
 
 
 @pytest.mark.parametrize("m,n,k,group,block_k,bias", [

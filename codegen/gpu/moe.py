@@ -541,7 +541,7 @@ def _gemm(a, w, scales, c, align, topk_w, n, k, a_div, gated, mul_weight, block_
     block_k = min(cfg["BLOCK_K"], group) if int8 else pair or cfg["BLOCK_K"]
     grid = (block_expert.numel() * triton.cdiv(n, block_n),)
     if isinstance(a, tuple):
-        (aq, a_scales), a = a, None
+        aq, a_scales = a
         fused_moe_w8a8_kernel[grid](
             aq, a_scales, w, scales, c, sorted_slots, block_expert, total, topk_w, n, k, c.shape[0], aq.stride(0),
             a_scales.stride(0), c.stride(0), w.stride(0), w.stride(1), scales.stride(0), scales.stride(1),

@@ -79,6 +79,10 @@ ALT_DECODE = {"phased": {"decode": "phased"}, "regions": {"decode": "regions"},
               "dr1": {"decode_rows": 1}, "dr4": {"decode_rows": 4, "tile_rows": 8},
               "pf1": {"decode_prefetch": 1}, "pf4": {"decode_prefetch": 4}}
 COLD_CASES = ("gpu-mask", "all-cpu", "none")
+# `build --static-schedule`: the plain builds also hold every kernel with the prefill's static item
+# split (tir_experts.KernelConfig.prefill_schedule), as tile variant "st", to time against the default
+# work stealing (run --tile-variants)
+STATIC_VARIANT = {"st": {"prefill_schedule": "static"}}
 
 
 def _import_ktc():
@@ -126,6 +130,9 @@ def cmd_build(args) -> None:
         config = None if decode is None else dict(kernel_config(get(t)), **ALT_DECODE[decode])
         if prefill:     # only that path (the plain x86-amx build holds the int path and "bf16" as a variant)
             config = dict(kernel_config(get(t)), prefill=prefill, prefill_variants=[])
+        if args.static_schedule and decode is None and not prefill:
+            base = kernel_config(get(t))
+            config = dict(base, tile_variants=dict(base.get("tile_variants", {}), **STATIC_VARIANT))
         t0 = time.time()
         entry = build_cpu_kernels(specs, get(t), out / key, config=config)
         print(f"built {key} in {time.time() - t0:.0f} s", flush=True)
@@ -607,6 +614,8 @@ def main(argv=None) -> None:
     b.add_argument("--prefill-builds", nargs="*", default=list(PREFILL_BUILDS), choices=PREFILL_BUILDS,
                    help="x86-amx also built with these int8/int4 prefill paths (AMX-BF16 tiles)")
     b.add_argument("--formats", nargs="*", default=None, help="subset of " + ", ".join(x for x, _, _ in OURS))
+    b.add_argument("--static-schedule", action="store_true",
+                   help="plain builds also hold the static-schedule prefill as tile variant 'st'")
     r = sub.add_parser("run")
     r.add_argument("--kernels", default=str(ROOT / ".carry" / "kernels"))
     r.add_argument("--out", required=True)

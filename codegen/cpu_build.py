@@ -7,7 +7,8 @@ instruction check when no objdump is around) and a result JSON. The config's
 "prefill_variants" (vnni / amx targets) add, per quantized spec, the same kernel built with each
 other int8/int4 prefill path as symbol "<name>__<path>", and its "tile_variants" ({name: KernelConfig
 overrides of the micro-kernel shapes}) the same kernel with other tile shapes as "<name>__<variant>",
-for the runtime to choose by tuning.
+for the runtime to choose by tuning. The library also links HELPERS_C (the atomic counter the
+int-dot prefill's work stealing claims items with: TIR has no CPU atomics).
 """
 
 from __future__ import annotations
@@ -16,6 +17,18 @@ import dataclasses
 import json
 import os
 import sys
+
+# C helpers the kernels call (T.call_extern), compiled and linked into the kernel library
+HELPERS_C = """\
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+int32_t ktc_fetch_add_i32(int32_t* p, int32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+#ifdef __cplusplus
+}
+#endif
+"""
 
 
 def _path_fits(path: str, variant: str) -> bool:
@@ -66,7 +79,13 @@ def main(argv: list[str]) -> int:
             tiles.setdefault(spec.name, {})[vname] = vsym
     target = tvm.target.Target(req["target"])
     ex = tvm.compile(tvm.IRModule(funcs), target=target)
-    ex.export_library(req["lib"])
+    helpers = os.path.join(os.path.dirname(os.path.abspath(req["lib"])), "ktc_helpers.c")
+    with open(helpers, "w") as f:
+        f.write(HELPERS_C)
+    try:
+        ex.export_library(req["lib"], addons=[helpers])
+    finally:
+        os.remove(helpers)
     with open(req["asm"], "w") as f:
         f.write(ex.mod.inspect_source("s"))
     runtime_lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime.so")

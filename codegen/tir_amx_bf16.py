@@ -26,7 +26,8 @@ Phases (each a parallel loop, like tir_intdot):
 
 Work is split over `nthr` tasks by cost: an item costs its segment's column blocks plus
 DEQUANT_COST (the dequantization, in units of one column block's tile work over the item),
-and task t takes the items whose cost prefix starts in its share.
+and task t starts on the items whose cost prefix starts in its share, then steals what the others
+have not reached (codegen/tir_schedule).
 
 "amx-emu" replaces every tile instruction by plain TIR loops of the same semantics (and the
 bf16 conversion by integer round-to-nearest-even), how this path is tested without AMX.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from ktc.codegen import tir_schedule
 from ktc.codegen.tir_amx import emu_config, emu_release, tile_ops
 
 NCOL = 16           # columns (pairs) per activation block
@@ -258,43 +260,35 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                                 ybuf[p0 + (2 * cbp + cbi) * PPB + jj, h0 + wt * RT + q] = col(
                                     cbuf, cbi * 2 + wt, q, jj)
 
-    @T.macro
-    def split(iw, o_cum, nr, nthr, tsk, lohi):
-        """lohi[0:2] = this task's [lo, hi) of the cost axis: segment s's items cost its column
-        blocks + DEQUANT_COST each, nr items per segment."""
-        lohi[0] = T.Cast("int32", i64(tsk) * i64((iw[o_cum + iw[O_NSEG]] + DEQUANT_COST * iw[O_NSEG]) * nr)
-                         // i64(nthr))
-        lohi[1] = T.Cast("int32", (i64(tsk) + 1) * i64((iw[o_cum + iw[O_NSEG]] + DEQUANT_COST * iw[O_NSEG]) * nr)
-                         // i64(nthr))
-
     def items_phase(item, nr, kd):
         """The parallel loop of phase 2 (item gu_item, nr = NR1, K = H) or 4 (dn_item, NR2, I): each
-        task takes its share of the cost axis (split) and runs those items."""
+        task claims the items of its share (an item costs its column blocks + DEQUANT_COST), then
+        those left in the others' (codegen/tir_schedule)."""
         @T.macro
-        def phase(wq, ws, wqf, out, iw, act16, o_cum, nthr):
-            for tsk in T.parallel(nthr):
+        def phase(wq, ws, wqf, out, iw, act16, o_cum, ntask, o_sched):
+            for tsk in T.parallel(ntask):
                 cfg = T.alloc_buffer((64,), "uint8", **ALLOC)
                 treg = T.alloc_buffer((2048 if emu else 1,), "uint16", **ALLOC)
                 creg = T.alloc_buffer((1024 if emu else 1,), "float32", **ALLOC)
                 cbuf = T.alloc_buffer((1024,), "float32", **ALLOC)
                 wsc = T.alloc_buffer((ITEM_ROWS * kd,), "uint16", **ALLOC)
-                lohi = T.alloc_buffer((2,), "int32", **ALLOC)
-                split(iw, o_cum, nr, nthr, tsk, lohi)
+                cur = T.alloc_buffer((1,), "int32", **ALLOC)
                 tl_config(cfg)
-                for s in range(iw[O_NSEG]):
-                    pre = T.Bind((iw[o_cum + s] + DEQUANT_COST * s) * nr)
-                    c = T.Bind(iw[o_cum + s + 1] - iw[o_cum + s] + DEQUANT_COST)
-                    if pre < lohi[1] and pre + c * nr > lohi[0]:
-                        for r in range(T.max(0, (lohi[0] - pre + c - 1) // c), T.min(nr, (lohi[1] - pre + c - 1) // c)):
-                            item(s, r, wq, ws, wqf, out, iw, act16, o_cum, cbuf, treg, creg, wsc)
+                for vo in range(ntask):
+                    v = T.Bind((tsk + vo) % ntask)
+                    cur[0] = tir_schedule.claim(iw, o_sched, v)
+                    while cur[0] < tir_schedule.share_end(iw, o_sched, v):
+                        item(cur[0] // nr, cur[0] % nr, wq, ws, wqf, out, iw, act16, o_cum, cbuf, treg, creg, wsc)
+                        cur[0] = tir_schedule.claim(iw, o_sched, v)
                 tl_release()
         return phase
 
+    task_starts = tir_schedule.make_task_starts(O_NSEG, DEQUANT_COST)
     gu_phase = items_phase(gu_item, NR1, H)
     dn_phase = items_phase(dn_item, NR2, I)
 
     @T.macro
-    def prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum, o_bseg, gqf, dqf):
+    def prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum, o_bseg, gqf, dqf, o_sched):
         act16 = T.decl_buffer((act.shape[0] // 2,), "uint16", data=act.data)
         act32 = T.decl_buffer((act.shape[0] // 4,), "uint32", data=act.data)
         # block bookkeeping: cum[s] = first column block of segment s, bseg[b] = its segment
@@ -305,11 +299,14 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             iw[o_cum + s + 1] = iw[o_cum + s] + ((iw[O_SEGSTART + s + 1] - iw[O_SEGSTART + s]) * L + NCOL - 1) // NCOL
         # 1. x rows -> bf16 column blocks
         convert_phase(x, H, True, iw, act32, o_cum, o_bseg)
+        ntask = T.Bind(tir_schedule.ntasks(nthr))
         # 2. gate/up, items (segment, 16 intermediate rows)
-        gu_phase(gq, gs, gqf, hbuf, iw, act16, o_cum, nthr)
+        task_starts(iw, o_cum, NR1, ntask, o_sched)
+        gu_phase(gq, gs, gqf, hbuf, iw, act16, o_cum, ntask, o_sched)
         # 3. h rows -> bf16 column blocks
         convert_phase(hbuf, I, False, iw, act32, o_cum, o_bseg)
         # 4. down, items (segment, 32 hidden rows)
-        dn_phase(dq, ds, dqf, ybuf, iw, act16, o_cum, nthr)
+        task_starts(iw, o_cum, NR2, ntask, o_sched)
+        dn_phase(dq, ds, dqf, ybuf, iw, act16, o_cum, ntask, o_sched)
 
     return prefill_body

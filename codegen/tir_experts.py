@@ -84,7 +84,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ktc.codegen import tir_amx_bf16, tir_intdot
-from ktc.codegen.cpu_experts import PREFILL_PAIRS_PER_EXPERT, scratch_parts_of_paths
+from ktc.codegen.cpu_experts import PREFILL_PAIRS_PER_EXPERT, PREFILL_SCHED_SLOTS, scratch_parts_of_paths
 
 
 def bf16_levels(prefill: str, fmt: str) -> int:
@@ -123,6 +123,12 @@ class KernelConfig:
     # group 32; int4: one), "bf16x1" / "bf16x2" one / two terms whatever the format, "fma" none:
     # every batch on the token-block micro-kernels (the decode / prefill crossover moved to never)
     prefill: str = "int"
+    # int8 "int" prefill on amx: K steps (64 bytes) ahead whose weight lines the tile loop prefetches
+    # (prefetcht0, each of the work item's 32 rows) on its first pass over an item; 0: none
+    prefill_prefetch: int = 0
+    # int-dot prefill's gate/up and down items over the threads: "static" each thread runs its share,
+    # "steal" and then claims what is left of the others' shares (tir_intdot)
+    prefill_schedule: str = "steal"
 
     def __post_init__(self) -> None:
         if self.variant not in ("fma", "vnni", "amx", "amx-emu"):
@@ -131,8 +137,10 @@ class KernelConfig:
             raise ValueError(f"unknown prefill path {self.prefill!r}; expected one of {PREFILL_PATHS}")
         if self.prefill.startswith("bf16") and self.variant not in ("amx", "amx-emu"):
             raise ValueError("the bf16 prefill paths need the amx (or amx-emu) variant")
-        if self.decode_prefetch < 0:
-            raise ValueError("decode_prefetch must be >= 0")
+        if self.decode_prefetch < 0 or self.prefill_prefetch < 0:
+            raise ValueError("decode_prefetch and prefill_prefetch must be >= 0")
+        if self.prefill_schedule not in ("static", "steal"):
+            raise ValueError(f"unknown prefill_schedule {self.prefill_schedule!r}; expected 'static' or 'steal'")
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"unknown decode path {self.decode!r}; expected one of {DECODE_PATHS}")
         if KS % self.vl or 16 % self.vl or self.vl < 4:
@@ -580,9 +588,15 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
     # ---- the whole layer -----------------------------------------------------------------------
     intdot = quant and cfg.variant != "fma"
     use_prefill = intdot and cfg.prefill != "fma"     # the int8/int4 prefill path is built and taken
+    sp = {d["name"]: d for d in scratch_parts_of_paths(H, I, E, K, fmt, intdot, scratch_paths or [cfg.prefill])}
+
+    def ssize(name, n):
+        return sp[name]["fixed"] + sp[name]["per_token"] * n
+
     if use_prefill:
         if cfg.prefill == "int":
-            make = tir_intdot.make_prefill_body
+            make = functools.partial(tir_intdot.make_prefill_body, prefetch=cfg.prefill_prefetch,
+                                     schedule=cfg.prefill_schedule)
         else:
             make = functools.partial(tir_amx_bf16.make_prefill_body, levels=bf16_levels(cfg.prefill, fmt))
         prefill_body = make(
@@ -743,7 +757,7 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
         if use_prefill:
             if n * K >= PREFILL_PAIRS_PER_EXPERT * E:
                 prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, O_SORTED + 2 * n * K,
-                             O_SORTED + 2 * n * K + E + 1, gqf, dqf)
+                             O_SORTED + 2 * n * K + E + 1, gqf, dqf, ssize("iwork", n) - PREFILL_SCHED_SLOTS)
             else:
                 fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc)
         else:
@@ -786,11 +800,6 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
     i64 = T.int64
     gu_shape = (i64(E), i64(2 * I), i64(gq_k))
     dn_shape = (i64(E), i64(H), i64(dq_k))
-    sp = {d["name"]: d for d in scratch_parts_of_paths(H, I, E, K, fmt, intdot, scratch_paths or [cfg.prefill])}
-
-    def ssize(name, n):
-        return sp[name]["fixed"] + sp[name]["per_token"] * n
-
     if quant:
         gs_shape = (i64(E), i64(2 * I), i64(H // G))
         ds_shape = (i64(E), i64(H), i64(I // G))

@@ -26,10 +26,9 @@ The layer, for the segments (experts) the counting sort found, in five parallel 
 `comp[row]` (a packed weight part) is 128 * sum_g scale[row, g] * sum_{k in g} q[row, k]
 (times 257 with 2 levels): the +128 of the unsigned activations, removed once per row.
 
-Work is split over `nthr` tasks (one per thread) by cost, not by count: items (segment,
-row tile) cost the segment's number of column blocks, and task t takes the items whose
-cost prefix starts in [t * total / nthr, (t + 1) * total / nthr), so no thread waits long
-at the phase's end for one that got the big experts.
+Work items (segment, row tile) are spread over the threads by codegen/tir_schedule: each task
+starts on a share balanced by cost (an item costs its segment's column blocks) and then steals
+what the others have not reached (KernelConfig.prefill_schedule "steal"; "static": shares only).
 
 Micro-kernels, per item, for each pair of column blocks and each group:
 - amx: tiles 4, 5 = two 16-row weight tiles (K step KT = min(group, 64) bytes, read straight
@@ -45,6 +44,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ktc.codegen import tir_schedule
 from ktc.codegen.tir_amx import emu_config, emu_release, tile_ops
 
 NCOL = 16           # columns per activation block
@@ -58,15 +58,28 @@ def _ramp(buf, start, lanes):
     return tirx.BufferLoad(buf, [tirx.Ramp(start, tirx.const(1, "int32"), lanes)])
 
 
+def _bc(v, lanes=16):
+    return tirx.Broadcast(v, lanes)
+
+
+def _lanes(vec, first, n):
+    """Lanes first .. first + n - 1 of vec."""
+    return tirx.Shuffle([vec], [tirx.const(first + i, "int32") for i in range(n)])
+
+
 def levels_for(fmt: str) -> int:
     """Activation quantization levels of a weight format (see the module docstring)."""
     return 2 if fmt == "int8" else 1
 
 
-def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NSEG, O_SORTED, silu):  # noqa: E741
+def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NSEG, O_SORTED, silu,  # noqa: E741
+                      prefetch=0, schedule="steal"):
     """The macro `prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum,
     o_bseg, gqf, dqf)` running phases 1-4 (iw already holds the sorted segments; gqf / dqf are
-    flat int8 views of the weights, or None for int4)."""
+    flat int8 views of the weights, or None for int4). prefetch: on amx with int8 weights, K steps
+    ahead whose weight lines each K step prefetches (see KernelConfig.prefill_prefetch); 0: none.
+    schedule: "static" (each task runs its share of the items) or "steal" (and then takes items
+    left in the others' shares; KernelConfig.prefill_schedule)."""
     L = levels_for(fmt)
     PPB = NCOL // L           # pairs per column block
     KT = min(G, 64)           # AMX K step (bytes)
@@ -74,6 +87,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     NR2 = H // ITEM_ROWS      # down items per segment
     assert I % RT == 0 and H % ITEM_ROWS == 0 and G % KT == 0 and KT % 4 == 0
     int4 = fmt == "int4"
+    PF = prefetch
+    STEAL = schedule == "steal"
     emu = variant == "amx-emu"
     amx = variant in ("amx", "amx-emu")
 
@@ -94,11 +109,21 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
 
     # ---- phase 1 / 3: quantize + gather rows into column blocks -------------------------
     @T.macro
-    def quant_rows(src, kd, b, jj, row, act, asc):
+    def store_words(act, off, u):
+        """The 16 bytes u (k .. k + 15 of one column) -> 4 rows of a block, 64 bytes apart, from off."""
+        act[tirx.Ramp(off, T.int64(1), 4)] = _lanes(u, 0, 4)
+        act[tirx.Ramp(off + T.int64(64), T.int64(1), 4)] = _lanes(u, 4, 4)
+        act[tirx.Ramp(off + T.int64(128), T.int64(1), 4)] = _lanes(u, 8, 4)
+        act[tirx.Ramp(off + T.int64(192), T.int64(1), 4)] = _lanes(u, 12, 4)
+
+    @T.macro
+    def quant_rows(src, kd, b, jj, row_expr, act, asc):
         """src[row, 0:kd] -> column jj (and jj + PPB) of block b."""
+        # bound once: an index expression that loads from iw, substituted into the vectorized loops,
+        # makes TVM scalarize them (measured: this phase was 17% of an int8 prefill's time)
+        row = T.Bind(row_expr)
         accv = T.alloc_buffer((16,), "float32", **ALLOC)
         amax = T.alloc_buffer((1,), "float32", **ALLOC)
-        tmp = T.alloc_buffer((L * kd,), "uint8", **ALLOC)
         for v in T.vectorized(16):
             accv[v] = T.float32(0)
         for k16 in range(kd // 16):
@@ -112,22 +137,19 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             asc[b * NCOL + jj] = amax[0] / T.float32(127 * 256)
         else:
             asc[b * NCOL + jj] = amax[0] / T.float32(127)
-        for k16 in range(kd // 16):
-            for v in T.vectorized(16):
-                tmp[k16 * 16 + v] = T.Cast("uint8", T.Cast("int32", T.max(T.min(
-                    T.nearbyint(src[row, k16 * 16 + v] * inv), T.float32(127)), T.float32(-127))) + 128)
-            if L == 2:
-                for v in T.vectorized(16):
-                    tmp[kd + k16 * 16 + v] = T.Cast("uint8", T.Cast("int32", T.max(T.min(T.nearbyint(
-                        (src[row, k16 * 16 + v] * inv - T.Cast("float32", T.Cast("int32", tmp[k16 * 16 + v]) - 128))
-                        * T.float32(256)), T.float32(127)), T.float32(-128))) + 128)
         base = T.Bind(i64(b) * (NCOL * kd))
-        for k4 in range(kd // 4):
-            for v in T.vectorized(4):
-                act[base + i64(k4 * 64 + jj * 4 + v)] = tmp[k4 * 4 + v]
+        # 16 values at a time in vector registers; each 4 of them (one k / 4 row of the block) go to
+        # the block as one 4-byte store
+        for k16 in range(kd // 16):
+            xv = T.Bind(tirx.BufferLoad(src, [row, tirx.Ramp(k16 * 16, 1, 16)]) * _bc(inv))
+            q1 = T.Bind(T.max(T.min(T.nearbyint(xv), _bc(T.float32(127))), _bc(T.float32(-127))))
+            u1 = T.Bind(T.Cast("uint8x16", T.Cast("int32x16", q1) + _bc(T.int32(128))))
+            store_words(act, base + i64(k16 * 256 + jj * 4), u1)
             if L == 2:
-                for v in T.vectorized(4):
-                    act[base + i64(k4 * 64 + (jj + PPB) * 4 + v)] = tmp[kd + k4 * 4 + v]
+                q2 = T.Bind(T.max(T.min(T.nearbyint((xv - q1) * _bc(T.float32(256))), _bc(T.float32(127))),
+                                  _bc(T.float32(-128))))
+                u2 = T.Bind(T.Cast("uint8x16", T.Cast("int32x16", q2) + _bc(T.int32(128))))
+                store_words(act, base + i64(k16 * 256 + (jj + PPB) * 4), u2)
 
     @T.macro
     def quant_phase(src, kd, from_x, iw, act, asc, o_cum, o_bseg):
@@ -195,32 +217,52 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             for i in range(256):
                 cbuf[c * 256 + i] = creg[c * 256 + i]
 
+    # ---- software prefetch of the item's weight rows at K offset k (one 64-byte line a row) -------
+    # the 32 rows of a work item are 32 streams kd bytes apart, which the hardware prefetchers follow
+    # badly: without this the weight tile loads were the largest cost of the AMX path (profile, H100 host)
+    @T.macro
+    def prefetch_rows(wbuf, nrows, kd, e, r0a, r0b, k):
+        for q in T.unroll(ITEM_ROWS):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                wbuf[woff(e, nrows, kd, r0a, r0b, q, T.min(k, kd - 64))]), T.int32(0), T.int32(3), T.int32(1)))
+
     # ---- fold the int32 products of one group into the f32 accumulators ------------------
     # facc[(q * 2 + cbi) * 16 + col]: item row q, column block cbi (of the pair), column col
+    # (first: the item's first group writes facc instead of adding to it, so facc needs no zeroing)
     @T.macro
-    def fold(src, so, facc, q, cbi, sc):
+    def fold(src, so, facc, q, cbi, sc, first):
         if L == 2:
             for v in T.vectorized(8):
-                facc[(q * 2 + cbi) * 16 + v] = facc[(q * 2 + cbi) * 16 + v] + T.Cast(
-                    "float32", T.shift_left(src[so + v], 8) + src[so + 8 + v]) * sc
+                if first:
+                    facc[(q * 2 + cbi) * 16 + v] = T.Cast(
+                        "float32", T.shift_left(src[so + v], 8) + src[so + 8 + v]) * sc
+                else:
+                    facc[(q * 2 + cbi) * 16 + v] = facc[(q * 2 + cbi) * 16 + v] + T.Cast(
+                        "float32", T.shift_left(src[so + v], 8) + src[so + 8 + v]) * sc
         else:
             for v in T.vectorized(16):
-                facc[(q * 2 + cbi) * 16 + v] = facc[(q * 2 + cbi) * 16 + v] + T.Cast("float32", src[so + v]) * sc
+                if first:
+                    facc[(q * 2 + cbi) * 16 + v] = T.Cast("float32", src[so + v]) * sc
+                else:
+                    facc[(q * 2 + cbi) * 16 + v] = facc[(q * 2 + cbi) * 16 + v] + T.Cast("float32", src[so + v]) * sc
 
     @T.macro
-    def fold_tile(c, cbuf, facc, ws, e, r0a, r0b, g):
+    def fold_tile(c, cbuf, facc, ws, e, r0a, r0b, g, first):
         for m in range(16):
             fold(cbuf, c * 256 + m * 16, facc, (c % 2) * RT + m, c // 2,
-                 ws[i64(e), i64(wrow(r0a, r0b, (c % 2) * RT + m)), i64(g)])
+                 ws[i64(e), i64(wrow(r0a, r0b, (c % 2) * RT + m)), i64(g)], first)
 
     @T.macro
-    def group_amx(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg):
+    def group_amx(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, first, pf):
         tl_zero(0, creg)
         tl_zero(1, creg)
         if two:
             tl_zero(2, creg)
             tl_zero(3, creg)
         for ks in range(G // KT):
+            if PF > 0 and not int4:
+                if pf:
+                    prefetch_rows(wbuf, nrows, kd, e, r0a, r0b, g * G + ks * KT + PF * KT)
             tl_load(4, wbuf, woff(e, nrows, kd, r0a, r0b, 0, g * G + ks * KT), kd, treg)
             tl_load(5, wbuf, woff(e, nrows, kd, r0a, r0b, RT, g * G + ks * KT), kd, treg)
             tl_load(6, act, i64(cb0) * (NCOL * kd) + i64((g * G + ks * KT) // 4 * 64), 64, treg)
@@ -232,16 +274,16 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                 tl_dp(3, 5, 7, treg, creg)
         tl_store(0, cbuf, creg)
         tl_store(1, cbuf, creg)
-        fold_tile(0, cbuf, facc, ws, e, r0a, r0b, g)
-        fold_tile(1, cbuf, facc, ws, e, r0a, r0b, g)
+        fold_tile(0, cbuf, facc, ws, e, r0a, r0b, g, first)
+        fold_tile(1, cbuf, facc, ws, e, r0a, r0b, g, first)
         if two:
             tl_store(2, cbuf, creg)
             tl_store(3, cbuf, creg)
-            fold_tile(2, cbuf, facc, ws, e, r0a, r0b, g)
-            fold_tile(3, cbuf, facc, ws, e, r0a, r0b, g)
+            fold_tile(2, cbuf, facc, ws, e, r0a, r0b, g, first)
+            fold_tile(3, cbuf, facc, ws, e, r0a, r0b, g, first)
 
     @T.macro
-    def group_vnni(wbuf, nrows, kd, act, cb, cbi, g, ws, e, r0a, r0b, facc):
+    def group_vnni(wbuf, nrows, kd, act, cb, cbi, g, ws, e, r0a, r0b, facc, first):
         acc = T.alloc_buffer((VNNI_RB * 16,), "int32", **ALLOC)
         for rb in T.unroll(ITEM_ROWS // VNNI_RB):
             for r in T.unroll(VNNI_RB):
@@ -256,19 +298,24 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                             wbuf, woff(e, nrows, kd, r0a, r0b, rb * VNNI_RB + r, g * G + k4 * 4), 4)), 16)))
             for r in T.unroll(VNNI_RB):
                 fold(acc, r * 16, facc, rb * VNNI_RB + r, cbi,
-                     ws[i64(e), i64(wrow(r0a, r0b, rb * VNNI_RB + r)), i64(g)])
+                     ws[i64(e), i64(wrow(r0a, r0b, rb * VNNI_RB + r)), i64(g)], first)
 
     @T.macro
-    def products(wbuf, nrows, kd, act, cb0, two, ws, e, r0a, r0b, facc, cbuf, treg, creg):
-        for i in range(ITEM_ROWS * 2 * 16):
-            facc[i] = T.float32(0)
-        for g in range(kd // G):
-            if amx:
-                group_amx(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg)
-            else:
-                group_vnni(wbuf, nrows, kd, act, cb0, 0, g, ws, e, r0a, r0b, facc)
-                if two:
-                    group_vnni(wbuf, nrows, kd, act, cb0 + 1, 1, g, ws, e, r0a, r0b, facc)
+    def one_group(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, first, pf):
+        if amx:
+            group_amx(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, first, pf)
+        else:
+            group_vnni(wbuf, nrows, kd, act, cb0, 0, g, ws, e, r0a, r0b, facc, first)
+            if two:
+                group_vnni(wbuf, nrows, kd, act, cb0 + 1, 1, g, ws, e, r0a, r0b, facc, first)
+
+    @T.macro
+    def products(wbuf, nrows, kd, act, cb0, two, ws, e, r0a, r0b, facc, cbuf, treg, creg, pf):
+        """facc = the item's rows x the column blocks cb0 (and cb0 + 1 if two); pf: prefetch the weights
+        (the first pass over the item's rows; later passes find them in L2)."""
+        one_group(wbuf, nrows, kd, act, cb0, two, 0, ws, e, r0a, r0b, facc, cbuf, treg, creg, True, pf)
+        for g in range(1, kd // G):
+            one_group(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, False, pf)
 
     # ---- phases 2 and 4: one work item --------------------------------------------------
     @T.macro
@@ -284,10 +331,10 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         for cbp in range((nb + 1) // 2):
             if int4:
                 products(wsc, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
-                         creg)
+                         creg, cbp == 0)
             else:
                 products(gqf, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
-                         creg)
+                         creg, cbp == 0)
             for cbi in range(2):
                 for jj in range(PPB):
                     if 2 * cbp + cbi < nb and (2 * cbp + cbi) * PPB + jj < cnt:
@@ -309,9 +356,11 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             unpack_rows(dq, e, h0, h0 + RT, I, wsc)
         for cbp in range((nb + 1) // 2):
             if int4:
-                products(wsc, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg)
+                products(wsc, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg,
+                         cbp == 0)
             else:
-                products(dqf, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg)
+                products(dqf, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg,
+                         cbp == 0)
             for cbi in range(2):
                 for jj in range(PPB):
                     if 2 * cbp + cbi < nb and (2 * cbp + cbi) * PPB + jj < cnt:
@@ -320,57 +369,57 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                             ybuf[p0 + (2 * cbp + cbi) * PPB + jj, h0 + q] = (
                                 facc[(q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
 
-    @T.macro
-    def task_range(iw, o_cum, nr, nthr, tsk, lohi):
-        """lohi[0:2] = this task's [lo, hi) of the cost axis (segment column blocks x items)."""
-        lohi[0] = T.Cast("int32", i64(tsk) * i64(iw[o_cum + iw[O_NSEG]] * nr) // i64(nthr))
-        lohi[1] = T.Cast("int32", (i64(tsk) + 1) * i64(iw[o_cum + iw[O_NSEG]] * nr) // i64(nthr))
-
     def items_phase(item, nr, kd):
-        """The parallel loop of phase 2 (item gu_item, nr = NR1, K = H) or 4 (dn_item, NR2, I): each
-        task takes the items whose cost starts in its share (task_range)."""
+        """The parallel loop of phase 2 (item gu_item, nr = NR1, K = H) or 4 (dn_item, NR2, I).
+
+        Items are claimed one at a time, from this task's share and then (schedule "steal") from the
+        others' (codegen/tir_schedule)."""
         @T.macro
-        def phase(wq, ws, wc, wqf, out, iw, act, asc, o_cum, nthr):
-            for tsk in T.parallel(nthr):
+        def phase(wq, ws, wc, wqf, out, iw, act, asc, o_cum, ntask, o_sched):
+            for tsk in T.parallel(ntask):
                 cfg = T.alloc_buffer((64,), "uint8", **ALLOC)
                 treg = T.alloc_buffer((4096 if emu else 1,), "uint8", **ALLOC)
                 creg = T.alloc_buffer((1024 if emu else 1,), "int32", **ALLOC)
                 cbuf = T.alloc_buffer((1024,), "int32", **ALLOC)
                 facc = T.alloc_buffer((ITEM_ROWS * 2 * 16,), "float32", **ALLOC)
                 wsc = T.alloc_buffer((ITEM_ROWS * kd if int4 else 1,), "int8", **ALLOC)
-                lohi = T.alloc_buffer((2,), "int32", **ALLOC)
-                task_range(iw, o_cum, nr, nthr, tsk, lohi)
+                cur = T.alloc_buffer((1,), "int32", **ALLOC)
                 if amx:
                     tl_config(cfg)
-                for s in range(iw[O_NSEG]):
-                    if iw[o_cum + s] * nr < lohi[1] and iw[o_cum + s + 1] * nr > lohi[0]:
-                        for r in range(T.max(0, (lohi[0] - iw[o_cum + s] * nr + (iw[o_cum + s + 1] - iw[o_cum + s]) - 1)
-                                             // (iw[o_cum + s + 1] - iw[o_cum + s])),
-                                       T.min(nr, (lohi[1] - iw[o_cum + s] * nr + (iw[o_cum + s + 1] - iw[o_cum + s])
-                                                  - 1) // (iw[o_cum + s + 1] - iw[o_cum + s]))):
-                            item(s, r, wq, ws, wc, wqf, out, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc)
+                for vo in range(ntask if STEAL else 1):
+                    v = T.Bind((tsk + vo) % ntask)
+                    cur[0] = tir_schedule.claim(iw, o_sched, v)
+                    while cur[0] < tir_schedule.share_end(iw, o_sched, v):
+                        item(cur[0] // nr, cur[0] % nr, wq, ws, wc, wqf, out, iw, act, asc, o_cum, facc, cbuf,
+                             treg, creg, wsc)
+                        cur[0] = tir_schedule.claim(iw, o_sched, v)
                 if amx:
                     tl_release()
         return phase
 
+    task_starts = tir_schedule.make_task_starts(O_NSEG, 0)
     gu_phase = items_phase(gu_item, NR1, H)
     dn_phase = items_phase(dn_item, NR2, I)
 
     @T.macro
-    def prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum, o_bseg, gqf, dqf):
+    def prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum, o_bseg, gqf, dqf, o_sched):
+        """o_sched: tir_schedule.SCHED_SLOTS free int32 of iw for the gate/up and down schedules."""
         # block bookkeeping: cum[s] = first column block of segment s, bseg[b] = its segment
         iw[o_cum] = 0
         for s in range(iw[O_NSEG]):
             for b in range(((iw[O_SEGSTART + s + 1] - iw[O_SEGSTART + s]) * L + NCOL - 1) // NCOL):
                 iw[o_bseg + iw[o_cum + s] + b] = s
             iw[o_cum + s + 1] = iw[o_cum + s] + ((iw[O_SEGSTART + s + 1] - iw[O_SEGSTART + s]) * L + NCOL - 1) // NCOL
+        ntask = T.Bind(tir_schedule.ntasks(nthr))
         # 1. quantize x per pair into column blocks
         quant_phase(x, H, True, iw, act, asc, o_cum, o_bseg)
-        # 2. gate/up, items (segment, 16 intermediate rows) split by cost
-        gu_phase(gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, nthr)
+        # 2. gate/up, items (segment, 16 intermediate rows)
+        task_starts(iw, o_cum, NR1, ntask, o_sched)
+        gu_phase(gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, ntask, o_sched)
         # 3. quantize h
         quant_phase(hbuf, I, False, iw, act, asc, o_cum, o_bseg)
-        # 4. down, items (segment, 32 hidden rows) split by cost
-        dn_phase(dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, nthr)
+        # 4. down, items (segment, 32 hidden rows)
+        task_starts(iw, o_cum, NR2, ntask, o_sched)
+        dn_phase(dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, ntask, o_sched)
 
     return prefill_body

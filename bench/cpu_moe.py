@@ -80,9 +80,9 @@ ALT_DECODE = {"phased": {"decode": "phased"}, "regions": {"decode": "regions"},
               "pf1": {"decode_prefetch": 1}, "pf4": {"decode_prefetch": 4}}
 COLD_CASES = ("gpu-mask", "all-cpu", "none")
 # `build --static-schedule`: the plain builds also hold every kernel with the prefill's static item
-# split (tir_experts.KernelConfig.prefill_schedule), as tile variant "st", to time against the default
+# split (tir_experts.KernelConfig.item_schedule), as tile variant "st", to time against the default
 # work stealing (run --tile-variants)
-STATIC_VARIANT = {"st": {"prefill_schedule": "static"}}
+STATIC_VARIANT = {"st": {"item_schedule": "static"}}
 
 
 def _import_ktc():

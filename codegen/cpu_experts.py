@@ -86,14 +86,14 @@ TARGET_CONFIGS: dict[str, dict[str, Any]] = {
 # "prefill_prefetch": 4 (int8 AMX prefill: software prefetch of each work item's weight rows 4 K steps
 # ahead): the weight tile loads were the largest stall of the path (perf on the H100 host);
 # prefill-512, Qwen3-30B-A3B int8 g128, same run: 15.8 ms against 17.0 (none) and 17.2 (8 ahead).
-# "prefill_schedule": "steal" (tir_experts.KernelConfig; codegen/tir_schedule): prefill-512 on the same
+# "item_schedule": "steal" (tir_experts.KernelConfig; codegen/tir_schedule): prefill-512 on the same
 # host, same run, against "static" (bench/cpu_moe.py build --static-schedule): 1.13-1.27x faster
 # "prefill_variants": other int8/int4 prefill paths built into the same library as
 # "moe_experts@<path>" functions (codegen/cpu_build); `ktc tune` picks one per batch bucket
 # ("fma": no int-dot prefill, i.e. the decode / prefill crossover moved to never)
 ACT_LEVELS = {"int8": 2, "int4": 1}   # activation quantization levels of the int-dot path
-# int8/int4 prefill paths: tasks of a gate/up or down phase at most, and their schedule's int32 at the
-# end of iwork (codegen/tir_schedule: share starts, then a counter per task, a cache line apart)
+# batches (T > 1): tasks of a gate/up or down phase at most, and their schedule's int32 at the end of
+# iwork (codegen/tir_schedule: share starts, then a counter per task, a cache line apart)
 PREFILL_MAX_TASKS = 256
 PREFILL_CTR_STRIDE = 16
 PREFILL_SCHED_SLOTS = PREFILL_MAX_TASKS + 1 + PREFILL_CTR_STRIDE * PREFILL_MAX_TASKS
@@ -116,7 +116,7 @@ def scratch_parts(H: int, I: int, E: int, K: int, fmt: str, intdot: bool,  # noq
         {"name": "hbuf", "dtype": "float32", "fixed": 0, "per_token": K * I},
         {"name": "ybuf", "dtype": "float32", "fixed": 0, "per_token": K * H},
         {"name": "iwork", "dtype": "int32", "per_token": 2 * K + nb_per,
-         "fixed": 3 * E + 2 + E + 1 + nb_fix + (PREFILL_SCHED_SLOTS if intdot else 0)},
+         "fixed": 3 * E + 2 + E + 1 + nb_fix + PREFILL_SCHED_SLOTS},
     ]
     if intdot:
         parts += [{"name": "act", "dtype": "uint8", "fixed": nb_fix * 16 * km, "per_token": nb_per * 16 * km},

@@ -18,6 +18,9 @@ in four steps inside the one function (ABI v2; argument order in cpu_experts):
 3. parallel over (segment x tile of `tile_rows` hidden rows): yp[pair, j] = down_j . h[pair].
 4. parallel over (token x chunk of hidden): y[t] = sum_k w[t,k] * yp[pair(t,k)]. Every element
    of y is written, so y may come uninitialised.
+Steps 2 and 3 hand their items to the threads as equal shares that a thread, done with its own,
+steals from (codegen/tir_schedule; KernelConfig.item_schedule), so one slow thread does not hold
+the others at the step's end.
 
 Work items are segment-major, so each thread streams contiguous weight rows of one expert.
 Within a work item the tokens of the segment go in blocks: a weight tile is read (from
@@ -83,7 +86,7 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ktc.codegen import tir_amx_bf16, tir_intdot
+from ktc.codegen import tir_amx_bf16, tir_intdot, tir_schedule
 from ktc.codegen.cpu_experts import PREFILL_PAIRS_PER_EXPERT, PREFILL_SCHED_SLOTS, scratch_parts_of_paths
 
 
@@ -126,9 +129,10 @@ class KernelConfig:
     # int8 "int" prefill on amx: K steps (64 bytes) ahead whose weight lines the tile loop prefetches
     # (prefetcht0, each of the work item's 32 rows) on its first pass over an item; 0: none
     prefill_prefetch: int = 0
-    # int-dot prefill's gate/up and down items over the threads: "static" each thread runs its share,
-    # "steal" and then claims what is left of the others' shares (tir_intdot)
-    prefill_schedule: str = "steal"
+    # work items of the gate/up and down phases of a batch (the int8/int4 prefill paths, and the token
+    # blocks of every other T > 1) over the threads: "static" each thread runs its share, "steal" and
+    # then claims what is left of the others' shares (codegen/tir_schedule)
+    item_schedule: str = "steal"
 
     def __post_init__(self) -> None:
         if self.variant not in ("fma", "vnni", "amx", "amx-emu"):
@@ -139,8 +143,8 @@ class KernelConfig:
             raise ValueError("the bf16 prefill paths need the amx (or amx-emu) variant")
         if self.decode_prefetch < 0 or self.prefill_prefetch < 0:
             raise ValueError("decode_prefetch and prefill_prefetch must be >= 0")
-        if self.prefill_schedule not in ("static", "steal"):
-            raise ValueError(f"unknown prefill_schedule {self.prefill_schedule!r}; expected 'static' or 'steal'")
+        if self.item_schedule not in ("static", "steal"):
+            raise ValueError(f"unknown item_schedule {self.item_schedule!r}; expected 'static' or 'steal'")
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"unknown decode path {self.decode!r}; expected one of {DECODE_PATHS}")
         if KS % self.vl or 16 % self.vl or self.vl < 4:
@@ -596,39 +600,60 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
     if use_prefill:
         if cfg.prefill == "int":
             make = functools.partial(tir_intdot.make_prefill_body, prefetch=cfg.prefill_prefetch,
-                                     schedule=cfg.prefill_schedule)
+                                     schedule=cfg.item_schedule)
         else:
             make = functools.partial(tir_amx_bf16.make_prefill_body, levels=bf16_levels(cfg.prefill, fmt))
         prefill_body = make(
             H=H, I=I, E=E, K=K, G=G, fmt=fmt, variant=cfg.variant, O_SEGEXP=O_SEGEXP, O_SEGSTART=O_SEGSTART,
             O_NSEG=O_NSEG, O_SORTED=O_SORTED, silu=lambda v: v / (T.float32(1) + fast_exp(T.float32(0) - v)))
 
+    STEAL = cfg.item_schedule == "steal"
+    CHUNK = 4          # token-block items (row tiles) claimed at a time
+
     @T.macro
-    def fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc):
+    def fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr, o_sched):
         S = T.Bind(iw[O_NSEG])
         if DV_GU:
             for t in range(n):
                 dquant(x, t, H, t * L_D * H, act, asc, t)
-        # 2. h = silu(gate x) * (up x), per (segment, tile of intermediate rows)
-        for w in T.parallel(S * NT1):
-            s = T.Bind(w // NT1)
-            p0 = T.Bind(iw[O_SEGSTART + s])
+        ntask = T.Bind(tir_schedule.ntasks(nthr))
+        # 2. h = silu(gate x) * (up x), per (segment, tile of intermediate rows): items claimed in
+        # chunks (tir_schedule), from this task's share, then from the others'
+        tir_schedule.even_starts(iw, S * NT1, ntask, o_sched)
+        for tsk in T.parallel(ntask):
             tok = T.alloc_buffer((BT,), "int32", **ALLOC)
             res = T.alloc_buffer((RES,), "float32", **ALLOC)
-            gu_item(x, gq, gs, iw, hbuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
-                    iw[O_SEGSTART + s + 1] - p0, (w % NT1) * TR, tok, res, gqf, gc, act, asc)
+            cur = T.alloc_buffer((1,), "int32", **ALLOC)
+            for vo in range(ntask if STEAL else 1):
+                v = T.Bind((tsk + vo) % ntask)
+                cur[0] = tir_schedule.claim(iw, o_sched, v, CHUNK)
+                while cur[0] < tir_schedule.share_end(iw, o_sched, v):
+                    for w in range(cur[0], T.min(cur[0] + CHUNK, tir_schedule.share_end(iw, o_sched, v))):
+                        s = T.Bind(w // NT1)
+                        p0 = T.Bind(iw[O_SEGSTART + s])
+                        gu_item(x, gq, gs, iw, hbuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
+                                iw[O_SEGSTART + s + 1] - p0, (w % NT1) * TR, tok, res, gqf, gc, act, asc)
+                    cur[0] = tir_schedule.claim(iw, o_sched, v, CHUNK)
         if DV_DN:
             # h rows quantized for the down projection (all pairs; only single-token tails read them)
             for p in T.parallel(iw[O_SEGSTART + S]):
                 dquant(hbuf, p, I, n * L_D * H + p * L_D * I, act, asc, n + p)
         # 3. yp = down h, per (segment, tile of hidden rows)
-        for w in T.parallel(S * NT2):
-            s = T.Bind(w // NT2)
-            p0 = T.Bind(iw[O_SEGSTART + s])
+        tir_schedule.even_starts(iw, S * NT2, ntask, o_sched)
+        for tsk in T.parallel(ntask):
             tok = T.alloc_buffer((BT,), "int32", **ALLOC)
             res = T.alloc_buffer((RES,), "float32", **ALLOC)
-            dn_item(dq, ds, hbuf, ybuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
-                    iw[O_SEGSTART + s + 1] - p0, (w % NT2) * TR, tok, res, dqf, dc, act, asc, n)
+            cur = T.alloc_buffer((1,), "int32", **ALLOC)
+            for vo in range(ntask if STEAL else 1):
+                v = T.Bind((tsk + vo) % ntask)
+                cur[0] = tir_schedule.claim(iw, o_sched, v, CHUNK)
+                while cur[0] < tir_schedule.share_end(iw, o_sched, v):
+                    for w in range(cur[0], T.min(cur[0] + CHUNK, tir_schedule.share_end(iw, o_sched, v))):
+                        s = T.Bind(w // NT2)
+                        p0 = T.Bind(iw[O_SEGSTART + s])
+                        dn_item(dq, ds, hbuf, ybuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
+                                iw[O_SEGSTART + s + 1] - p0, (w % NT2) * TR, tok, res, dqf, dc, act, asc, n)
+                    cur[0] = tir_schedule.claim(iw, o_sched, v, CHUNK)
 
     # ---- one token (decode): gate/up and down in one parallel launch, no sort, no yp -------------
     NU1 = I // DR          # gate/up units (DR row pairs each) per pair
@@ -759,9 +784,11 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                 prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, O_SORTED + 2 * n * K,
                              O_SORTED + 2 * n * K + E + 1, gqf, dqf, ssize("iwork", n) - PREFILL_SCHED_SLOTS)
             else:
-                fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc)
+                fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr,
+                         ssize("iwork", n) - PREFILL_SCHED_SLOTS)
         else:
-            fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc)
+            fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr,
+                     ssize("iwork", n) - PREFILL_SCHED_SLOTS)
         # 4. y[t] = sum_k w[t, k] * yp[pair(t, k)]
         for w in T.parallel(n * NHC):
             t = T.Bind(w // NHC)

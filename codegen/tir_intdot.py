@@ -28,7 +28,7 @@ The layer, for the segments (experts) the counting sort found, in five parallel 
 
 Work items (segment, row tile) are spread over the threads by codegen/tir_schedule: each task
 starts on a share balanced by cost (an item costs its segment's column blocks) and then steals
-what the others have not reached (KernelConfig.prefill_schedule "steal"; "static": shares only).
+what the others have not reached (KernelConfig.item_schedule "steal"; "static": shares only).
 
 Micro-kernels, per item, for each pair of column blocks and each group:
 - amx: tiles 4, 5 = two 16-row weight tiles (K step KT = min(group, 64) bytes, read straight
@@ -79,7 +79,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     flat int8 views of the weights, or None for int4). prefetch: on amx with int8 weights, K steps
     ahead whose weight lines each K step prefetches (see KernelConfig.prefill_prefetch); 0: none.
     schedule: "static" (each task runs its share of the items) or "steal" (and then takes items
-    left in the others' shares; KernelConfig.prefill_schedule)."""
+    left in the others' shares; KernelConfig.item_schedule)."""
     L = levels_for(fmt)
     PPB = NCOL // L           # pairs per column block
     KT = min(G, 64)           # AMX K step (bytes)

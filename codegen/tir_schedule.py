@@ -1,9 +1,11 @@
-"""Work items of the int8/int4 prefill phases over the threads: cost-balanced shares, then stealing.
+"""Work items of a batch's gate/up and down phases over the threads: balanced shares, then stealing.
 
-Imported only by the build subprocess (through tir_intdot and tir_amx_bf16). A gate/up or down
-phase of a prefill path has `nr` work items per segment (expert), numbered segment-major
-(item = s * nr + r). Before the phase, the calling thread writes each task's first item
-(`task_starts`): task t's share is the items whose cost starts in [t, t + 1) * total / ntask of
+Imported only by the build subprocess (through tir_experts, tir_intdot and tir_amx_bf16). A
+gate/up or down phase of a prefill path has `nr` work items per segment (expert), numbered
+segment-major (item = s * nr + r); the token-block path (tir_experts.fma_body) has row tiles of
+about equal cost, split in equal counts (`even_starts`) and claimed in chunks. For the prefill
+paths, before the phase, the calling thread writes each task's first item (`task_starts`): task t's
+share is the items whose cost starts in [t, t + 1) * total / ntask of
 the cost axis, an item of segment s costing its column blocks plus `extra` (a path's fixed cost
 per item, e.g. dequantizing its weights). In the phase, a task claims items one at a time from its
 share's counter with an atomic fetch-and-add (`claim`: ktc_fetch_add_i32, C linked into the
@@ -34,15 +36,25 @@ def ntasks(nthr):
     return T.max(1, T.min(nthr, MAX_TASKS))
 
 
-def claim(iw, o_sched, v):
-    """The next item of task v's share (an atomic fetch-and-add on its counter; past the share's
-    end once it is exhausted)."""
-    return T.call_extern("int32", "ktc_fetch_add_i32", T.address_of(iw[o_sched + O_CTR + v * CTR_STRIDE]), 1)
+def claim(iw, o_sched, v, chunk=1):
+    """The next `chunk` items of task v's share, as the first one's number (an atomic fetch-and-add
+    on its counter; at or past the share's end once it is exhausted)."""
+    return T.call_extern("int32", "ktc_fetch_add_i32", T.address_of(iw[o_sched + O_CTR + v * CTR_STRIDE]), chunk)
 
 
 def share_end(iw, o_sched, v):
     """One past the last item of task v's share."""
     return iw[o_sched + v + 1]
+
+
+@T.macro
+def even_starts(iw, total, ntask, o_sched):
+    """Shares of equal item counts of `total` items (items that cost about the same), and the
+    counters. Serial, ntask steps."""
+    for t in range(ntask + 1):
+        iw[o_sched + t] = T.Cast("int32", T.Cast("int64", t) * T.Cast("int64", total) // T.Cast("int64", ntask))
+    for t in range(ntask):
+        iw[o_sched + O_CTR + t * CTR_STRIDE] = iw[o_sched + t]
 
 
 def make_task_starts(O_NSEG: int, extra: int):  # noqa: N803

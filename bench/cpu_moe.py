@@ -79,9 +79,9 @@ ALT_DECODE = {"phased": {"decode": "phased"}, "regions": {"decode": "regions"},
               "dr1": {"decode_rows": 1}, "dr4": {"decode_rows": 4, "tile_rows": 8},
               "pf1": {"decode_prefetch": 1}, "pf4": {"decode_prefetch": 4}}
 COLD_CASES = ("gpu-mask", "all-cpu", "none")
-# `build --static-schedule`: the plain builds also hold every kernel with the prefill's static item
-# split (tir_experts.KernelConfig.item_schedule), as tile variant "st", to time against the default
-# work stealing (run --tile-variants)
+# `build --static-schedule`: the plain builds also hold every kernel with the static item split of its
+# batch phases (tir_experts.KernelConfig.item_schedule), as tile variant "st", to time against the
+# default work stealing (run --tile-variants)
 STATIC_VARIANT = {"st": {"item_schedule": "static"}}
 
 
@@ -615,7 +615,7 @@ def main(argv=None) -> None:
                    help="x86-amx also built with these int8/int4 prefill paths (AMX-BF16 tiles)")
     b.add_argument("--formats", nargs="*", default=None, help="subset of " + ", ".join(x for x, _, _ in OURS))
     b.add_argument("--static-schedule", action="store_true",
-                   help="plain builds also hold the static-schedule prefill as tile variant 'st'")
+                   help="plain builds also hold the static item split as tile variant 'st'")
     r = sub.add_parser("run")
     r.add_argument("--kernels", default=str(ROOT / ".carry" / "kernels"))
     r.add_argument("--out", required=True)

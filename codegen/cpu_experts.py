@@ -94,9 +94,9 @@ TARGET_CONFIGS: dict[str, dict[str, Any]] = {
 ACT_LEVELS = {"int8": 2, "int4": 1}   # activation quantization levels of the int-dot path
 # batches (T > 1): tasks of a gate/up or down phase at most, and their schedule's int32 at the end of
 # iwork (codegen/tir_schedule: share starts, then a counter per task, a cache line apart)
-PREFILL_MAX_TASKS = 256
-PREFILL_CTR_STRIDE = 16
-PREFILL_SCHED_SLOTS = PREFILL_MAX_TASKS + 1 + PREFILL_CTR_STRIDE * PREFILL_MAX_TASKS
+SCHED_MAX_TASKS = 256
+SCHED_CTR_STRIDE = 16
+SCHED_SLOTS = SCHED_MAX_TASKS + 1 + SCHED_CTR_STRIDE * SCHED_MAX_TASKS
 
 
 def scratch_parts(H: int, I: int, E: int, K: int, fmt: str, intdot: bool,  # noqa: E741
@@ -116,7 +116,7 @@ def scratch_parts(H: int, I: int, E: int, K: int, fmt: str, intdot: bool,  # noq
         {"name": "hbuf", "dtype": "float32", "fixed": 0, "per_token": K * I},
         {"name": "ybuf", "dtype": "float32", "fixed": 0, "per_token": K * H},
         {"name": "iwork", "dtype": "int32", "per_token": 2 * K + nb_per,
-         "fixed": 3 * E + 2 + E + 1 + nb_fix + PREFILL_SCHED_SLOTS},
+         "fixed": 3 * E + 2 + E + 1 + nb_fix + SCHED_SLOTS},
     ]
     if intdot:
         parts += [{"name": "act", "dtype": "uint8", "fixed": nb_fix * 16 * km, "per_token": nb_per * 16 * km},

@@ -87,7 +87,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ktc.codegen import tir_amx_bf16, tir_intdot, tir_schedule
-from ktc.codegen.cpu_experts import PREFILL_PAIRS_PER_EXPERT, PREFILL_SCHED_SLOTS, scratch_parts_of_paths
+from ktc.codegen.cpu_experts import PREFILL_PAIRS_PER_EXPERT, SCHED_SLOTS, scratch_parts_of_paths
 
 
 def bf16_levels(prefill: str, fmt: str) -> int:
@@ -610,6 +610,41 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
     STEAL = cfg.item_schedule == "steal"
     CHUNK = 4          # token-block items (row tiles) claimed at a time
 
+    # the two item kinds of the token-block path under one signature, for block_phase
+    @T.macro
+    def gu_block(wq, ws, wqf, wc, src, out, iw, e64, p0, cnt, r0, tok, res, act, asc, n):
+        gu_item(src, wq, ws, iw, out, e64, p0, cnt, r0, tok, res, wqf, wc, act, asc)
+
+    @T.macro
+    def dn_block(wq, ws, wqf, wc, src, out, iw, e64, p0, cnt, r0, tok, res, act, asc, n):
+        dn_item(wq, ws, src, out, e64, p0, cnt, r0, tok, res, wqf, wc, act, asc, n)
+
+    def block_phase(item, nt):
+        """Step 2 (item gu_block, nt = NT1 row tiles per segment) or 3 (dn_block, NT2) of the
+        token-block path: equal shares of the (segment, row tile) items, claimed CHUNK at a time from
+        this task's share, then from the others' (codegen/tir_schedule)."""
+        @T.macro
+        def phase(wq, ws, wqf, wc, src, out, iw, act, asc, n, ntask, o_sched):
+            tir_schedule.even_starts(iw, iw[O_NSEG] * nt, ntask, o_sched)
+            for tsk in T.parallel(ntask):
+                tok = T.alloc_buffer((BT,), "int32", **ALLOC)
+                res = T.alloc_buffer((RES,), "float32", **ALLOC)
+                cur = T.alloc_buffer((1,), "int32", **ALLOC)
+                for vo in range(ntask if STEAL else 1):
+                    v = T.Bind((tsk + vo) % ntask)
+                    cur[0] = tir_schedule.claim(iw, o_sched, v, CHUNK)
+                    while cur[0] < tir_schedule.share_end(iw, o_sched, v):
+                        for w in range(cur[0], T.min(cur[0] + CHUNK, tir_schedule.share_end(iw, o_sched, v))):
+                            s = T.Bind(w // nt)
+                            p0 = T.Bind(iw[O_SEGSTART + s])
+                            item(wq, ws, wqf, wc, src, out, iw, T.Cast("int64", iw[O_SEGEXP + s]), p0,
+                                 iw[O_SEGSTART + s + 1] - p0, (w % nt) * TR, tok, res, act, asc, n)
+                        cur[0] = tir_schedule.claim(iw, o_sched, v, CHUNK)
+        return phase
+
+    gu_blocks = block_phase(gu_block, NT1)
+    dn_blocks = block_phase(dn_block, NT2)
+
     @T.macro
     def fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr, o_sched):
         S = T.Bind(iw[O_NSEG])
@@ -617,43 +652,14 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
             for t in range(n):
                 dquant(x, t, H, t * L_D * H, act, asc, t)
         ntask = T.Bind(tir_schedule.ntasks(nthr))
-        # 2. h = silu(gate x) * (up x), per (segment, tile of intermediate rows): items claimed in
-        # chunks (tir_schedule), from this task's share, then from the others'
-        tir_schedule.even_starts(iw, S * NT1, ntask, o_sched)
-        for tsk in T.parallel(ntask):
-            tok = T.alloc_buffer((BT,), "int32", **ALLOC)
-            res = T.alloc_buffer((RES,), "float32", **ALLOC)
-            cur = T.alloc_buffer((1,), "int32", **ALLOC)
-            for vo in range(ntask if STEAL else 1):
-                v = T.Bind((tsk + vo) % ntask)
-                cur[0] = tir_schedule.claim(iw, o_sched, v, CHUNK)
-                while cur[0] < tir_schedule.share_end(iw, o_sched, v):
-                    for w in range(cur[0], T.min(cur[0] + CHUNK, tir_schedule.share_end(iw, o_sched, v))):
-                        s = T.Bind(w // NT1)
-                        p0 = T.Bind(iw[O_SEGSTART + s])
-                        gu_item(x, gq, gs, iw, hbuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
-                                iw[O_SEGSTART + s + 1] - p0, (w % NT1) * TR, tok, res, gqf, gc, act, asc)
-                    cur[0] = tir_schedule.claim(iw, o_sched, v, CHUNK)
+        # 2. h = silu(gate x) * (up x), per (segment, tile of intermediate rows)
+        gu_blocks(gq, gs, gqf, gc, x, hbuf, iw, act, asc, n, ntask, o_sched)
         if DV_DN:
             # h rows quantized for the down projection (all pairs; only single-token tails read them)
             for p in T.parallel(iw[O_SEGSTART + S]):
                 dquant(hbuf, p, I, n * L_D * H + p * L_D * I, act, asc, n + p)
         # 3. yp = down h, per (segment, tile of hidden rows)
-        tir_schedule.even_starts(iw, S * NT2, ntask, o_sched)
-        for tsk in T.parallel(ntask):
-            tok = T.alloc_buffer((BT,), "int32", **ALLOC)
-            res = T.alloc_buffer((RES,), "float32", **ALLOC)
-            cur = T.alloc_buffer((1,), "int32", **ALLOC)
-            for vo in range(ntask if STEAL else 1):
-                v = T.Bind((tsk + vo) % ntask)
-                cur[0] = tir_schedule.claim(iw, o_sched, v, CHUNK)
-                while cur[0] < tir_schedule.share_end(iw, o_sched, v):
-                    for w in range(cur[0], T.min(cur[0] + CHUNK, tir_schedule.share_end(iw, o_sched, v))):
-                        s = T.Bind(w // NT2)
-                        p0 = T.Bind(iw[O_SEGSTART + s])
-                        dn_item(dq, ds, hbuf, ybuf, T.Cast("int64", iw[O_SEGEXP + s]), p0,
-                                iw[O_SEGSTART + s + 1] - p0, (w % NT2) * TR, tok, res, dqf, dc, act, asc, n)
-                    cur[0] = tir_schedule.claim(iw, o_sched, v, CHUNK)
+        dn_blocks(dq, ds, dqf, dc, hbuf, ybuf, iw, act, asc, n, ntask, o_sched)
 
     # ---- one token (decode): gate/up and down in one parallel launch, no sort, no yp -------------
     NU1 = I // DR          # gate/up units (DR row pairs each) per pair
@@ -779,16 +785,15 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                 iw[O_SORTED + n * K + p] = pos
             else:
                 iw[O_SORTED + n * K + p] = -1
+        o_sched = T.Bind(ssize("iwork", n) - SCHED_SLOTS)    # the last SCHED_SLOTS int32 of iw
         if use_prefill:
             if n * K >= PREFILL_PAIRS_PER_EXPERT * E:
                 prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, O_SORTED + 2 * n * K,
-                             O_SORTED + 2 * n * K + E + 1, gqf, dqf, ssize("iwork", n) - PREFILL_SCHED_SLOTS)
+                             O_SORTED + 2 * n * K + E + 1, gqf, dqf, o_sched)
             else:
-                fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr,
-                         ssize("iwork", n) - PREFILL_SCHED_SLOTS)
+                fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr, o_sched)
         else:
-            fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr,
-                     ssize("iwork", n) - PREFILL_SCHED_SLOTS)
+            fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr, o_sched)
         # 4. y[t] = sum_k w[t, k] * yp[pair(t, k)]
         for w in T.parallel(n * NHC):
             t = T.Bind(w // NHC)

@@ -75,7 +75,7 @@ def levels_for(fmt: str) -> int:
 def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NSEG, O_SORTED, silu,  # noqa: E741
                       prefetch=0, schedule="steal"):
     """The macro `prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum,
-    o_bseg, gqf, dqf)` running phases 1-4 (iw already holds the sorted segments; gqf / dqf are
+    o_bseg, gqf, dqf, o_sched)` running phases 1-4 (iw already holds the sorted segments; gqf / dqf are
     flat int8 views of the weights, or None for int4). prefetch: on amx with int8 weights, K steps
     ahead whose weight lines each K step prefetches (see KernelConfig.prefill_prefetch); 0: none.
     schedule: "static" (each task runs its share of the items) or "steal" (and then takes items
@@ -403,7 +403,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
 
     @T.macro
     def prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum, o_bseg, gqf, dqf, o_sched):
-        """o_sched: tir_schedule.SCHED_SLOTS free int32 of iw for the gate/up and down schedules."""
+        """o_sched: cpu_experts.SCHED_SLOTS free int32 of iw for the gate/up and down schedules."""
         # block bookkeeping: cum[s] = first column block of segment s, bseg[b] = its segment
         iw[o_cum] = 0
         for s in range(iw[O_NSEG]):

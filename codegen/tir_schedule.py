@@ -14,7 +14,7 @@ other share the same way (stealing), so a thread that runs slow (the cost model 
 vCPU the hypervisor paused) does not keep the others waiting at the phase's end. Measured on the
 H100 host's 16 vCPUs: with static shares, threads waited 18-27% of an int8 prefill's time.
 
-iw layout at `o_sched` (SCHED_SLOTS int32, cpu_experts.PREFILL_SCHED_SLOTS): MAX_TASKS + 1 share
+iw layout at `o_sched` (cpu_experts.SCHED_SLOTS int32, the end of the iwork scratch): MAX_TASKS + 1 share
 starts, then one counter per task, CTR_STRIDE int32 (a cache line) apart so that claims by
 different threads do not bounce one line between cores.
 """
@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from ktc.codegen.cpu_experts import PREFILL_CTR_STRIDE, PREFILL_MAX_TASKS, PREFILL_SCHED_SLOTS
+from ktc.codegen.cpu_experts import SCHED_CTR_STRIDE, SCHED_MAX_TASKS
 
-MAX_TASKS = PREFILL_MAX_TASKS
-CTR_STRIDE = PREFILL_CTR_STRIDE
-SCHED_SLOTS = PREFILL_SCHED_SLOTS
+MAX_TASKS = SCHED_MAX_TASKS
+CTR_STRIDE = SCHED_CTR_STRIDE
 O_CTR = MAX_TASKS + 1          # counters' offset from o_sched
 
 

@@ -258,7 +258,7 @@ def test_kernel_writes_every_output_and_ignores_scratch_contents(loaded, weights
     y = _raw_call(kernels, spec, parts, x, tw, ids, 2, gen)
     assert torch.isfinite(y).all()
     assert rel(y, reference_moe(x, tw, ids, gud, dnd)) < tol_deq(target, fmt, T)
-    # any task count (the int-dot prefill's work stealing, past its MAX_TASKS too) gives the same bits:
+    # any task count (the batch phases' work stealing, past its MAX_TASKS too) gives the same bits:
     # each output is summed by one work item whichever thread claims it
     for nthr in (1, 7, 600):
         assert torch.equal(_raw_call(kernels, spec, parts, x, tw, ids, nthr, gen), y)

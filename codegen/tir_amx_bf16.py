@@ -49,14 +49,15 @@ ALLOC = {"scope": "global", "annotations": {"disable_lower_builtin": True}}
 
 
 def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NSEG, O_SORTED, silu,  # noqa: E741
-                      levels=1):
+                      levels=1, schedule="steal"):
     """The macro `prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum,
-    o_bseg, gqf, dqf)` running phases 1-4 (iw already holds the sorted segments; gqf / dqf are
+    o_bseg, gqf, dqf, o_sched)` running phases 1-4 (iw already holds the sorted segments; gqf / dqf are
     flat int8 views of the weights, or None for int4; gc, dc and asc are not used here).
     levels=2: activations as two bf16 terms (x = hi + lo, ~16 bits; columns 0-7 of a block
     hi, 8-15 lo of the same pairs), summed in the epilogue: the activations then add no error
-    that matters, for twice the tile products."""
+    that matters, for twice the tile products. schedule: "static" or "steal" (KernelConfig.item_schedule)."""
     L = levels
+    STEAL = schedule == "steal"
     PPB = NCOL // L           # pairs per column block
     assert L in (1, 2)
     NR1 = I // RT             # gate/up items per segment
@@ -274,7 +275,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                 wsc = T.alloc_buffer((ITEM_ROWS * kd,), "uint16", **ALLOC)
                 cur = T.alloc_buffer((1,), "int32", **ALLOC)
                 tl_config(cfg)
-                for vo in range(ntask):
+                for vo in range(ntask if STEAL else 1):
                     v = T.Bind((tsk + vo) % ntask)
                     cur[0] = tir_schedule.claim(iw, o_sched, v)
                     while cur[0] < tir_schedule.share_end(iw, o_sched, v):

@@ -602,7 +602,8 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
             make = functools.partial(tir_intdot.make_prefill_body, prefetch=cfg.prefill_prefetch,
                                      schedule=cfg.item_schedule)
         else:
-            make = functools.partial(tir_amx_bf16.make_prefill_body, levels=bf16_levels(cfg.prefill, fmt))
+            make = functools.partial(tir_amx_bf16.make_prefill_body, levels=bf16_levels(cfg.prefill, fmt),
+                                     schedule=cfg.item_schedule)
         prefill_body = make(
             H=H, I=I, E=E, K=K, G=G, fmt=fmt, variant=cfg.variant, O_SEGEXP=O_SEGEXP, O_SEGSTART=O_SEGSTART,
             O_NSEG=O_NSEG, O_SORTED=O_SORTED, silu=lambda v: v / (T.float32(1) + fast_exp(T.float32(0) - v)))

@@ -131,6 +131,21 @@ def check_host(entry: dict[str, Any]) -> None:
                         f"CPU expert kernels; {hint}")
 
 
+class BoundCall:
+    """One kernel call with its arguments fixed (CpuExpertKernels.bind)."""
+
+    __slots__ = ("fn", "args", "kernel_name", "tuning")
+
+    def __init__(self, fn: Any, args: tuple, kernel_name: str, tuning: int):
+        self.fn, self.args, self.kernel_name, self.tuning = fn, args, kernel_name, tuning
+
+    def __call__(self) -> None:
+        try:
+            self.fn(*self.args)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{self.kernel_name}: {str(e).splitlines()[0]}") from None
+
+
 class _Scratch(threading.local):
     def __init__(self) -> None:
         # per scratch layout: (capacity in tokens, its buffers, the views handed out per T).
@@ -201,6 +216,7 @@ class CpuExpertKernels:
         """Thread counts (tasks the kernel's parallel phases split into) for `kernel_name` by batch
         bucket (runtime.tuning.BATCH_BUCKETS), from `ktc tune` records; None: num_threads() again."""
         tuned = self.__dict__.setdefault("_tuned_threads", {})
+        self._tuning = self.tuning + 1
         if by_bucket:
             tuned[kernel_name] = {int(b): max(1, int(n)) for b, n in by_bucket.items()}
         else:
@@ -225,6 +241,7 @@ class CpuExpertKernels:
         """The function of `kernel_name` by batch bucket, from `ktc tune` records: a prefill path or a
         tile variant (names this build lacks are ignored); None: the default again."""
         tuned = self.__dict__.setdefault("_tuned_prefill", {})
+        self._tuning = self.tuning + 1
         paths = self._kernels[kernel_name]["paths"] if kernel_name in self._kernels else {}
         table = {int(b): p for b, p in (by_bucket or {}).items() if p in paths}
         if table:
@@ -247,14 +264,9 @@ class CpuExpertKernels:
                                  for buf, (_, _, fixed, per) in zip(cur[1], k["scratch"], strict=True)]
         return views
 
-    def moe_experts(self, kernel_name: str, x: Tensor, topk_weights: Tensor, topk_ids: Tensor,
-                    packed: dict[str, Tensor], out: Tensor | None = None) -> Tensor:
-        """y[t] = sum_k w[t,k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = ids[t,k].
-
-        x [T, H] float32, topk_weights [T, K] float32, topk_ids [T, K] int32 (ids outside
-        [0, E) are skipped) -> y [T, H] float32 (written into `out` when given: a contiguous
-        float32 [T, H] CPU tensor, e.g. pinned memory the GPU copies from). All expert math runs
-        in the TVM kernel."""
+    def _checked(self, kernel_name: str, x: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                 out: Tensor | None) -> tuple[dict[str, Any], Tensor, Tensor, Tensor, Tensor]:
+        """The kernel's entry and the call's tensors in the kernel's dtypes, or InputError."""
         k = self._kernels.get(kernel_name)
         if k is None:
             raise InputError(f"no CPU expert kernel {kernel_name!r}; this artifact has "
@@ -277,8 +289,10 @@ class CpuExpertKernels:
             y = out
         else:
             y = torch.empty(T, H, dtype=torch.float32)
-        if T == 0:
-            return y
+        return k, x, tw, ids, y
+
+    @staticmethod
+    def _weights(kernel_name: str, k: dict[str, Any], packed: dict[str, Tensor]) -> list[Tensor]:
         weights = []
         for n in k["weights"]:
             t = packed.get(n)
@@ -287,20 +301,45 @@ class CpuExpertKernels:
             if t is None:
                 raise InputError(f"{kernel_name}: packed weights lack part {n!r}")
             weights.append(t)
-        # the kernel indexes its [T*K, H] scratch with 32-bit ints: split huge batches
+        return weights
+
+    @staticmethod
+    def _max_tokens(k: dict[str, Any]) -> int:
+        """The most tokens one kernel call takes: it indexes its [T*K, H] scratch with 32-bit ints."""
         per_token = max(per for _, _, _, per in k["scratch"])
-        step = max(1, min(MAX_INDEX // (K * max(H, k["I"])), (MAX_INDEX - max(f for _, _, f, _ in k["scratch"]))
-                          // max(1, per_token)))
+        return max(1, min(MAX_INDEX // (k["K"] * max(k["H"], k["I"])),
+                          (MAX_INDEX - max(f for _, _, f, _ in k["scratch"])) // max(1, per_token)))
+
+    def _function(self, kernel_name: str, k: dict[str, Any], T: int) -> tuple[Any, int]:
+        """The function and thread count a call of T tokens runs with: `ktc tune` records of T's
+        batch bucket where there are some, else the default path on num_threads()."""
         nthr = num_threads()
         fn = k["fn"]
         tuned = self.__dict__.get("_tuned_threads", {}).get(kernel_name)
         paths = self.__dict__.get("_tuned_prefill", {}).get(kernel_name)
-        if tuned or paths:   # `ktc tune` records: the thread count and prefill path of T's batch bucket
+        if tuned or paths:
             from ktc.runtime.tuning import batch_bucket
 
             b = batch_bucket(T)
             nthr = tuned.get(b, nthr) if tuned else nthr
             fn = k["paths"][paths.get(b, next(iter(k["paths"])))] if paths else fn
+        return fn, nthr
+
+    def moe_experts(self, kernel_name: str, x: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+                    packed: dict[str, Tensor], out: Tensor | None = None) -> Tensor:
+        """y[t] = sum_k w[t,k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = ids[t,k].
+
+        x [T, H] float32, topk_weights [T, K] float32, topk_ids [T, K] int32 (ids outside
+        [0, E) are skipped) -> y [T, H] float32 (written into `out` when given: a contiguous
+        float32 [T, H] CPU tensor, e.g. pinned memory the GPU copies from). All expert math runs
+        in the TVM kernel."""
+        k, x, tw, ids, y = self._checked(kernel_name, x, topk_weights, topk_ids, out)
+        T = x.shape[0]
+        if T == 0:
+            return y
+        weights = self._weights(kernel_name, k, packed)
+        step = self._max_tokens(k)     # huge batches are split
+        fn, nthr = self._function(kernel_name, k, T)
         for t0 in range(0, T, step):
             t1 = min(T, t0 + step)
             scratch = self._scratch_for(k, t1 - t0)
@@ -311,3 +350,33 @@ class CpuExpertKernels:
             except (TypeError, ValueError) as e:
                 raise InputError(f"{kernel_name}: {str(e).splitlines()[0]}") from None
         return y
+
+    def bind(self, kernel_name: str, x: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+             packed: dict[str, Tensor], out: Tensor) -> BoundCall:
+        """moe_experts on these very tensors, checked once: calling the result runs the kernel on
+        whatever they hold then, writing `out`. For a caller that computes into the same buffers
+        again and again (a decode step's pinned buffers, once per layer and token): the argument
+        handling of moe_experts costs ~20-45 us a call on the GPU machine's host, as much as a
+        tenth of a single-token kernel, and a bound call only makes the FFI call. The tensors must
+        already be contiguous in the kernel's dtypes (nothing is copied: the kernel must see the
+        caller's buffers). A bound call belongs to the thread that bound it (its scratch is per
+        thread) and to the tuning records in force then (`tuning` tells when they changed)."""
+        k, x2, tw2, ids2, y = self._checked(kernel_name, x, topk_weights, topk_ids, out)
+        if x2.data_ptr() != x.data_ptr() or tw2.data_ptr() != topk_weights.data_ptr() \
+                or ids2.data_ptr() != topk_ids.data_ptr():
+            raise InputError(f"{kernel_name}: a bound call needs contiguous float32 x and weights and int32 ids")
+        T = x.shape[0]
+        if not 1 <= T <= self._max_tokens(k):
+            raise InputError(f"{kernel_name}: a bound call takes 1 to {self._max_tokens(k)} tokens, got {T}")
+        fn, nthr = self._function(kernel_name, k, T)
+        args = [x, topk_weights, topk_ids, *self._weights(kernel_name, k, packed), y, *self._scratch_for(k, T)]
+        try:   # tvm_ffi tensors made once: each call then skips the conversion from torch
+            args = [tvm_ffi.from_dlpack(t) for t in args]
+        except Exception:  # noqa: BLE001 - torch tensors work too, a little slower
+            pass
+        return BoundCall(fn, (*args, nthr), kernel_name, self.tuning)
+
+    @property
+    def tuning(self) -> int:
+        """Changes whenever tuning records change which function or thread count a call takes."""
+        return self.__dict__.get("_tuning", 0)

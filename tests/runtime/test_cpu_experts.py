@@ -314,6 +314,52 @@ def test_huge_batches_are_split(loaded, weights, target, monkeypatch):
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_bound_call_computes_what_is_in_its_buffers_at_each_call(loaded, weights, target, fmt):
+    """bind (the decode path of heterogeneous runs): the same result as moe_experts, on whatever
+    the bound buffers hold when it is called; a tuning change is visible to the caller."""
+    _need(target, fmt)
+    spec, kern = SPECS[fmt], loaded[target]
+    _, _, parts, gud, dnd = weights[fmt]
+    T = 2
+    x, y = torch.empty(T, spec.hidden_size), torch.full((T, spec.hidden_size), float("nan"))
+    tw, ids = torch.empty(T, spec.top_k), torch.empty(T, spec.top_k, dtype=torch.int32)
+    call = kern.bind(spec.name, x, tw, ids, parts, y)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):   # new contents every call, as a decode step's pinned buffers get
+        x.copy_(torch.randn(T, spec.hidden_size, generator=gen))
+        tw_new, ids_new = _routing(T, spec.top_k, spec.num_experts, gen)
+        tw.copy_(tw_new)
+        ids.copy_(ids_new)
+        ids[1, 0] = -1
+        call()
+        assert torch.equal(y, kern.moe_experts(spec.name, x, tw, ids, parts))
+        assert rel(y, reference_moe(x, tw, ids, gud, dnd)) < tol_deq(target, fmt, T)
+    before = kern.tuning
+    kern.set_tuned_threads(spec.name, {1: 1})
+    kern.set_tuned_threads(spec.name, None)
+    assert kern.tuning != before and call.tuning == before
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+def test_bind_refuses_what_it_would_have_to_copy(loaded, weights, target):
+    spec = SPECS["int8"]
+    parts, k = weights["int8"][2], loaded[target]
+    x, y = torch.randn(2, spec.hidden_size), torch.empty(2, spec.hidden_size)
+    tw, ids = torch.rand(2, spec.top_k), torch.zeros(2, spec.top_k, dtype=torch.int32)
+    with pytest.raises(InputError, match="contiguous"):
+        k.bind(spec.name, x.double(), tw, ids, parts, y)
+    with pytest.raises(InputError, match="contiguous"):
+        k.bind(spec.name, x, tw, ids.long(), parts, y)
+    with pytest.raises(InputError, match="out must be"):
+        k.bind(spec.name, x, tw, ids, parts, y.t())
+    with pytest.raises(InputError, match="lack part"):
+        k.bind(spec.name, x, tw, ids, {"gate_up.q": parts["gate_up.q"]}, y)
+    with pytest.raises(InputError, match="1 to"):
+        k.bind(spec.name, x[:0], tw[:0], ids[:0], parts, y[:0])
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS)
 def test_bad_inputs_are_input_errors(loaded, weights, target):
     spec = SPECS["int8"]
     parts = weights["int8"][2]

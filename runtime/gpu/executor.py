@@ -7,10 +7,10 @@ step be captured in CUDA graphs and replayed at every position.
 
 The graph becomes a schedule of actions: "gpu" (a GPU node), and for every CPU-placed
 moe_experts node (runtime/gpu/offload.py) "stage" (GPU: copies to pinned memory) and "mark"
-(host: an event after them) where the node stands, "run" (host: the CPU kernel, while the GPU
+(GPU: an event after them) where the node stands, "run" (host: the CPU kernel, while the GPU
 works on what was queued meanwhile) and "gather" (GPU: copy the result back) just before its
-output's first user. Host actions cut the schedule into segments
-of pure stream work: `segments()` is what the model captures as CUDA graphs, one per segment.
+output's first user. The host actions cut the schedule into segments of pure stream work:
+`segments()` is what the model captures as CUDA graphs, one per segment (one per MoE layer).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from . import ops
 from .offload import CpuExpertsOffload, LayerStats
 from .ops import GpuRunContext
 
-HOST_ACTIONS = ("mark", "run")
+HOST_ACTIONS = ("run",)
 
 _POSITION_NAMES = ("positions", "position_ids")
 

@@ -21,9 +21,9 @@ are big enough (KVCache.clear), so the captured graphs stay valid across prompts
 CPU experts prefill without a graph (their CPU part is host work).
 
 Heterogeneous artifacts (routed experts partly on the CPU) run the same way: the executor's
-schedule has host actions (start a layer's CPU experts, wait for them) between stretches of
-stream work, and a decode step is captured as one CUDA graph per stretch, replayed in order
-with the host actions between them. `profile(True)` / `layer_stats()` report per MoE layer the
+schedule has host actions (wait for a layer's inputs, run its CPU experts) between stretches of
+stream work, and a decode step is captured as one CUDA graph per stretch (one per MoE layer),
+replayed in order with the host actions between them. `profile(True)` / `layer_stats()` report per MoE layer the
 CPU kernel time, the wait for its inputs and the GPU time spent beside it.
 """
 
@@ -100,10 +100,8 @@ class GpuModel(CompiledModel):
         for kind, item in g["plan"]:
             if kind == "graph":
                 item.replay()
-            elif kind == "mark":
-                item.mark(b)
             else:
-                item.run()
+                item.run(b)
         cache.advance(1)
         return g["out"]
 

@@ -5,7 +5,8 @@ schedules around the GPU work of the same layer:
 
     stage    (stream)  ids -> this node's rows (table), x -> float32; copy x, weights and ids into
                        pinned host buffers (asynchronous copies on the stream)
-    mark     (host)    record an event after those copies
+    mark     (stream)  record an event after those copies (an external event: a CUDA graph
+                       captures the record itself, so the host can wait on it at replay)
              ...       queue the layer's GPU experts and shared experts (they run while the CPU works)
     run      (host)    wait for the event (this layer's copies, not the whole device), then run the
                        TVM kernel into a pinned output buffer, on this thread (the GIL is released)
@@ -14,14 +15,14 @@ schedules around the GPU work of the same layer:
 Long prefills instead stream the layer's CPU experts to the GPU (the GPU's fused MoE reads the
 CPU kernels' int8 layout as w8a16 and their int4 layout as w4a16): from `stream_min_tokens` tokens on, copying
 a layer's CPU experts at host-to-device speed (~55 GB/s from pinned memory) beats the CPU
-working through hundreds of tokens per expert. Then stage runs the experts on the GPU and mark,
-run and gather only hand its result on. The packed weights are pinned at load for this.
+working through hundreds of tokens per expert. Then stage runs the experts on the GPU, mark and
+run do nothing and gather hands its result on. The packed weights are pinned at load for this.
 
 The kernel runs on the thread that drives the GPU: the GPU work it overlaps with is already
 queued when it starts, and what comes after needs its result, so a second thread would only
 add two hand-offs per layer. TVM's CPU thread pool belongs to the calling thread, which is
-therefore always the same one. stage and gather are plain stream work, so a decode step can be
-captured as CUDA graphs between the host actions (runtime/gpu/model.py). One set of pinned
+therefore always the same one. Only run is host work, so a decode step is captured as one CUDA
+graph per layer, from a run to the next (runtime/gpu/model.py): one graph launch per layer. One set of pinned
 buffers serves every layer: a layer's stage is queued after the previous layer's gather, and
 the kernel writes the output buffer only after this layer's event, so no buffer is overwritten
 while it is being copied.
@@ -113,12 +114,18 @@ class CpuExpertsOffload:
         self.small_capacity = small_capacity
         self.stats = LayerStats(int(node.attrs.get("layer", -1)))
         self.profile = False
-        self._event = torch.cuda.Event() if self.pin else None
+        self._event = torch.cuda.Event(external=True) if self.pin else None
+        self._timed = False             # profiling: _gpu_start was recorded by an eager mark()
         self._gpu_start = torch.cuda.Event(enable_timing=True) if self.pin else None
         self._gpu_end = torch.cuda.Event(enable_timing=True) if self.pin else None
         self._pending_gpu: list = []
         self._tokens = 0
         self._streamed: torch.Tensor | None = None
+        # decode-sized calls run bound (CpuExpertKernels.bind: checked once, then only the FFI call);
+        # False: through moe_experts every call, as before (for comparisons)
+        self.bound_calls = True
+        self._bound: dict[int, Any] = {}
+        self._bound_buffers: _Buffers | None = None
         self.gpu_kernels = gpu_kernels
         quantized = node.format in ("int8", "int4") and "gate_up.q" in packed
         self.stream_from = stream_min_tokens() if (quantized and self.pin and gpu_kernels is not None) else None
@@ -181,33 +188,38 @@ class CpuExpertsOffload:
         y = self._buffers(t).y[:t].to(self.device, non_blocking=self.pin)
         return y.to(dtype).view(shape)
 
-    # -- host actions ------------------------------------------------------------------------
-    def mark(self, tokens: int | None = None) -> None:
-        """After stage: note that the inputs are queued (`tokens`: the count a replayed CUDA graph
-        staged, which no Python code saw)."""
-        if tokens is not None:
-            self._tokens = tokens
-        if self._streamed is not None:
+    def mark(self) -> None:
+        """After stage, on the stream: record the event run() waits for."""
+        if self._streamed is not None or self._event is None:
             return
-        if self._event is not None:
-            self._event.record()
-        if self.profile and self._gpu_start is not None:
+        self._event.record()
+        # GPU timing of the work beside the kernel: eager steps only (a replayed graph runs no Python here)
+        self._timed = self.profile and not torch.cuda.is_current_stream_capturing()
+        if self._timed:
             self._gpu_start.record()
 
-    def run(self) -> None:
-        """Wait for this layer's inputs, then run the CPU kernel (blocking this thread)."""
+    # -- host action -------------------------------------------------------------------------
+    def run(self, tokens: int | None = None) -> None:
+        """Wait for this layer's inputs, then run the CPU kernel (blocking this thread). `tokens`:
+        the count a replayed CUDA graph staged, which no Python code saw."""
+        if tokens is not None:
+            self._tokens = tokens
         if self._streamed is not None:
             return
         t = self._tokens
         start = time.perf_counter()
         if self._event is not None:
             self._event.synchronize()
-        if self.profile and self._gpu_end is not None:
+        timed, self._timed = self._timed, False
+        if timed:
             self._gpu_end.record()            # the GPU work queued since mark() runs beside the kernel
         ready = time.perf_counter()
-        buf = self._buffers(t)
         # a step routed to none of these experts costs the kernel a serial zero-fill, no threads
-        self.kernels.moe_experts(self.kernel, buf.x[:t], buf.tw[:t], buf.ids[:t], self.packed, out=buf.y[:t])
+        if t <= self.small_capacity and self.bound_calls:
+            self._bound_call(t)()
+        else:
+            buf = self._buffers(t)
+            self.kernels.moe_experts(self.kernel, buf.x[:t], buf.tw[:t], buf.ids[:t], self.packed, out=buf.y[:t])
         done = time.perf_counter()
         if self.profile:
             s = self.stats
@@ -215,10 +227,23 @@ class CpuExpertsOffload:
             s.tokens += t
             s.cpu_s += done - ready
             s.wait_s += ready - start
-            if self._gpu_end is not None:
+            if timed:
                 self._pending_gpu.append((self._gpu_start, self._gpu_end))
                 self._gpu_start, self._gpu_end = (torch.cuda.Event(enable_timing=True),
                                                   torch.cuda.Event(enable_timing=True))
+
+    def _bound_call(self, t: int) -> Any:
+        """The kernel call on the decode-sized buffers for t tokens, bound once (CpuExpertKernels.bind):
+        made again when tuning records changed, or when the pool's buffers were replaced."""
+        buf = self._buffers(t)
+        call = self._bound.get(t)
+        if call is None or call.tuning != self.kernels.tuning or self._bound_buffers is not buf:
+            if self._bound_buffers is not buf:
+                self._bound.clear()
+                self._bound_buffers = buf
+            call = self._bound[t] = self.kernels.bind(self.kernel, buf.x[:t], buf.tw[:t], buf.ids[:t], self.packed,
+                                                      buf.y[:t])
+        return call
 
     def collect_gpu_times(self) -> None:
         """Fold the finished GPU timings of profiled calls into the stats (needs a synchronised device)."""

@@ -144,6 +144,23 @@ def test_decode_calls_bound_to_the_pinned_buffers_compute_what_moe_experts_compu
     assert torch.equal(bound, unbound)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (pinned memory)")
+def test_zero_copy_decode_buffers_give_the_memcpy_results(artifacts):
+    """Decode-sized pinned buffers are written and read by kernels through CUDA aliases; copying
+    them with memcpys instead (as before) gives the same logits, bit for bit."""
+    ex, dev = _executor(artifacts("qwen3_moe", "budget"), torch.bfloat16)
+    ids = prompts(256, 7, batch=2)
+    zero_copy = _teacher_forced(ex, dev, ids, 4, torch.bfloat16)
+    small = [b for key, b in ex.offloads[0].pool.items() if key[-1] == "small"]
+    assert small and all(b.on_device is not None for b in small)
+    for off in ex.offloads:
+        off.zero_copy = False
+    ex.offloads[0].pool.clear()
+    memcpy = _teacher_forced(ex, dev, ids, 4, torch.bfloat16)
+    assert all(b.on_device is None for key, b in ex.offloads[0].pool.items() if key[-1] == "small")
+    assert torch.equal(zero_copy, memcpy)
+
+
 def test_hybrid_with_int8_cpu_experts_is_close_to_transformers(tiny_models, artifacts):
     from ktc.runtime.artifact import read_manifest
 

@@ -204,7 +204,7 @@ def _sync():
     torch.cuda.synchronize()
 
 
-def measure_decode(model, steps: int = 48, repeats: int = 3) -> dict:
+def measure_decode(model, steps: int = 48, repeats: int = 5) -> dict:
     vocab = model.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, CONTEXT), generator=g)
@@ -449,17 +449,13 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
         r["runtime_cpu_ms_per_layer"] = lay["cpu_ms_mean"]
         r["runtime_cpu_vs_direct"] = lay["cpu_ms_mean"] / direct
         r["step_rest_ms"] = dec["ms"] - lay["cpu_ms_sum"] - lay["wait_ms_sum"]
-    # the same decode with every CPU call through moe_experts (argument handling each call), as
-    # before the runtime bound its decode calls: the same-run comparison for that change
-    for off in model.executor.offloads:
-        off.bound_calls = False
-    try:
-        unbound = measure_decode(model)
-    finally:
-        for off in model.executor.offloads:
-            off.bound_calls = True
-    r["decode_unbound_calls"] = unbound
-    r["decode_bound_vs_unbound"] = unbound["ms"] / dec["ms"]
+    # the same decode without this session's runtime changes, one at a time (same-run comparisons):
+    # every CPU call through moe_experts (argument handling each call) instead of a bound call, and
+    # the decode buffers copied by memcpys instead of read and written by kernels (zero-copy)
+    ab = compare_decode(model, {"now": {}, "unbound calls": {"bound_calls": False},
+                                "memcpy buffers": {"zero_copy": False},
+                                "both (before)": {"bound_calls": False, "zero_copy": False}})
+    r["decode_ab"] = ab
     results[name] = r
     log(f"{name}: decode {dec['tok_s']:.1f} tok/s ({dec['ms']:.2f} ms; roofline {bound:.2f} ms = max(CPU "
         f"{roof['cpu_ms']:.2f}, GPU {roof['gpu_ms']:.2f}) -> {bound / dec['ms']:.0%} of it), prefill-2K "
@@ -468,11 +464,52 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
         f"{lay.get('cpu_ms_mean', 0):.3f} ms vs called directly {direct:.3f} ms; waits {lay.get('wait_ms_mean', 0):.3f}"
         f" ms, GPU beside {lay.get('gpu_ms_mean', 0) or 0:.3f} ms per layer; direct kernel by threads "
         + ", ".join(f"{n}: {ms:.3f}" for n, ms in threads.items()) + f" ms ({r['cpu_gbps_direct']:.0f} GB/s); "
-        f"calls through moe_experts (before): decode {unbound['tok_s']:.1f} tok/s ({unbound['ms']:.2f} ms), "
-        f"CPU part {unbound['layers'].get('cpu_ms_mean', 0):.3f} ms a layer")
+        "interleaved decode ms: " + ", ".join(f"{k} {v['ms']:.2f} ({v['vs_now']:.3f}x)" for k, v in ab.items()))
     del model, weights
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def compare_decode(model, configs: dict[str, dict], rounds: int = 6, steps: int = 32) -> dict:
+    """Decode ms a step under each configuration (attributes set on every CpuExpertsOffload; its
+    buffers and graphs made again, as at load), interleaved: `rounds` rounds, each timing every
+    configuration in turn (order reversed every other round), so drift of the machine hits all
+    alike. -> name -> {"ms": median of the rounds, "rounds_ms", "vs_now": ms / the first one's}."""
+    offs = model.executor.offloads
+    names = [n for n, attrs in configs.items() if all(hasattr(offs[0], k) for k in attrs)] if offs else []
+    defaults = {k: getattr(offs[0], k) for attrs in configs.values() for k in attrs if hasattr(offs[0], k)}
+
+    def apply(values: dict) -> None:
+        for off in offs:
+            for k, v in {**defaults, **values}.items():
+                setattr(off, k, v)
+        offs[0].pool.clear()    # the shared pinned buffers are made again on first use
+        model.drop_graphs()
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.vocab_size, (1, CONTEXT), generator=g)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    try:
+        for r in range(rounds):
+            for n in (names if r % 2 == 0 else names[::-1]):
+                apply(configs[n])
+                logits = model.prefill(ids, reserve=steps + 4)
+                tok = torch.tensor([int(logits[0].argmax())], device=model.device)
+                for _ in range(2):                    # the first step after a prefill captures the graphs
+                    tok = model.step(tok).argmax(-1)
+                _sync()
+                t = time.perf_counter()
+                for _ in range(steps):
+                    tok = model.step(tok).argmax(-1)
+                _sync()
+                times[n].append(1e3 * (time.perf_counter() - t) / steps)
+    finally:
+        if offs:
+            apply({})
+    out = {n: {"ms": statistics.median(v), "rounds_ms": v} for n, v in times.items()}
+    for v in out.values():
+        v["vs_now"] = v["ms"] / out[names[0]]["ms"]
+    return out
 
 
 def accelerate_baseline(results: dict, layers: int = 6, steps: int = 4) -> None:

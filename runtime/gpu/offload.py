@@ -3,13 +3,15 @@
 A CPU moe_experts node of a --target cuda graph runs in four actions, which the GPU executor
 schedules around the GPU work of the same layer:
 
-    stage    (stream)  ids -> this node's rows (table), x -> float32; copy x, weights and ids into
-                       pinned host buffers (asynchronous copies on the stream)
+    stage    (stream)  ids -> this node's rows (table), x -> float32, into pinned host buffers:
+                       decode sizes written by kernels through CUDA aliases of the buffers,
+                       larger batches by asynchronous copies (see _Buffers)
     mark     (stream)  record an event after those copies (an external event: a CUDA graph
                        captures the record itself, so the host can wait on it at replay)
              ...       queue the layer's GPU experts and shared experts (they run while the CPU works)
     run      (host)    wait for the event (this layer's copies, not the whole device), then run the
-                       TVM kernel into a pinned output buffer, on this thread (the GIL is released)
+                       TVM kernel into a pinned output buffer, on this thread (the GIL is released;
+                       decode sizes through a call bound once, CpuExpertKernels.bind)
     gather   (stream)  copy the pinned output to the device, in the activations' dtype
 
 Long prefills instead stream the layer's CPU experts to the GPU (the GPU's fused MoE reads the
@@ -22,8 +24,8 @@ The kernel runs on the thread that drives the GPU: the GPU work it overlaps with
 queued when it starts, and what comes after needs its result, so a second thread would only
 add two hand-offs per layer. TVM's CPU thread pool belongs to the calling thread, which is
 therefore always the same one. Only run is host work, so a decode step is captured as one CUDA
-graph per layer, from a run to the next (runtime/gpu/model.py): one graph launch per layer. One set of pinned
-buffers serves every layer: a layer's stage is queued after the previous layer's gather, and
+graph per MoE layer, from one run to the next (runtime/gpu/model.py). One set of pinned buffers
+serves every layer: a layer's stage is queued after the previous layer's gather, and
 the kernel writes the output buffer only after this layer's event, so no buffer is overwritten
 while it is being copied.
 """
@@ -67,9 +69,9 @@ class _Buffers:
 
     Decode-sized buffers (zero_copy) also get CUDA aliases (`on_device`): stage then writes x, the
     weights and the ids with kernels straight into host memory and gather reads y the same way,
-    so a layer's CUDA graph holds only kernel nodes. Memcpy nodes cost a decode step ~11 us a
-    layer more on an H100 (bench: 26 vs 15 us a layer over the GPU work, 48 layers), mostly the
-    launch of a graph that mixes copies and kernels."""
+    so a layer's CUDA graph holds only kernel nodes. With memcpy nodes a hand-off cost ~27 us a
+    layer on an H100 host instead of ~11-14 (bench/handoff_probe.py): a graph that mixes copies and
+    kernels takes longer to launch and pauses between a copy and the next kernel."""
 
     def __init__(self, capacity: int, hidden: int, top_k: int, pin: bool, zero_copy: bool = False):
         def alloc(*shape, dtype):

@@ -204,22 +204,28 @@ def _sync():
     torch.cuda.synchronize()
 
 
-def measure_decode(model, steps: int = 48, repeats: int = 5) -> dict:
-    vocab = model.vocab_size
+def _decode_prompt(model) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, CONTEXT), generator=g)
-    runs = []
-    for _ in range(repeats + 1):
-        logits = model.prefill(ids, reserve=steps + 4)
-        tok = torch.tensor([int(logits[0].argmax())], device=model.device)
-        for _ in range(2):                    # the first step after a prefill captures the graphs
-            tok = model.step(tok).argmax(-1)
-        _sync()
-        t = time.perf_counter()
-        for _ in range(steps):
-            tok = model.step(tok).argmax(-1)
-        _sync()
-        runs.append((time.perf_counter() - t) / steps)
+    return torch.randint(0, model.vocab_size, (1, CONTEXT), generator=g)
+
+
+def _timed_decode(model, ids: torch.Tensor, steps: int) -> float:
+    """Seconds a decode step, over `steps` steps after a prefill of `ids` and two untimed steps."""
+    logits = model.prefill(ids, reserve=steps + 4)
+    tok = torch.tensor([int(logits[0].argmax())], device=model.device)
+    for _ in range(2):                    # the first step after a prefill captures the graphs
+        tok = model.step(tok).argmax(-1)
+    _sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        tok = model.step(tok).argmax(-1)
+    _sync()
+    return (time.perf_counter() - t) / steps
+
+
+def measure_decode(model, steps: int = 48, repeats: int = 5) -> dict:
+    ids = _decode_prompt(model)
+    runs = [_timed_decode(model, ids, steps) for _ in range(repeats + 1)]
     ms = 1e3 * statistics.median(runs[1:])
     model.reset()
     model.prefill(ids, reserve=steps + 4)
@@ -486,23 +492,13 @@ def compare_decode(model, configs: dict[str, dict], rounds: int = 6, steps: int 
         offs[0].pool.clear()    # the shared pinned buffers are made again on first use
         model.drop_graphs()
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.vocab_size, (1, CONTEXT), generator=g)
+    ids = _decode_prompt(model)
     times: dict[str, list[float]] = {n: [] for n in names}
     try:
         for r in range(rounds):
             for n in (names if r % 2 == 0 else names[::-1]):
                 apply(configs[n])
-                logits = model.prefill(ids, reserve=steps + 4)
-                tok = torch.tensor([int(logits[0].argmax())], device=model.device)
-                for _ in range(2):                    # the first step after a prefill captures the graphs
-                    tok = model.step(tok).argmax(-1)
-                _sync()
-                t = time.perf_counter()
-                for _ in range(steps):
-                    tok = model.step(tok).argmax(-1)
-                _sync()
-                times[n].append(1e3 * (time.perf_counter() - t) / steps)
+                times[n].append(1e3 * _timed_decode(model, ids, steps))
     finally:
         if offs:
             apply({})

@@ -132,7 +132,8 @@ def check_host(entry: dict[str, Any]) -> None:
 
 
 class BoundCall:
-    """One kernel call with its arguments fixed (CpuExpertKernels.bind)."""
+    """One kernel call with its arguments fixed (CpuExpertKernels.bind; moe_experts makes one per
+    call): the kernel's argument errors become one-line InputErrors."""
 
     __slots__ = ("fn", "args", "kernel_name", "tuning")
 
@@ -345,10 +346,7 @@ class CpuExpertKernels:
             scratch = self._scratch_for(k, t1 - t0)
             # one piece (every decode call): the tensors themselves, no views to make
             part = (x, tw, ids, y) if t1 - t0 == T else (x[t0:t1], tw[t0:t1], ids[t0:t1], y[t0:t1])
-            try:
-                fn(*part[:3], *weights, part[3], *scratch, nthr)
-            except (TypeError, ValueError) as e:
-                raise InputError(f"{kernel_name}: {str(e).splitlines()[0]}") from None
+            BoundCall(fn, (*part[:3], *weights, part[3], *scratch, nthr), kernel_name, self.tuning)()
         return y
 
     def bind(self, kernel_name: str, x: Tensor, topk_weights: Tensor, topk_ids: Tensor,
@@ -365,9 +363,9 @@ class CpuExpertKernels:
         if x2.data_ptr() != x.data_ptr() or tw2.data_ptr() != topk_weights.data_ptr() \
                 or ids2.data_ptr() != topk_ids.data_ptr():
             raise InputError(f"{kernel_name}: a bound call needs contiguous float32 x and weights and int32 ids")
-        T = x.shape[0]
-        if not 1 <= T <= self._max_tokens(k):
-            raise InputError(f"{kernel_name}: a bound call takes 1 to {self._max_tokens(k)} tokens, got {T}")
+        T, most = x.shape[0], self._max_tokens(k)
+        if not 1 <= T <= most:
+            raise InputError(f"{kernel_name}: a bound call takes 1 to {most} tokens, got {T}")
         fn, nthr = self._function(kernel_name, k, T)
         args = [x, topk_weights, topk_ids, *self._weights(kernel_name, k, packed), y, *self._scratch_for(k, T)]
         try:   # tvm_ffi tensors made once: each call then skips the conversion from torch

@@ -14,7 +14,8 @@ step's time over the same GPU work without hand-offs, in us a layer:
                           memory (cuStreamWriteValue32) and waits for the answer flag
                           (cuStreamWaitValue32); the host polls and answers (stream memory ops)
 
-    python3 bench/handoff_probe.py          # on the GPU machine; prints one line per round
+    KTC_SITE=$PWD/.carry/site-h TESTS=0 BENCH=0 bash bench/run_gpu.sh     # on the GPU machine: ktc importable
+    PYTHONPATH=/tmp/kp:$PWD python3 bench/handoff_probe.py                 # prints one line per round
 """
 
 from __future__ import annotations
@@ -29,15 +30,13 @@ import torch
 L, H, K = 48, 2048, 8
 
 
-class _CudaArray:
-    def __init__(self, t: torch.Tensor):
-        typestr = {torch.float32: "<f4", torch.int32: "<i4"}[t.dtype]
-        self.__cuda_array_interface__ = {"data": (t.data_ptr(), False), "shape": tuple(t.shape),
-                                         "typestr": typestr, "strides": None, "version": 3}
-
-
 def alias(t: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(_CudaArray(t), device="cuda")
+    from ktc.runtime.gpu.offload import device_alias  # the runtime's own aliasing of its pinned buffers
+
+    a = device_alias(t)
+    if a is None:
+        raise SystemExit("this torch / driver cannot alias pinned memory as a CUDA tensor")
+    return a
 
 
 def main() -> None:

@@ -188,6 +188,24 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                  tuple(i for i in ints if i != "x_stride"),
                  consts=dict(q, BLOCK_N=gc["GEMV_N_DOWN"], BLOCK_K=gc["GEMV_K_DOWN"])),
             num_warps=gc["gemv_warps"], **fp8)
+    cc = moe.cpu_layout_gemv_config(hidden, inter)
+    for qw, int4 in (("i8", False), ("u8", True)):   # the GPU's share of a decode step's CPU experts, over PCIe
+        q = dict(TOP_K=top_k, GROUP=group, INT4=int4)
+        ints = ("N", "K", "x_stride", "y_stride", "q_estride", "q_nstride", "s_estride", "s_nstride")
+        add("moe", "moe_gemv_up_cpu_kernel", _sig(dict(x_ptr="bf16", q_ptr=qw, s_ptr="fp32", ids_ptr="i32",
+                                                       out_ptr="bf16"), tuple(i for i in ints if i != "y_stride"),
+                                                  consts=dict(q, BLOCK_N=cc["GEMV_N_UP"], BLOCK_K=cc["GEMV_K_UP"])),
+            num_warps=cc["gemv_warps"])
+        add("moe", "moe_gemv_down_cpu_kernel",
+            _sig(dict(a_ptr="bf16", q_ptr=qw, s_ptr="fp32", ids_ptr="i32", topk_w_ptr="fp32", y_ptr="fp32"),
+                 tuple(i for i in ints if i != "x_stride"),
+                 consts=dict(q, BLOCK_N=cc["GEMV_N_DOWN"], BLOCK_K=cc["GEMV_K_DOWN"])),
+            num_warps=cc["gemv_warps"])
+    for has_table in (False, True):
+        add("moe", "moe_split_ids_kernel", _sig(dict(ids_ptr="i32", table_ptr="i32", take_ptr="i32", cpu_ptr="i32",
+                                                     gpu_ptr="i32"),
+                                                consts=dict(TOP_K=top_k, BLOCK=top_k, HAS_TABLE=has_table)),
+            num_warps=1)
     add("moe", "moe_down_sum_kernel", _sig(dict(a_ptr="bf16", w_ptr="bf16", ids_ptr="i32", topk_w_ptr="fp32",
                                                 y_ptr="bf16"), ("N", "K", "y_stride", "w_estride", "w_nstride"),
                                            consts=dict(TOP_K=top_k, BLOCK_M=16, BLOCK_N=gc["DOWN_SUM_N"],

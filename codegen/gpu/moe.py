@@ -460,13 +460,124 @@ def moe_gemv_down_q_kernel(a_ptr, q_ptr, s_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K
             acc += dots * weight
     tl.store(y_ptr + t * y_stride + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
 
+# ---- decode on the CPU experts' own layouts, for the GPU's share of a layer's CPU experts -------------
+# (runtime/gpu/offload: in a decode step the GPU takes some of the CPU-placed experts a token routed to and
+# reads their packed weights straight from pinned host memory over PCIe, while the CPU kernel runs the
+# rest; slots whose id is -1 belong to the CPU and read nothing here)
+
+@triton.jit
+def _cpu_layout_dots(q_rows, s_rows, x_row, g, gmask, GROUP: tl.constexpr, INT4: tl.constexpr):
+    """[rows] float32: sum over the groups g (those with gmask) of scale * (the row's values of the group . x's)
+    in the CPU kernels' layouts: int8 (a value a byte) or int4 (blocks of 32 values in 16 bytes: byte j holds
+    value j in its low nibble and value j + 16 in its high one, both signed)."""
+    if INT4:
+        HALF: tl.constexpr = GROUP // 2
+        offs_b = tl.arange(0, HALF)
+        k_lo = (offs_b // 16) * 32 + offs_b % 16
+        packed = tl.load(q_rows[:, None, None] + (g * HALF)[None, :, None] + offs_b[None, None, :],
+                         mask=gmask[None, :, None], other=0)
+        lo = ((packed << 4).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
+        hi = (packed.to(tl.int8, bitcast=True) >> 4).to(tl.float32)
+        x_lo = x_row + (g * GROUP)[:, None] + k_lo[None, :]
+        a_lo = tl.load(x_lo, mask=gmask[:, None], other=0.0).to(tl.float32)
+        a_hi = tl.load(x_lo + 16, mask=gmask[:, None], other=0.0).to(tl.float32)
+        part = tl.sum(lo * a_lo[None, :, :] + hi * a_hi[None, :, :], axis=2)
+    else:
+        offs_j = tl.arange(0, GROUP)
+        w = tl.load(q_rows[:, None, None] + (g * GROUP)[None, :, None] + offs_j[None, None, :],
+                    mask=gmask[None, :, None], other=0).to(tl.float32)
+        xv = tl.load(x_row + (g * GROUP)[:, None] + offs_j[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        part = tl.sum(w * xv[None, :, :], axis=2)
+    sc = tl.load(s_rows[:, None] + g[None, :], mask=gmask[None, :], other=0.0)
+    return tl.sum(part * sc, axis=1)
+
+
+@triton.jit
+def moe_gemv_up_cpu_kernel(x_ptr, q_ptr, s_ptr, ids_ptr, out_ptr, N, K, x_stride, q_estride, q_nstride, s_estride,
+                           s_nstride, TOP_K: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[slot, n block] = silu(gate) * up of the slot's expert (CPU layout); a slot with id -1 does nothing."""
+    NG: tl.constexpr = BLOCK_K // GROUP
+    slot = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + slot).to(tl.int64)
+    if expert < 0:
+        return
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    wn = tl.where(nmask, offs_n, 0).to(tl.int64)
+    x_row = x_ptr + (slot // TOP_K) * x_stride
+    q_gate = q_ptr + expert * q_estride + wn * q_nstride
+    s_gate = s_ptr + expert * s_estride + wn * s_nstride
+    offs_g = tl.arange(0, NG)
+    groups = K // GROUP
+    acc_g = tl.zeros((BLOCK_N,), tl.float32)
+    acc_u = tl.zeros((BLOCK_N,), tl.float32)
+    for g0 in range(0, groups, NG):
+        g = g0 + offs_g
+        gmask = g < groups
+        acc_g += _cpu_layout_dots(q_gate, s_gate, x_row, g, gmask, GROUP, INT4)
+        acc_u += _cpu_layout_dots(q_gate + N * q_nstride, s_gate + N * s_nstride, x_row, g, gmask, GROUP, INT4)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(out_ptr + slot * N + offs_n, act.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def moe_gemv_down_cpu_kernel(a_ptr, q_ptr, s_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K, y_stride, q_estride, q_nstride,
+                             s_estride, s_nstride, TOP_K: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[t, n block] = sum over the token's slots with an id >= 0 of weight * (down rows . act), CPU layout."""
+    NG: tl.constexpr = BLOCK_K // GROUP
+    t = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    wn = tl.where(nmask, offs_n, 0).to(tl.int64)
+    offs_g = tl.arange(0, NG)
+    groups = K // GROUP
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for g0 in range(0, groups, NG):
+        g = g0 + offs_g
+        for j in tl.static_range(TOP_K):
+            slot = t * TOP_K + j
+            expert = tl.load(ids_ptr + slot).to(tl.int64)
+            held_groups = tl.where(expert >= 0, groups, 0)      # a slot held elsewhere reads no group
+            expert = tl.where(expert >= 0, expert, 0)
+            weight = tl.load(topk_w_ptr + slot)
+            dots = _cpu_layout_dots(q_ptr + expert * q_estride + wn * q_nstride,
+                                    s_ptr + expert * s_estride + wn * s_nstride,
+                                    a_ptr + slot * K, g, g < held_groups, GROUP, INT4)
+            acc += dots * weight
+    tl.store(y_ptr + t * y_stride + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def moe_split_ids_kernel(ids_ptr, table_ptr, take_ptr, cpu_ptr, gpu_ptr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+                         HAS_TABLE: tl.constexpr):
+    """Token t's router ids -> this node's rows (table; -1: held elsewhere), split: of the n slots held here
+    the first take[n] go to gpu (their row; -1 elsewhere), the others to cpu (their row; -1 elsewhere)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = offs < TOP_K
+    ids = tl.load(ids_ptr + t * TOP_K + offs, mask=m, other=-1).to(tl.int32)
+    if HAS_TABLE:
+        rows = tl.load(table_ptr + tl.where(ids >= 0, ids, 0), mask=m & (ids >= 0), other=-1).to(tl.int32)
+    else:
+        rows = ids
+    held = ((rows >= 0) & m).to(tl.int32)
+    take = tl.load(take_ptr + tl.sum(held, axis=0))
+    to_gpu = (held > 0) & (tl.cumsum(held, axis=0) <= take)
+    tl.store(cpu_ptr + t * TOP_K + offs, tl.where(to_gpu, -1, rows), mask=m)
+    tl.store(gpu_ptr + t * TOP_K + offs, tl.where(to_gpu, rows, -1), mask=m)
+
+
 KERNELS = {"moe_align_kernel": moe_align_kernel, "moe_count_kernel": moe_count_kernel,
            "moe_offsets_kernel": moe_offsets_kernel, "moe_scatter_kernel": moe_scatter_kernel,
            "fused_moe_kernel": fused_moe_kernel, "quant_fp8_kernel": quant_fp8_kernel,
            "fused_moe_w8a8_kernel": fused_moe_w8a8_kernel,
            "moe_sum_kernel": moe_sum_kernel, "moe_gemv_up_kernel": moe_gemv_up_kernel,
            "moe_gemv_down_kernel": moe_gemv_down_kernel, "moe_down_sum_kernel": moe_down_sum_kernel,
-           "moe_gemv_up_q_kernel": moe_gemv_up_q_kernel, "moe_gemv_down_q_kernel": moe_gemv_down_q_kernel}
+           "moe_gemv_up_q_kernel": moe_gemv_up_q_kernel, "moe_gemv_down_q_kernel": moe_gemv_down_q_kernel,
+           "moe_gemv_up_cpu_kernel": moe_gemv_up_cpu_kernel, "moe_gemv_down_cpu_kernel": moe_gemv_down_cpu_kernel,
+           "moe_split_ids_kernel": moe_split_ids_kernel}
 
 GEMV_TOKENS = 4          # dense steps with at most this many tokens take the two-launch decode path
 
@@ -822,3 +933,44 @@ def candidate_configs(tokens: int, top_k: int, num_experts: int, hidden: int, in
         for d in down_sum:
             add({**base, **u, **d, "DECODE": "dot"})
     return out
+
+
+def split_ids(ids: torch.Tensor, table: torch.Tensor | None, take: torch.Tensor, cpu_ids: torch.Tensor,
+              gpu_ids: torch.Tensor) -> None:
+    """moe_split_ids_kernel on ids [T, K] into cpu_ids and gpu_ids (int32 [T, K], written in place; cpu_ids may
+    be a CUDA alias of pinned host memory). take: int32 [K + 1], take[n] = how many of a token's n slots held
+    by this node the GPU runs."""
+    t, k = ids.shape
+    moe_split_ids_kernel[(t,)](ids, table if table is not None else take, take, cpu_ids, gpu_ids, TOP_K=k,
+                               BLOCK=triton.next_power_of_2(k), HAS_TABLE=table is not None, num_warps=1)
+
+
+def cpu_layout_gemv_config(hidden: int, inter: int) -> dict:
+    """moe_decode_cpu_layout's blocks: as gemv_config's (4 weight rows a program, whole rows of K a step)."""
+    return {"GEMV_N_UP": 4, "GEMV_K_UP": min(2048, triton.next_power_of_2(hidden)), "GEMV_N_DOWN": 4,
+            "GEMV_K_DOWN": min(1024, triton.next_power_of_2(inter)), "gemv_warps": 4}
+
+
+def moe_decode_cpu_layout(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: dict,
+                          inter: int, config: dict | None = None) -> torch.Tensor:
+    """Decode-sized MoE over experts in the CPU kernels' int8 / int4 layout ({"gate_up.q", "gate_up.scales",
+    "down.q", "down.scales"}, e.g. CUDA aliases of the pinned packed weights): x [T, H], topk_* [T, K], ids -1
+    skipped without reading their weights. -> y float32 [T, H]."""
+    t, h = x.shape
+    top_k = topk_ids.shape[-1]
+    ids, tw = _decode_slots(topk_weights, topk_ids)
+    q_up, s_up, q_dn, s_dn = (weights[n] for n in ("gate_up.q", "gate_up.scales", "down.q", "down.scales"))
+    int4 = q_up.dtype == torch.uint8
+    g_up, g_dn = h // s_up.shape[-1], inter // s_dn.shape[-1]
+    cfg = {**cpu_layout_gemv_config(h, inter), **(config or {})}
+    act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
+    moe_gemv_up_cpu_kernel[(t * top_k, triton.cdiv(inter, cfg["GEMV_N_UP"]))](
+        x, q_up, s_up, ids, act, inter, h, x.stride(0), q_up.stride(0), q_up.stride(1), s_up.stride(0),
+        s_up.stride(1), TOP_K=top_k, GROUP=g_up, INT4=int4, BLOCK_N=cfg["GEMV_N_UP"],
+        BLOCK_K=max(g_up, cfg["GEMV_K_UP"]), num_warps=cfg["gemv_warps"])
+    y = torch.empty(t, h, dtype=torch.float32, device=x.device)
+    moe_gemv_down_cpu_kernel[(t, triton.cdiv(h, cfg["GEMV_N_DOWN"]))](
+        act, q_dn, s_dn, ids, tw, y, h, inter, y.stride(0), q_dn.stride(0), q_dn.stride(1), s_dn.stride(0),
+        s_dn.stride(1), TOP_K=top_k, GROUP=g_dn, INT4=int4, BLOCK_N=cfg["GEMV_N_DOWN"],
+        BLOCK_K=max(g_dn, cfg["GEMV_K_DOWN"]), num_warps=cfg["gemv_warps"])
+    return y

@@ -373,6 +373,52 @@ def test_fused_moe_partial_skips_slots_of_experts_held_elsewhere(tokens):
     assert rel(y.cpu(), ref) < DOT32
 
 
+@pytest.mark.parametrize("fmt,group,tokens", [("int8", 32, 1), ("int8", 64, 3), ("int4", 32, 1), ("int4", 64, 2)])
+def test_moe_decode_cpu_layout_reads_only_the_slots_it_is_given(fmt, group, tokens):
+    """The GPU's share of a decode step's CPU experts, on the CPU kernels' packed layout: slots with id -1
+    add nothing, and their experts' weights are not read (here: poisoned with NaN scales)."""
+    from ktc.codegen.cpu_experts import ExpertKernelSpec, pack_expert_weights, unpack_expert_weights
+
+    e, k, h, inter = 4, 3, 128, 64
+    spec = ExpertKernelSpec(hidden_size=h, intermediate_size=inter, num_experts=e, top_k=k, format=fmt,
+                            group_size=group)
+    gate_up, down = rnd(e, 2 * inter, h, seed=51, scale=0.2).cpu(), rnd(e, h, inter, seed=52, scale=0.2).cpu()
+    parts = pack_expert_weights(spec, gate_up, down)
+    deq_u, deq_d = unpack_expert_weights(spec, parts)
+    ids = torch.tensor([[0, -1, 2], [-1, -1, 1], [2, 0, -1]][:tokens], dtype=torch.int32)
+    for part in ("gate_up.scales", "down.scales"):
+        parts[part][3] = float("nan")            # expert 3 is never named: reading it would poison y
+    x = rnd(tokens, h, dtype=torch.float16, seed=53)
+    tw = torch.rand(tokens, k)
+    weights = {name: t.to(DEV) for name, t in parts.items()}
+    cfg = {"GEMV_N_UP": 4, "GEMV_K_UP": group, "GEMV_N_DOWN": 8, "GEMV_K_DOWN": 2 * group}
+    y = moe.moe_decode_cpu_layout(x, tw.to(DEV), ids.to(DEV), weights, inter, config=cfg)
+    assert y.dtype == torch.float32
+    keep = ids >= 0
+    ref = moe_ref(x.cpu(), tw * keep, ids.clamp(min=0), deq_u, deq_d)
+    assert rel(y.cpu(), ref) < 1e-3
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_split_ids(table):
+    """Of the slots a node holds, the first take[n] go to the GPU, the rest stay on the CPU; others are -1."""
+    k = 6
+    ids = torch.tensor([[5, 1, 7, 0, 3, 2], [7, 6, 5, 4, 3, 2], [0, 1, 2, 3, 4, 5]], dtype=torch.int32)
+    tab = torch.tensor([-1, 0, -1, 1, -1, 2, -1, 3], dtype=torch.int32) if table else None   # odd experts held
+    take = torch.tensor([0, 0, 1, 1, 2, 2, 3], dtype=torch.int32)
+    cpu, gpu = torch.empty_like(ids), torch.empty_like(ids)
+    moe.split_ids(ids.to(DEV), None if tab is None else tab.to(DEV), take.to(DEV), cpu_ids := cpu.to(DEV),
+                  gpu_ids := gpu.to(DEV))
+    rows = tab[ids.long()] if table else ids
+    for t in range(ids.shape[0]):
+        held = [j for j in range(k) if rows[t, j] >= 0]
+        n_gpu = int(take[len(held)])
+        want_gpu = [int(rows[t, j]) if j in held[:n_gpu] else -1 for j in range(k)]
+        want_cpu = [int(rows[t, j]) if j in held[n_gpu:] else -1 for j in range(k)]
+        assert gpu_ids[t].tolist() == want_gpu
+        assert cpu_ids[t].tolist() == want_cpu
+
+
 def test_argmax():
     logits = rnd(3, 5000, seed=28)
     logits[1, 4999] = 100.0

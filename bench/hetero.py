@@ -19,6 +19,8 @@ own layout (ktc.pack.random_weights, GPU part made on the GPU) and measures, bat
   CPU part is compared with); a router skewed on purpose to a Zipf popularity (skew_routing)
   with uniform placement, then placed again with the routing counted on the machine as the
   calibration (the compiler's passes rerun there: same CPU kernel shapes, the plan's kernels serve);
+  decode again under other runtime settings, interleaved in one process (compare_decode): the GPU's
+  share of the CPU experts read over PCIe off or fixed, and the runtime of before 2026-11-23;
   transformers + accelerate (device_map auto, max_memory 3 GiB on the GPU) on 6 layers, scaled;
   and correctness: hybrid vs all-GPU logits and 32 greedy tokens (--quant none, 4 real layers).
 """
@@ -455,12 +457,20 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
         r["runtime_cpu_ms_per_layer"] = lay["cpu_ms_mean"]
         r["runtime_cpu_vs_direct"] = lay["cpu_ms_mean"] / direct
         r["step_rest_ms"] = dec["ms"] - lay["cpu_ms_sum"] - lay["wait_ms_sum"]
-    # the same decode without this session's runtime changes, one at a time (same-run comparisons):
-    # every CPU call through moe_experts (argument handling each call) instead of a bound call, and
-    # the decode buffers copied by memcpys instead of read and written by kernels (zero-copy)
-    ab = compare_decode(model, {"now": {}, "unbound calls": {"bound_calls": False},
-                                "memcpy buffers": {"zero_copy": False},
-                                "both (before)": {"bound_calls": False, "zero_copy": False}})
+    # the same decode under other runtime settings, interleaved (same-run comparisons): the GPU's share of
+    # the CPU experts read over PCIe (now: the cost model's take[n]) off or fixed; and the runtime of
+    # before 2026-11-23 (every CPU call through moe_experts, decode buffers copied by memcpys, no share)
+    off0 = model.executor.offloads[0]
+    k = off0.top_k
+    configs = {"now": {}}
+    if getattr(off0, "_pcie_weights", None) is not None:
+        r["pcie_take_model"] = off0.pcie_take
+        configs["no PCIe share"] = {"pcie_take": None}
+        for j, first in ((1, 3), (2, 4), (2, 5), (3, 6)):
+            configs[f"PCIe {j} of n>={first}"] = {"pcie_take": fixed_take(k, j, first)}
+    configs["before 2026-11-23"] = {"bound_calls": False, "zero_copy": False}
+    ab = compare_decode(model, configs)
+    r["pcie_share_logits_rel"] = pcie_share_logits(model)
     r["decode_ab"] = ab
     results[name] = r
     log(f"{name}: decode {dec['tok_s']:.1f} tok/s ({dec['ms']:.2f} ms; roofline {bound:.2f} ms = max(CPU "
@@ -470,10 +480,42 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
         f"{lay.get('cpu_ms_mean', 0):.3f} ms vs called directly {direct:.3f} ms; waits {lay.get('wait_ms_mean', 0):.3f}"
         f" ms, GPU beside {lay.get('gpu_ms_mean', 0) or 0:.3f} ms per layer; direct kernel by threads "
         + ", ".join(f"{n}: {ms:.3f}" for n, ms in threads.items()) + f" ms ({r['cpu_gbps_direct']:.0f} GB/s); "
-        "interleaved decode ms: " + ", ".join(f"{k} {v['ms']:.2f} ({v['vs_now']:.3f}x)" for k, v in ab.items()))
+        "interleaved decode ms: " + ", ".join(f"{k} {v['ms']:.2f} ({v['vs_now']:.3f}x)" for k, v in ab.items())
+        + f"; PCIe share {r.get('pcie_take_model')}, its logits vs the CPU's {r['pcie_share_logits_rel']}")
     del model, weights
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def pcie_share_logits(model, steps: int = 8) -> float | None:
+    """Relative distance of `steps` teacher-forced decode steps' logits with the GPU's PCIe share of the CPU
+    experts (the offloads' pcie_take) and without it (the CPU kernels run them all); None without a share."""
+    offs = model.executor.offloads
+    take = offs[0].pcie_take if offs and hasattr(offs[0], "pcie_take") else None
+    if take is None:
+        return None
+    ids = _decode_prompt(model)[:, :256]
+    toks = torch.randint(0, model.vocab_size, (steps,), generator=torch.Generator().manual_seed(12)).tolist()
+    outs = {}
+    try:
+        for name, t in (("share", take), ("cpu", None)):
+            for off in offs:
+                off.pcie_take = t
+            model.drop_graphs()
+            model.reset()
+            model.prefill(ids, reserve=steps + 2)
+            outs[name] = torch.cat([model.step(torch.tensor([tok], device=model.device)).float().cpu() for tok in toks])
+    finally:
+        for off in offs:
+            off.pcie_take = take
+        model.drop_graphs()
+        model.reset()
+    return float((outs["share"].double() - outs["cpu"].double()).norm() / outs["cpu"].double().norm())
+
+
+def fixed_take(top_k: int, j: int, first: int) -> tuple[int, ...]:
+    """A CpuExpertsOffload.pcie_take table: the GPU runs j of a token's n CPU experts when n >= first."""
+    return tuple(min(j, n) if n >= first else 0 for n in range(top_k + 1))
 
 
 def compare_decode(model, configs: dict[str, dict], rounds: int = 6, steps: int = 32) -> dict:

@@ -20,6 +20,13 @@ a layer's CPU experts at host-to-device speed (~55 GB/s from pinned memory) beat
 working through hundreds of tokens per expert. Then stage runs the experts on the GPU, mark and
 run do nothing and gather hands its result on. The packed weights are pinned at load for this.
 
+Single-token decode steps can split the layer's CPU experts between the two sides (pcie_take): the pinned
+packed weights are also aliased as CUDA tensors, stage splits the token's ids in one kernel (the GPU's share
+to a device buffer, the rest to the CPU's pinned ids, the GPU's share named -1 there), mark queues GPU
+kernels that run that share reading its weights across PCIe (~45 GB/s, a second road to the same DRAM)
+while the CPU kernel runs the rest, and gather adds the two results. How many experts the GPU takes of a
+token's n comes from a cost model of both sides (pcie_take_model) or KTC_PCIE_EXPERTS.
+
 The kernel runs on the thread that drives the GPU: the GPU work it overlaps with is already
 queued when it starts, and what comes after needs its result, so a second thread would only
 add two hand-offs per layer. TVM's CPU thread pool belongs to the calling thread, which is
@@ -44,24 +51,25 @@ from ktc.ir import Node
 from .ops import expert_table
 
 
-class _CudaArray:
-    """__cuda_array_interface__ of a pinned host tensor: torch.as_tensor(., device="cuda") makes a
+class _CudaBytes:
+    """__cuda_array_interface__ of a pinned host tensor's bytes: torch.as_tensor(., device="cuda") makes a
     CUDA tensor of the same memory (with unified addressing, a pinned host pointer is a device one)."""
 
     def __init__(self, t: torch.Tensor):
-        typestr = {torch.float32: "<f4", torch.int32: "<i4"}[t.dtype]
-        self.__cuda_array_interface__ = {"data": (t.data_ptr(), False), "shape": tuple(t.shape),
-                                         "typestr": typestr, "strides": None, "version": 3}
+        self.__cuda_array_interface__ = {"data": (t.data_ptr(), False), "shape": (t.numel() * t.element_size(),),
+                                         "typestr": "|u1", "strides": None, "version": 3}
 
 
 def device_alias(t: torch.Tensor) -> torch.Tensor | None:
-    """A CUDA tensor over pinned host tensor t's memory (kernels read and write it across PCIe),
-    or None where this torch / driver cannot make one."""
+    """A CUDA tensor over contiguous pinned host tensor t's memory (kernels read and write it across
+    PCIe), or None where this torch / driver cannot make one."""
+    if not t.is_contiguous():
+        return None
     try:
-        a = torch.as_tensor(_CudaArray(t), device="cuda")
+        a = torch.as_tensor(_CudaBytes(t), device="cuda").view(t.dtype).view(t.shape)
     except Exception:  # noqa: BLE001 - then the buffers are copied with memcpys, as before
         return None
-    return a if a.is_cuda and a.data_ptr() == t.data_ptr() and a.shape == t.shape else None
+    return a if a.is_cuda and a.data_ptr() == t.data_ptr() else None
 
 
 class _Buffers:
@@ -109,6 +117,14 @@ class LayerStats:
                 "gpu_ms": 1e3 * self.gpu_s / n if self.gpu_s else None}
 
 
+_PACKED_PARTS = ("gate_up.q", "gate_up.scales", "down.q", "down.scales")
+
+
+def _expert_bytes(packed: dict[str, torch.Tensor]) -> int:
+    """Bytes of one expert's packed weights and scales (what running it reads)."""
+    return sum(packed[p][0].numel() * packed[p].element_size() for p in _PACKED_PARTS if p in packed)
+
+
 DEFAULT_STREAM_MIN_TOKENS = 256    # about where copying a layer's CPU experts beats the CPU kernel
 
 
@@ -123,6 +139,51 @@ def stream_min_tokens() -> int | None:
     except ValueError:
         raise InputError(f"KTC_STREAM_MIN_TOKENS={v!r} is not a whole number of tokens") from None
     return n if n > 0 else None
+
+
+# The GPU's share of a decode step's CPU experts (see CpuExpertsOffload.pcie_take): a cost model of the two
+# sides, from bench/pcie_assist_probe.py on an H100 host (5 int8 experts of Qwen3-30B-A3B: CPU kernel 0.257 ms;
+# GPU kernels reading pinned memory 38-47 GB/s; the CPU kernel ~10% slower while they read the same DRAM)
+PCIE_HOST_BW = 95e9        # the CPU kernel's decode read speed (bytes of the experts it runs / its time)
+PCIE_GPU_BW = 45e9         # GPU kernels reading the packed experts from pinned host memory
+PCIE_GPU_FIXED_S = 30e-6   # their launch and first-byte latency
+PCIE_CPU_SLOWDOWN = 1.1    # the CPU kernel beside them
+
+
+def pcie_take_model(top_k: int, expert_bytes: int) -> tuple[int, ...]:
+    """take[n] for n = 0..top_k CPU-held slots of a token: how many the GPU runs so that the slower side
+    (CPU kernel on n - take, GPU kernels on take, both on the same DRAM) finishes first."""
+    def cost(n: int, j: int) -> float:
+        cpu = (n - j) * expert_bytes / PCIE_HOST_BW * (PCIE_CPU_SLOWDOWN if j else 1.0)
+        gpu = PCIE_GPU_FIXED_S + j * expert_bytes / PCIE_GPU_BW if j else 0.0
+        return max(cpu, gpu)
+
+    return tuple(min(range(n + 1), key=lambda j, n=n: (cost(n, j), j)) for n in range(top_k + 1))
+
+
+def pcie_turned_off() -> bool:
+    """KTC_PCIE_EXPERTS=off (or 0, none): the GPU never takes CPU experts (the packed weights are then
+    pinned only for streaming, and not aliased)."""
+    return os.environ.get("KTC_PCIE_EXPERTS", "").strip().lower() in ("off", "0", "none")
+
+
+def pcie_take_setting(top_k: int, expert_bytes: int) -> tuple[int, ...] | None:
+    """KTC_PCIE_EXPERTS: unset or "auto" = pcie_take_model; "off" (or 0) = none; or take[0..top_k] as comma-separated
+    counts (a shorter list repeats its last count, capped at n)."""
+    v = os.environ.get("KTC_PCIE_EXPERTS", "").strip().lower()
+    if v in ("", "auto"):
+        take = pcie_take_model(top_k, expert_bytes)
+    elif pcie_turned_off():
+        return None
+    else:
+        try:
+            given = [int(c) for c in v.split(",")]
+        except ValueError:
+            raise InputError(f"KTC_PCIE_EXPERTS={v!r}: give auto, off, or counts like 0,0,1,1,1,2") from None
+        if any(c < 0 for c in given):
+            raise InputError(f"KTC_PCIE_EXPERTS={v!r}: counts cannot be negative")
+        take = tuple(min(n, given[min(n, len(given) - 1)]) for n in range(top_k + 1))
+    return take if any(take) else None
 
 
 class CpuExpertsOffload:
@@ -163,10 +224,50 @@ class CpuExpertsOffload:
         self._bound: dict[int, Any] = {}
         self._bound_buffers: _Buffers | None = None
         self.gpu_kernels = gpu_kernels
+        self.inter = int(node.attrs["intermediate_size"])
         quantized = node.format in ("int8", "int4") and "gate_up.q" in packed
-        self.stream_from = stream_min_tokens() if (quantized and self.pin and gpu_kernels is not None) else None
-        if self.stream_from is not None:   # pinned: copies at full host-to-device speed
+        gpu_can_run = quantized and self.pin and gpu_kernels is not None     # these experts' layout, on the GPU
+        self.stream_from = stream_min_tokens() if gpu_can_run else None
+        pcie = (gpu_can_run and hasattr(getattr(gpu_kernels, "moe", None), "moe_decode_cpu_layout")
+                and not pcie_turned_off())
+        take = pcie_take_setting(self.top_k, _expert_bytes(packed)) if pcie else None
+        if self.stream_from is not None or pcie:
+            # pinned: copies at full host-to-device speed, and GPU kernels can read them where they are
             self.packed = {k: (v.pin_memory() if k.endswith((".q", ".scales")) else v) for k, v in packed.items()}
+        self._pcie_weights: dict[str, torch.Tensor] | None = None
+        self._gpu_ids: torch.Tensor | None = None
+        if pcie:    # aliased even where the cost model gives the GPU no share: pcie_take can still be set
+            aliases = {p: device_alias(self.packed[p]) for p in _PACKED_PARTS}
+            if all(a is not None for a in aliases.values()):
+                self._pcie_weights = aliases
+                self._gpu_ids = torch.full((1, self.top_k), -1, dtype=torch.int32, device=device)
+        self._pcie_take: tuple[int, ...] | None = None
+        self._take: torch.Tensor | None = None
+        self._pcie_in: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._pcie_y: torch.Tensor | None = None
+        self.pcie_take = take if self._pcie_weights is not None else None
+
+    @property
+    def pcie_take(self) -> tuple[int, ...] | None:
+        """Single-token decode steps: of the n slots of a token that this node's experts hold, the GPU runs
+        take[n], reading those experts' packed weights from pinned host memory over PCIe while the CPU kernel
+        runs the others (the ids the CPU gets name them -1). None: the CPU runs them all. Set at load from
+        KTC_PCIE_EXPERTS or the cost model (pcie_take_model); settable (before the next step's graphs)."""
+        return self._pcie_take
+
+    @pcie_take.setter
+    def pcie_take(self, take: tuple[int, ...] | None) -> None:
+        if take is not None and not any(take):
+            take = None
+        if take is not None:
+            if self._pcie_weights is None:
+                raise InputError(f"node {self.node.name}: the GPU cannot read these experts over PCIe "
+                                 "(not quantized, no CUDA, or its GPU kernels predate it)")
+            if len(take) != self.top_k + 1 or any(not 0 <= int(c) <= n for n, c in enumerate(take)):
+                raise InputError(f"node {self.node.name}: pcie_take needs top_k + 1 = {self.top_k + 1} counts, "
+                                 f"take[n] <= n, got {take}")
+        self._pcie_take = None if take is None else tuple(int(c) for c in take)
+        self._take = None if take is None else torch.tensor(self._pcie_take, dtype=torch.int32, device=self.device)
 
     def _buffers(self, tokens: int) -> _Buffers:
         # decode-sized steps use a fixed set (CUDA graphs keep its addresses); prefills a growing one
@@ -185,6 +286,7 @@ class CpuExpertsOffload:
         ids = ids.reshape(t, self.top_k)
         self._out = (tuple(x.shape), x.dtype)
         self._tokens = t
+        self._pcie_in = self._pcie_y = None
         streamed = self.stream_from is not None and t >= self.stream_from
         buf = None if streamed else self._buffers(t)
         dev = None if buf is None else buf.on_device
@@ -194,7 +296,11 @@ class CpuExpertsOffload:
             self._streamed = None
             torch.mul(x.reshape(t, self.hidden), 1, out=dev["x"][:t])
             torch.mul(tw.reshape(t, self.top_k), 1, out=dev["tw"][:t])
-            if self.table is not None:
+            if t == 1 and self._take is not None:
+                # the GPU's share (pcie_take): its ids to _gpu_ids, the CPU's (others -1) to the host buffer
+                self.gpu_kernels.moe.split_ids(ids, self.table, self._take, dev["ids"][:t], self._gpu_ids)
+                self._pcie_in = (x.reshape(t, self.hidden), tw.reshape(t, self.top_k), self._gpu_ids)
+            elif self.table is not None:
                 torch.index_select(self.table, 0, ids.reshape(-1), out=dev["ids"][:t].view(-1))
             else:
                 torch.mul(ids, 1, out=dev["ids"][:t])
@@ -237,7 +343,11 @@ class CpuExpertsOffload:
             return y.to(dtype).view(shape)
         buf = self._buffers(t)
         if buf.on_device is not None:   # one kernel reads y from host memory (a copy: the buffer is reused)
-            return buf.on_device["y"][:t].to(dtype, copy=True).view(shape)
+            y = buf.on_device["y"][:t]
+            if self._pcie_y is not None:    # plus the GPU's share of the experts (float32)
+                y, self._pcie_y = torch.add(self._pcie_y, y), None
+                return y.to(dtype).view(shape)
+            return y.to(dtype, copy=True).view(shape)
         y = buf.y[:t].to(self.device, non_blocking=self.pin)
         return y.to(dtype).view(shape)
 
@@ -246,6 +356,10 @@ class CpuExpertsOffload:
         if self._streamed is not None or self._event is None:
             return
         self._event.record()
+        if self._pcie_in is not None:   # first on the stream after the event: the GPU's share reads over PCIe
+            x, tw, gpu_ids = self._pcie_in
+            self._pcie_in = None
+            self._pcie_y = self.gpu_kernels.moe.moe_decode_cpu_layout(x, tw, gpu_ids, self._pcie_weights, self.inter)
         # GPU timing of the work beside the kernel: eager steps only (a replayed graph runs no Python here)
         self._timed = self.profile and not torch.cuda.is_current_stream_capturing()
         if self._timed:

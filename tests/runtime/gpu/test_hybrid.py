@@ -161,6 +161,49 @@ def test_zero_copy_decode_buffers_give_the_memcpy_results(artifacts):
     assert torch.equal(zero_copy, memcpy)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (pinned memory read over PCIe)")
+@pytest.mark.parametrize("kind", ["budget", "budget4"])
+def test_gpu_share_of_the_cpu_experts_read_over_pcie_matches_the_cpu_kernels(artifacts, kind):
+    """Single-token decode steps with the GPU running part, or all, of a token's CPU experts (int8 / int4
+    packed weights read from pinned host memory) give the logits of the CPU kernels running them all; and
+    CUDA-graph decode with the split == eager decode with it."""
+    import ktc
+
+    ex, dev = _executor(artifacts("qwen3_moe", kind), torch.bfloat16)
+    assert all(off.pcie_take is None for off in ex.offloads)      # the cost model: tiny experts stay on the CPU
+    moe = ex.offloads[0].gpu_kernels.moe
+    real, calls = moe.moe_decode_cpu_layout, []
+
+    def counted(*a, **kw):
+        calls.append(a[2].shape)
+        return real(*a, **kw)
+
+    moe.moe_decode_cpu_layout = counted
+    try:
+        ids = prompts(256, 8, batch=1)
+        cpu = _teacher_forced(ex, dev, ids, 4, torch.bfloat16)
+        assert not calls
+        k = ex.offloads[0].top_k
+        for name, take in (("half", tuple((n + 1) // 2 for n in range(k + 1))), ("all", tuple(range(k + 1)))):
+            for off in ex.offloads:
+                off.pcie_take = take
+            got = _teacher_forced(ex, dev, ids, 4, torch.bfloat16)
+            assert len(calls) == 4 * len(ex.offloads)           # every decode step, every layer
+            calls.clear()
+            err = rel_err(got, cpu)
+            print(f"\n{kind}: GPU takes {name} of the CPU experts over PCIe: logits vs CPU kernels {err:.2e}")
+            assert err < 1e-2
+    finally:
+        moe.moe_decode_cpu_layout = real
+    model = ktc.load(str(artifacts("qwen3_moe", kind)))
+    for off in model.executor.offloads:
+        off.pcie_take = tuple((n + 1) // 2 for n in range(off.top_k + 1))
+    p = prompts(256, 5, seed=4)
+    graphs = model.generate(p, max_new_tokens=12, eos_token_id=[])
+    model.cuda_graphs = False
+    assert model.generate(p, max_new_tokens=12, eos_token_id=[]).tolist() == graphs.tolist()
+
+
 def test_hybrid_with_int8_cpu_experts_is_close_to_transformers(tiny_models, artifacts):
     from ktc.runtime.artifact import read_manifest
 

@@ -24,8 +24,8 @@ Single-token decode steps can split the layer's CPU experts between the two side
 packed weights are also aliased as CUDA tensors, stage splits the token's ids in one kernel (the GPU's share
 to a device buffer, the rest to the CPU's pinned ids, the GPU's share named -1 there), mark queues GPU
 kernels that run that share reading its weights across PCIe (~45 GB/s, a second road to the same DRAM)
-while the CPU kernel runs the rest, and gather adds the two results. How many experts the GPU takes of a
-token's n comes from a cost model of both sides (pcie_take_model) or KTC_PCIE_EXPERTS.
+while the CPU kernel runs the rest, and gather adds the two results (one kernel). How many experts the GPU
+takes of a token's n comes from a cost model of both sides (pcie_take_model) or KTC_PCIE_EXPERTS.
 
 The kernel runs on the thread that drives the GPU: the GPU work it overlaps with is already
 queued when it starts, and what comes after needs its result, so a second thread would only
@@ -39,6 +39,7 @@ while it is being copied.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -125,6 +126,18 @@ def _expert_bytes(packed: dict[str, torch.Tensor]) -> int:
     return sum(packed[p][0].numel() * packed[p].element_size() for p in _PACKED_PARTS if p in packed)
 
 
+def _slot_share(node: Node) -> float:
+    """The chance that a routed slot goes to one of this node's experts: their calibrated load
+    (attrs["expert_load"], over the router's experts) or, without calibration, their number's share."""
+    experts = node.attrs.get("experts")
+    if experts is None:
+        return 1.0
+    load = node.attrs.get("expert_load")
+    if load is not None and len(load) == int(node.attrs["num_global_experts"]):
+        return float(min(1.0, sum(float(load[int(e)]) for e in experts)))
+    return len(experts) / int(node.attrs["num_global_experts"])
+
+
 DEFAULT_STREAM_MIN_TOKENS = 256    # about where copying a layer's CPU experts beats the CPU kernel
 
 
@@ -148,6 +161,9 @@ PCIE_HOST_BW = 95e9        # the CPU kernel's decode read speed (bytes of the ex
 PCIE_GPU_BW = 45e9         # GPU kernels reading the packed experts from pinned host memory
 PCIE_GPU_FIXED_S = 30e-6   # their launch and first-byte latency
 PCIE_CPU_SLOWDOWN = 1.1    # the CPU kernel beside them
+PCIE_STEP_COST_S = 6e-6    # what the share adds to a layer even when it gets no expert (two kernel launches
+                           # in the layer's graph; H100: a plan whose CPU experts are almost never routed to
+                           # ran 4.86 ms a step without the share, 5.30 with three extra kernels a layer)
 
 
 def pcie_take_model(top_k: int, expert_bytes: int) -> tuple[int, ...]:
@@ -161,18 +177,35 @@ def pcie_take_model(top_k: int, expert_bytes: int) -> tuple[int, ...]:
     return tuple(min(range(n + 1), key=lambda j, n=n: (cost(n, j), j)) for n in range(top_k + 1))
 
 
+def pcie_expected_saving(top_k: int, expert_bytes: int, cpu_share: float, take: tuple[int, ...]) -> float:
+    """Seconds a layer's step saves on average with the share `take`, by the cost model, when each of a token's
+    top_k slots goes to this node's (CPU) experts with probability cpu_share (binomial), less PCIE_STEP_COST_S."""
+    def cpu(n: int, slow: float = 1.0) -> float:
+        return n * expert_bytes / PCIE_HOST_BW * slow
+
+    saving = 0.0
+    for n, j in enumerate(take):
+        if j:
+            split = max(cpu(n - j, PCIE_CPU_SLOWDOWN), PCIE_GPU_FIXED_S + j * expert_bytes / PCIE_GPU_BW)
+            saving += math.comb(top_k, n) * cpu_share ** n * (1 - cpu_share) ** (top_k - n) * (cpu(n) - split)
+    return saving - PCIE_STEP_COST_S
+
+
 def pcie_turned_off() -> bool:
     """KTC_PCIE_EXPERTS=off (or 0, none): the GPU never takes CPU experts (the packed weights are then
     pinned only for streaming, and not aliased)."""
     return os.environ.get("KTC_PCIE_EXPERTS", "").strip().lower() in ("off", "0", "none")
 
 
-def pcie_take_setting(top_k: int, expert_bytes: int) -> tuple[int, ...] | None:
-    """KTC_PCIE_EXPERTS: unset or "auto" = pcie_take_model; "off" (or 0) = none; or take[0..top_k] as comma-separated
-    counts (a shorter list repeats its last count, capped at n)."""
+def pcie_take_setting(top_k: int, expert_bytes: int, cpu_share: float = 1.0) -> tuple[int, ...] | None:
+    """KTC_PCIE_EXPERTS: unset or "auto" = pcie_take_model, or None where the node's experts get too few
+    slots for it to pay (pcie_expected_saving; cpu_share: the chance that a slot is this node's); "off"
+    (or 0) = none; or take[0..top_k] as comma-separated counts (a shorter list repeats its last, capped at n)."""
     v = os.environ.get("KTC_PCIE_EXPERTS", "").strip().lower()
     if v in ("", "auto"):
         take = pcie_take_model(top_k, expert_bytes)
+        if pcie_expected_saving(top_k, expert_bytes, cpu_share, take) <= 0:
+            return None
     elif pcie_turned_off():
         return None
     else:
@@ -230,7 +263,7 @@ class CpuExpertsOffload:
         self.stream_from = stream_min_tokens() if gpu_can_run else None
         pcie = (gpu_can_run and hasattr(getattr(gpu_kernels, "moe", None), "moe_decode_cpu_layout")
                 and not pcie_turned_off())
-        take = pcie_take_setting(self.top_k, _expert_bytes(packed)) if pcie else None
+        take = pcie_take_setting(self.top_k, _expert_bytes(packed), _slot_share(node)) if pcie else None
         if self.stream_from is not None or pcie:
             # pinned: copies at full host-to-device speed, and GPU kernels can read them where they are
             self.packed = {k: (v.pin_memory() if k.endswith((".q", ".scales")) else v) for k, v in packed.items()}
@@ -252,7 +285,9 @@ class CpuExpertsOffload:
         """Single-token decode steps: of the n slots of a token that this node's experts hold, the GPU runs
         take[n], reading those experts' packed weights from pinned host memory over PCIe while the CPU kernel
         runs the others (the ids the CPU gets name them -1). None: the CPU runs them all. Set at load from
-        KTC_PCIE_EXPERTS or the cost model (pcie_take_model); settable (before the next step's graphs)."""
+        KTC_PCIE_EXPERTS or the cost model (pcie_take_model; None where this node's experts get so few slots,
+        by calibration, that the share's kernel launches would cost more than it saves); settable (before the
+        next step's graphs)."""
         return self._pcie_take
 
     @pcie_take.setter
@@ -344,9 +379,11 @@ class CpuExpertsOffload:
         buf = self._buffers(t)
         if buf.on_device is not None:   # one kernel reads y from host memory (a copy: the buffer is reused)
             y = buf.on_device["y"][:t]
-            if self._pcie_y is not None:    # plus the GPU's share of the experts (float32)
-                y, self._pcie_y = torch.add(self._pcie_y, y), None
-                return y.to(dtype).view(shape)
+            if self._pcie_y is not None:    # plus the GPU's share of the experts (float32): one kernel
+                out = torch.empty(t, self.hidden, dtype=dtype, device=self.device)
+                torch.add(self._pcie_y, y, out=out)
+                self._pcie_y = None
+                return out.view(shape)
             return y.to(dtype, copy=True).view(shape)
         y = buf.y[:t].to(self.device, non_blocking=self.pin)
         return y.to(dtype).view(shape)

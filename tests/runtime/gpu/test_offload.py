@@ -46,3 +46,26 @@ def test_bad_setting_is_one_line(monkeypatch, value):
     monkeypatch.setenv("KTC_PCIE_EXPERTS", value)
     with pytest.raises(InputError, match="KTC_PCIE_EXPERTS"):
         offload.pcie_take_setting(8, 4_866_048)
+
+
+def test_auto_setting_leaves_cold_cpu_experts_alone(monkeypatch):
+    """A calibrated placement whose CPU experts get almost no slots would only pay the share's launches."""
+    monkeypatch.delenv("KTC_PCIE_EXPERTS", raising=False)
+    b = 4_866_048
+    assert offload.pcie_take_setting(8, b, cpu_share=80 / 128) == offload.pcie_take_model(8, b)
+    assert offload.pcie_take_setting(8, b, cpu_share=0.01) is None
+    assert offload.pcie_expected_saving(8, b, 0.0, offload.pcie_take_model(8, b)) == -offload.PCIE_STEP_COST_S
+    monkeypatch.setenv("KTC_PCIE_EXPERTS", "1")           # an explicit table is taken as given
+    assert offload.pcie_take_setting(8, b, cpu_share=0.01) == (0,) + (1,) * 8
+
+
+def test_slot_share_from_calibrated_load_or_expert_count():
+    from ktc.ir import Node
+
+    def node(**attrs):
+        return Node(name="layers.0.mlp.experts.cpu", op="moe_experts", inputs=[], outputs=[], attrs=attrs)
+
+    assert offload._slot_share(node(num_experts=4)) == 1.0
+    assert offload._slot_share(node(experts=[0, 2], num_global_experts=8)) == 0.25
+    load = [0.5, 0.0, 0.25, 0.0, 0.0, 0.125, 0.125, 0.0]
+    assert offload._slot_share(node(experts=[0, 2], num_global_experts=8, expert_load=load)) == 0.75

@@ -466,6 +466,7 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
     if getattr(off0, "_pcie_weights", None) is not None:
         r["pcie_take_model"] = off0.pcie_take
         configs["no PCIe share"] = {"pcie_take": None}
+        configs["PCIe share on the main stream"] = {"pcie_side_stream": False}
         for j, first in ((1, 3), (2, 4), (2, 5), (3, 6)):
             configs[f"PCIe {j} of n>={first}"] = {"pcie_take": fixed_take(k, j, first)}
     configs["before 2026-11-23"] = {"bound_calls": False, "zero_copy": False}

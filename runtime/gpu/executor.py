@@ -7,8 +7,9 @@ step be captured in CUDA graphs and replayed at every position.
 
 The graph becomes a schedule of actions: "gpu" (a GPU node), and for every CPU-placed
 moe_experts node (runtime/gpu/offload.py) "stage" (GPU: copies to pinned memory) and "mark"
-(GPU: an event after them) where the node stands, "run" (host: the CPU kernel, while the GPU
-works on what was queued meanwhile) and "gather" (GPU: copy the result back) just before its
+(GPU: an event after them) where the node stands, "join" (GPU: the stream waits for work the node
+forked onto its own stream, the GPU's PCIe share of its experts), "run" (host: the CPU kernel, while
+the GPU works on what was queued meanwhile) and "gather" (GPU: copy the result back) just before its
 output's first user. The host actions cut the schedule into segments of pure stream work:
 `segments()` is what the model captures as CUDA graphs, one per segment (one per MoE layer).
 """
@@ -107,7 +108,7 @@ class GpuExecutor:
 
     # -- the schedule ------------------------------------------------------------------------
     def _schedule(self) -> list[tuple[str, int]]:
-        """(kind, index) actions: "gpu" -> self.steps[index]; "stage" / "mark" / "run" / "gather"
+        """(kind, index) actions: "gpu" -> self.steps[index]; "stage" / "mark" / "join" / "run" / "gather"
         -> the CPU node self.steps[index] (see the module docstring)."""
         actions: list[tuple[str, int]] = []
         pending: dict[str, int] = {}            # output value of a launched CPU node -> its step
@@ -115,7 +116,7 @@ class GpuExecutor:
             for v in node.inputs:
                 if v in pending:
                     j = pending.pop(v)
-                    actions += [("run", j), ("gather", j)]
+                    actions += [("join", j), ("run", j), ("gather", j)]
             if isinstance(op, CpuExpertsOffload):
                 actions += [("stage", i), ("mark", i)]
                 pending[node.outputs[0]] = i
@@ -124,7 +125,7 @@ class GpuExecutor:
         for v in self.graph.outputs:
             if v in pending:
                 j = pending.pop(v)
-                actions += [("run", j), ("gather", j)]
+                actions += [("join", j), ("run", j), ("gather", j)]
         return actions
 
     def _lifetimes(self) -> list[tuple[str, ...]]:
@@ -180,6 +181,8 @@ class GpuExecutor:
             op.stage(*[values[v] for v in node.inputs])
         elif kind == "mark":
             op.mark()
+        elif kind == "join":
+            op.join()
         elif kind == "run":
             op.run()
         elif kind == "gather":

@@ -22,10 +22,12 @@ run do nothing and gather hands its result on. The packed weights are pinned at 
 
 Single-token decode steps can split the layer's CPU experts between the two sides (pcie_take): the pinned
 packed weights are also aliased as CUDA tensors, stage splits the token's ids in one kernel (the GPU's share
-to a device buffer, the rest to the CPU's pinned ids, the GPU's share named -1 there), mark queues GPU
-kernels that run that share reading its weights across PCIe (~45 GB/s, a second road to the same DRAM)
-while the CPU kernel runs the rest, and gather adds the two results (one kernel). How many experts the GPU
-takes of a token's n comes from a cost model of both sides (pcie_take_model) or KTC_PCIE_EXPERTS.
+to a device buffer, the rest to the CPU's pinned ids, the GPU's share named -1 there), mark forks GPU
+kernels onto a stream of their own that run that share reading its weights across PCIe (~45 GB/s, a
+second road to the same DRAM) while the CPU kernel runs the rest and the main stream the layer's GPU
+experts, join (before run) brings the streams together again, and gather adds the two results (one
+kernel). How many experts the GPU takes of a token's n comes from a cost model of both sides
+(pcie_take_model) or KTC_PCIE_EXPERTS.
 
 The kernel runs on the thread that drives the GPU: the GPU work it overlaps with is already
 queued when it starts, and what comes after needs its result, so a second thread would only
@@ -279,6 +281,11 @@ class CpuExpertsOffload:
         self._pcie_in: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._pcie_y: torch.Tensor | None = None
         self.pcie_take = take if self._pcie_weights is not None else None
+        # the share runs on a stream of its own, beside the layer's GPU experts (which then do not wait for
+        # its PCIe reads); False: on the main stream after them (for comparisons)
+        self.pcie_side_stream = True
+        self._side = torch.cuda.Stream(device) if self._pcie_weights is not None else None
+        self._forked = False
 
     @property
     def pcie_take(self) -> tuple[int, ...] | None:
@@ -393,10 +400,26 @@ class CpuExpertsOffload:
         if self._streamed is not None or self._event is None:
             return
         self._event.record()
-        if self._pcie_in is not None:   # first on the stream after the event: the GPU's share reads over PCIe
+        if self._pcie_in is not None:   # right after the event: the GPU's share, reading over PCIe
             x, tw, gpu_ids = self._pcie_in
             self._pcie_in = None
-            self._pcie_y = self.gpu_kernels.moe.moe_decode_cpu_layout(x, tw, gpu_ids, self._pcie_weights, self.inter)
+            share = self.gpu_kernels.moe.moe_decode_cpu_layout
+            if self.pcie_side_stream and self._side is not None:
+                self._side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self._side):
+                    self._pcie_y = share(x, tw, gpu_ids, self._pcie_weights, self.inter)
+                self._forked = True
+            else:
+                self._pcie_y = share(x, tw, gpu_ids, self._pcie_weights, self.inter)
+
+    def join(self) -> None:
+        """On the stream, after the layer's GPU work and before run: wait for what mark forked onto the side
+        stream (a CUDA graph must join its streams; gather, in the next graph, then finds the share done)."""
+        if self._forked:
+            torch.cuda.current_stream().wait_stream(self._side)
+            if not torch.cuda.is_current_stream_capturing():    # made on the side stream, used on this one
+                self._pcie_y.record_stream(torch.cuda.current_stream())
+            self._forked = False
         # GPU timing of the work beside the kernel: eager steps only (a replayed graph runs no Python here)
         self._timed = self.profile and not torch.cuda.is_current_stream_capturing()
         if self._timed:

@@ -165,8 +165,8 @@ def test_zero_copy_decode_buffers_give_the_memcpy_results(artifacts):
 @pytest.mark.parametrize("kind", ["budget", "budget4"])
 def test_gpu_share_of_the_cpu_experts_read_over_pcie_matches_the_cpu_kernels(artifacts, kind):
     """Single-token decode steps with the GPU running part, or all, of a token's CPU experts (int8 / int4
-    packed weights read from pinned host memory) give the logits of the CPU kernels running them all; and
-    CUDA-graph decode with the split == eager decode with it."""
+    packed weights read from pinned host memory, on a side stream or the main one) give the logits of the
+    CPU kernels running them all; and CUDA-graph decode with the split == eager decode with it."""
     import ktc
 
     ex, dev = _executor(artifacts("qwen3_moe", kind), torch.bfloat16)
@@ -189,6 +189,12 @@ def test_gpu_share_of_the_cpu_experts_read_over_pcie_matches_the_cpu_kernels(art
                 off.pcie_take = take
             got = _teacher_forced(ex, dev, ids, 4, torch.bfloat16)
             assert len(calls) == 4 * len(ex.offloads)           # every decode step, every layer
+            calls.clear()
+            for off in ex.offloads:                             # the share on the main stream: the same sums
+                off.pcie_side_stream = False
+            assert torch.equal(_teacher_forced(ex, dev, ids, 4, torch.bfloat16), got)
+            for off in ex.offloads:
+                off.pcie_side_stream = True
             calls.clear()
             err = rel_err(got, cpu)
             print(f"\n{kind}: GPU takes {name} of the CPU experts over PCIe: logits vs CPU kernels {err:.2e}")

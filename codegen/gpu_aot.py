@@ -177,7 +177,7 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                                             consts=dict(TOP_K=top_k, BLOCK_N=gc["GEMV_N_DOWN"],
                                                         BLOCK_K=gc["GEMV_K_DOWN"])), num_warps=gc["gemv_warps"])
     for qw, fp8 in (("u8", {}), ("fp8e4nv", dict(targets=FP8_TARGETS, variant="fp8"))):   # w4a16 / fp8 experts
-        q = dict(TOP_K=top_k, GROUP=group, FP8=bool(fp8))
+        q = dict(TOP_K=top_k, GROUP=group, FP8=bool(fp8), INT8=False, PAIR=0, SKIP=False)
         ints = ("N", "K", "x_stride", "y_stride", "q_estride", "q_nstride", "s_estride", "s_nstride")
         add("moe", "moe_gemv_up_q_kernel", _sig(dict(x_ptr="bf16", q_ptr=qw, s_ptr="fp32", ids_ptr="i32",
                                                      out_ptr="bf16"), tuple(i for i in ints if i != "y_stride"),
@@ -189,14 +189,14 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                  consts=dict(q, BLOCK_N=gc["GEMV_N_DOWN"], BLOCK_K=gc["GEMV_K_DOWN"])),
             num_warps=gc["gemv_warps"], **fp8)
     cc = moe.cpu_layout_gemv_config(hidden, inter)
-    for qw, int4 in (("i8", False), ("u8", True)):   # the GPU's share of a decode step's CPU experts, over PCIe
-        q = dict(TOP_K=top_k, GROUP=group, INT4=int4)
+    for qw, cpu in (("i8", dict(INT8=True)), ("u8", dict(PAIR=moe.CPU_INT4_PAIR))):   # the GPU's PCIe share
+        q = {**dict(TOP_K=top_k, GROUP=group, FP8=False, INT8=False, PAIR=0, SKIP=True), **cpu}
         ints = ("N", "K", "x_stride", "y_stride", "q_estride", "q_nstride", "s_estride", "s_nstride")
-        add("moe", "moe_gemv_up_cpu_kernel", _sig(dict(x_ptr="bf16", q_ptr=qw, s_ptr="fp32", ids_ptr="i32",
-                                                       out_ptr="bf16"), tuple(i for i in ints if i != "y_stride"),
-                                                  consts=dict(q, BLOCK_N=cc["GEMV_N_UP"], BLOCK_K=cc["GEMV_K_UP"])),
+        add("moe", "moe_gemv_up_q_kernel", _sig(dict(x_ptr="bf16", q_ptr=qw, s_ptr="fp32", ids_ptr="i32",
+                                                     out_ptr="bf16"), tuple(i for i in ints if i != "y_stride"),
+                                                consts=dict(q, BLOCK_N=cc["GEMV_N_UP"], BLOCK_K=cc["GEMV_K_UP"])),
             num_warps=cc["gemv_warps"])
-        add("moe", "moe_gemv_down_cpu_kernel",
+        add("moe", "moe_gemv_down_q_kernel",
             _sig(dict(a_ptr="bf16", q_ptr=qw, s_ptr="fp32", ids_ptr="i32", topk_w_ptr="fp32", y_ptr="fp32"),
                  tuple(i for i in ints if i != "x_stride"),
                  consts=dict(q, BLOCK_N=cc["GEMV_N_DOWN"], BLOCK_K=cc["GEMV_K_DOWN"])),

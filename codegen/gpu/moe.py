@@ -382,11 +382,14 @@ def moe_down_sum_kernel(a_ptr, w_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K, y_stride
 
 
 @triton.jit
-def _group_dots(q_rows, s_rows, x_row, g, gmask, GROUP: tl.constexpr, FP8: tl.constexpr):
+def _group_dots(q_rows, s_rows, x_row, g, gmask, GROUP: tl.constexpr, FP8: tl.constexpr, INT8: tl.constexpr = False,
+                PAIR: tl.constexpr = 0):
     """[rows] float32: sum over the groups g (those with gmask) of scale * (the row's values of the group
-    . x's): int4 rows (pack_w4a16's nibble layout, q_rows byte pointers) or fp8 rows (q_rows value
-    pointers); s_rows the rows' scale pointers. Products in float32, one scale multiply a group."""
-    if FP8:
+    . x's): fp8 or int8 rows (a value a byte, q_rows value pointers), or int4 rows (q_rows byte pointers)
+    in blocks of PAIR values, byte j of a block holding value j in its low nibble and value j + PAIR / 2 in
+    its high one, both signed (PAIR 0: one block a group, pack_w4a16's layout; the CPU kernels' is 32);
+    s_rows the rows' scale pointers. Products in float32, one scale multiply a group."""
+    if FP8 or INT8:
         offs_j = tl.arange(0, GROUP)
         w = tl.load(q_rows[:, None, None] + (g * GROUP)[None, :, None] + offs_j[None, None, :],
                     mask=gmask[None, :, None], other=0.0).to(tl.float32)
@@ -395,13 +398,19 @@ def _group_dots(q_rows, s_rows, x_row, g, gmask, GROUP: tl.constexpr, FP8: tl.co
     else:
         HALF_G: tl.constexpr = GROUP // 2
         offs_j = tl.arange(0, HALF_G)
+        if PAIR == 0:
+            HALF: tl.constexpr = HALF_G
+            k_lo = offs_j
+        else:
+            HALF: tl.constexpr = PAIR // 2
+            k_lo = (offs_j // HALF) * PAIR + offs_j % HALF
         packed = tl.load(q_rows[:, None, None] + (g * HALF_G)[None, :, None] + offs_j[None, None, :],
                          mask=gmask[None, :, None], other=0)
         lo = ((packed << 4).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
         hi = (packed.to(tl.int8, bitcast=True) >> 4).to(tl.float32)
-        x_lo = x_row + (g * GROUP)[:, None] + offs_j[None, :]
+        x_lo = x_row + (g * GROUP)[:, None] + k_lo[None, :]
         a_lo = tl.load(x_lo, mask=gmask[:, None], other=0.0).to(tl.float32)
-        a_hi = tl.load(x_lo + HALF_G, mask=gmask[:, None], other=0.0).to(tl.float32)
+        a_hi = tl.load(x_lo + HALF, mask=gmask[:, None], other=0.0).to(tl.float32)
         part = tl.sum(lo * a_lo[None, :, :] + hi * a_hi[None, :, :], axis=2)
     sc = tl.load(s_rows[:, None] + g[None, :], mask=gmask[None, :], other=0.0)
     return tl.sum(part * sc, axis=1)
@@ -410,14 +419,19 @@ def _group_dots(q_rows, s_rows, x_row, g, gmask, GROUP: tl.constexpr, FP8: tl.co
 @triton.jit
 def moe_gemv_up_q_kernel(x_ptr, q_ptr, s_ptr, ids_ptr, out_ptr, N, K, x_stride, q_estride, q_nstride, s_estride,
                          s_nstride, TOP_K: tl.constexpr, GROUP: tl.constexpr, FP8: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """moe_gemv_up_kernel on w4a16 / fp8 experts (decode): BLOCK_K / GROUP whole groups a step."""
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr = False,
+                         PAIR: tl.constexpr = 0, SKIP: tl.constexpr = False):
+    """moe_gemv_up_kernel on w4a16 / fp8 experts, or int8 / int4 ones in the CPU kernels' layout (INT8, PAIR;
+    see _group_dots), at decode: BLOCK_K / GROUP whole groups a step. SKIP: a slot with id -1 does nothing."""
     NG: tl.constexpr = BLOCK_K // GROUP
     slot = tl.program_id(0).to(tl.int64)
+    expert = tl.load(ids_ptr + slot).to(tl.int64)
+    if SKIP:
+        if expert < 0:
+            return
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     wn = tl.where(nmask, offs_n, 0).to(tl.int64)
-    expert = tl.load(ids_ptr + slot).to(tl.int64)
     x_row = x_ptr + (slot // TOP_K) * x_stride
     q_gate = q_ptr + expert * q_estride + wn * q_nstride
     s_gate = s_ptr + expert * s_estride + wn * s_nstride
@@ -428,8 +442,8 @@ def moe_gemv_up_q_kernel(x_ptr, q_ptr, s_ptr, ids_ptr, out_ptr, N, K, x_stride, 
     for g0 in range(0, groups, NG):
         g = g0 + offs_g
         gmask = g < groups
-        acc_g += _group_dots(q_gate, s_gate, x_row, g, gmask, GROUP, FP8)
-        acc_u += _group_dots(q_gate + N * q_nstride, s_gate + N * s_nstride, x_row, g, gmask, GROUP, FP8)
+        acc_g += _group_dots(q_gate, s_gate, x_row, g, gmask, GROUP, FP8, INT8, PAIR)
+        acc_u += _group_dots(q_gate + N * q_nstride, s_gate + N * s_nstride, x_row, g, gmask, GROUP, FP8, INT8, PAIR)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(out_ptr + slot * N + offs_n, act.to(out_ptr.dtype.element_ty), mask=nmask)
 
@@ -437,9 +451,11 @@ def moe_gemv_up_q_kernel(x_ptr, q_ptr, s_ptr, ids_ptr, out_ptr, N, K, x_stride, 
 @triton.jit
 def moe_gemv_down_q_kernel(a_ptr, q_ptr, s_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K, y_stride, q_estride, q_nstride,
                            s_estride, s_nstride, TOP_K: tl.constexpr, GROUP: tl.constexpr, FP8: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """moe_gemv_down_kernel on w4a16 / fp8 experts (decode): per step the token's experts unrolled, each
-    weighted sum of (down rows . act) over BLOCK_K / GROUP whole groups, one store."""
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr = False,
+                           PAIR: tl.constexpr = 0, SKIP: tl.constexpr = False):
+    """moe_gemv_down_kernel on the experts of moe_gemv_up_q_kernel (decode): per step the token's experts
+    unrolled, each weighted sum of (down rows . act) over BLOCK_K / GROUP whole groups, one store. SKIP: slots
+    with id -1 add nothing and read no weights."""
     NG: tl.constexpr = BLOCK_K // GROUP
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -454,100 +470,18 @@ def moe_gemv_down_q_kernel(a_ptr, q_ptr, s_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K
         for j in tl.static_range(TOP_K):
             slot = t * TOP_K + j
             expert = tl.load(ids_ptr + slot).to(tl.int64)
+            if SKIP:     # a slot held elsewhere reads no group
+                gmask = g < tl.where(expert >= 0, groups, 0)
+                expert = tl.where(expert >= 0, expert, 0)
             weight = tl.load(topk_w_ptr + slot)
             dots = _group_dots(q_ptr + expert * q_estride + wn * q_nstride, s_ptr + expert * s_estride + wn * s_nstride,
-                               a_ptr + slot * K, g, gmask, GROUP, FP8)
+                               a_ptr + slot * K, g, gmask, GROUP, FP8, INT8, PAIR)
             acc += dots * weight
     tl.store(y_ptr + t * y_stride + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
 
-# ---- decode on the CPU experts' own layouts, for the GPU's share of a layer's CPU experts -------------
-# (runtime/gpu/offload: in a decode step the GPU takes some of the CPU-placed experts a token routed to and
-# reads their packed weights straight from pinned host memory over PCIe, while the CPU kernel runs the
-# rest; slots whose id is -1 belong to the CPU and read nothing here)
 
-@triton.jit
-def _cpu_layout_dots(q_rows, s_rows, x_row, g, gmask, GROUP: tl.constexpr, INT4: tl.constexpr):
-    """[rows] float32: sum over the groups g (those with gmask) of scale * (the row's values of the group . x's)
-    in the CPU kernels' layouts: int8 (a value a byte) or int4 (blocks of 32 values in 16 bytes: byte j holds
-    value j in its low nibble and value j + 16 in its high one, both signed)."""
-    if INT4:
-        HALF: tl.constexpr = GROUP // 2
-        offs_b = tl.arange(0, HALF)
-        k_lo = (offs_b // 16) * 32 + offs_b % 16
-        packed = tl.load(q_rows[:, None, None] + (g * HALF)[None, :, None] + offs_b[None, None, :],
-                         mask=gmask[None, :, None], other=0)
-        lo = ((packed << 4).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
-        hi = (packed.to(tl.int8, bitcast=True) >> 4).to(tl.float32)
-        x_lo = x_row + (g * GROUP)[:, None] + k_lo[None, :]
-        a_lo = tl.load(x_lo, mask=gmask[:, None], other=0.0).to(tl.float32)
-        a_hi = tl.load(x_lo + 16, mask=gmask[:, None], other=0.0).to(tl.float32)
-        part = tl.sum(lo * a_lo[None, :, :] + hi * a_hi[None, :, :], axis=2)
-    else:
-        offs_j = tl.arange(0, GROUP)
-        w = tl.load(q_rows[:, None, None] + (g * GROUP)[None, :, None] + offs_j[None, None, :],
-                    mask=gmask[None, :, None], other=0).to(tl.float32)
-        xv = tl.load(x_row + (g * GROUP)[:, None] + offs_j[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-        part = tl.sum(w * xv[None, :, :], axis=2)
-    sc = tl.load(s_rows[:, None] + g[None, :], mask=gmask[None, :], other=0.0)
-    return tl.sum(part * sc, axis=1)
-
-
-@triton.jit
-def moe_gemv_up_cpu_kernel(x_ptr, q_ptr, s_ptr, ids_ptr, out_ptr, N, K, x_stride, q_estride, q_nstride, s_estride,
-                           s_nstride, TOP_K: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[slot, n block] = silu(gate) * up of the slot's expert (CPU layout); a slot with id -1 does nothing."""
-    NG: tl.constexpr = BLOCK_K // GROUP
-    slot = tl.program_id(0).to(tl.int64)
-    expert = tl.load(ids_ptr + slot).to(tl.int64)
-    if expert < 0:
-        return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    wn = tl.where(nmask, offs_n, 0).to(tl.int64)
-    x_row = x_ptr + (slot // TOP_K) * x_stride
-    q_gate = q_ptr + expert * q_estride + wn * q_nstride
-    s_gate = s_ptr + expert * s_estride + wn * s_nstride
-    offs_g = tl.arange(0, NG)
-    groups = K // GROUP
-    acc_g = tl.zeros((BLOCK_N,), tl.float32)
-    acc_u = tl.zeros((BLOCK_N,), tl.float32)
-    for g0 in range(0, groups, NG):
-        g = g0 + offs_g
-        gmask = g < groups
-        acc_g += _cpu_layout_dots(q_gate, s_gate, x_row, g, gmask, GROUP, INT4)
-        acc_u += _cpu_layout_dots(q_gate + N * q_nstride, s_gate + N * s_nstride, x_row, g, gmask, GROUP, INT4)
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(out_ptr + slot * N + offs_n, act.to(out_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def moe_gemv_down_cpu_kernel(a_ptr, q_ptr, s_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K, y_stride, q_estride, q_nstride,
-                             s_estride, s_nstride, TOP_K: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[t, n block] = sum over the token's slots with an id >= 0 of weight * (down rows . act), CPU layout."""
-    NG: tl.constexpr = BLOCK_K // GROUP
-    t = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    wn = tl.where(nmask, offs_n, 0).to(tl.int64)
-    offs_g = tl.arange(0, NG)
-    groups = K // GROUP
-    acc = tl.zeros((BLOCK_N,), tl.float32)
-    for g0 in range(0, groups, NG):
-        g = g0 + offs_g
-        for j in tl.static_range(TOP_K):
-            slot = t * TOP_K + j
-            expert = tl.load(ids_ptr + slot).to(tl.int64)
-            held_groups = tl.where(expert >= 0, groups, 0)      # a slot held elsewhere reads no group
-            expert = tl.where(expert >= 0, expert, 0)
-            weight = tl.load(topk_w_ptr + slot)
-            dots = _cpu_layout_dots(q_ptr + expert * q_estride + wn * q_nstride,
-                                    s_ptr + expert * s_estride + wn * s_nstride,
-                                    a_ptr + slot * K, g, g < held_groups, GROUP, INT4)
-            acc += dots * weight
-    tl.store(y_ptr + t * y_stride + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
-
+# the GPU's share of a decode step's CPU experts (runtime/gpu/offload): the ids split below, then the q GEMV
+# kernels above on the CPU kernels' layout (INT8 / PAIR, SKIP), reading pinned host memory over PCIe
 
 @triton.jit
 def moe_split_ids_kernel(ids_ptr, table_ptr, take_ptr, cpu_ptr, gpu_ptr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
@@ -576,7 +510,6 @@ KERNELS = {"moe_align_kernel": moe_align_kernel, "moe_count_kernel": moe_count_k
            "moe_sum_kernel": moe_sum_kernel, "moe_gemv_up_kernel": moe_gemv_up_kernel,
            "moe_gemv_down_kernel": moe_gemv_down_kernel, "moe_down_sum_kernel": moe_down_sum_kernel,
            "moe_gemv_up_q_kernel": moe_gemv_up_q_kernel, "moe_gemv_down_q_kernel": moe_gemv_down_q_kernel,
-           "moe_gemv_up_cpu_kernel": moe_gemv_up_cpu_kernel, "moe_gemv_down_cpu_kernel": moe_gemv_down_cpu_kernel,
            "moe_split_ids_kernel": moe_split_ids_kernel}
 
 GEMV_TOKENS = 4          # dense steps with at most this many tokens take the two-launch decode path
@@ -964,13 +897,15 @@ def moe_decode_cpu_layout(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     g_up, g_dn = h // s_up.shape[-1], inter // s_dn.shape[-1]
     cfg = {**cpu_layout_gemv_config(h, inter), **(config or {})}
     act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
-    moe_gemv_up_cpu_kernel[(t * top_k, triton.cdiv(inter, cfg["GEMV_N_UP"]))](
+    moe_gemv_up_q_kernel[(t * top_k, triton.cdiv(inter, cfg["GEMV_N_UP"]))](
         x, q_up, s_up, ids, act, inter, h, x.stride(0), q_up.stride(0), q_up.stride(1), s_up.stride(0),
-        s_up.stride(1), TOP_K=top_k, GROUP=g_up, INT4=int4, BLOCK_N=cfg["GEMV_N_UP"],
-        BLOCK_K=max(g_up, cfg["GEMV_K_UP"]), num_warps=cfg["gemv_warps"])
+        s_up.stride(1), TOP_K=top_k, GROUP=g_up, FP8=False, BLOCK_N=cfg["GEMV_N_UP"],
+        BLOCK_K=max(g_up, cfg["GEMV_K_UP"]), INT8=not int4, PAIR=CPU_INT4_PAIR if int4 else 0, SKIP=True,
+        num_warps=cfg["gemv_warps"])
     y = torch.empty(t, h, dtype=torch.float32, device=x.device)
-    moe_gemv_down_cpu_kernel[(t, triton.cdiv(h, cfg["GEMV_N_DOWN"]))](
+    moe_gemv_down_q_kernel[(t, triton.cdiv(h, cfg["GEMV_N_DOWN"]))](
         act, q_dn, s_dn, ids, tw, y, h, inter, y.stride(0), q_dn.stride(0), q_dn.stride(1), s_dn.stride(0),
-        s_dn.stride(1), TOP_K=top_k, GROUP=g_dn, INT4=int4, BLOCK_N=cfg["GEMV_N_DOWN"],
-        BLOCK_K=max(g_dn, cfg["GEMV_K_DOWN"]), num_warps=cfg["gemv_warps"])
+        s_dn.stride(1), TOP_K=top_k, GROUP=g_dn, FP8=False, BLOCK_N=cfg["GEMV_N_DOWN"],
+        BLOCK_K=max(g_dn, cfg["GEMV_K_DOWN"]), INT8=not int4, PAIR=CPU_INT4_PAIR if int4 else 0, SKIP=True,
+        num_warps=cfg["gemv_warps"])
     return y

@@ -18,8 +18,11 @@ from __future__ import annotations
 import torch
 
 
-def layer(x, g, u, d):
-    return (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
+def layer(x, g, u, d, quant_act=None):
+    """silu(x Wg) * (x Wu) Wd; quant_act (if given) rounds x and the intermediate h as a kernel would."""
+    qa = quant_act or (lambda a: a)
+    h = torch.nn.functional.silu(qa(x) @ g.T) * (qa(x) @ u.T)
+    return qa(h) @ d.T
 
 
 def rel(a, b) -> float:
@@ -27,12 +30,18 @@ def rel(a, b) -> float:
 
 
 def int4(w: torch.Tensor, group: int, search: bool = False) -> torch.Tensor:
+    return symmetric(w, group, 7, [1 - 0.02 * i for i in range(25)] if search else [1.0])
+
+
+def symmetric(w: torch.Tensor, group: int, levels: int, factors: list[float]) -> torch.Tensor:
+    """w rounded to integers in [-levels, levels] times a scale per group of `group` values along K: absmax /
+    levels times whichever of `factors` leaves the group the least squared error."""
     wg = w.reshape(w.shape[0], -1, group)
     amax = wg.abs().amax(-1, keepdim=True)
     best, best_err = None, None
-    for f in ([1.0] if not search else [1 - 0.02 * i for i in range(25)]):
-        s = amax * f / 7
-        q = (wg / s).round().clamp(-7, 7) * s
+    for f in factors:
+        s = amax * f / levels
+        q = (wg / s).round().clamp(-levels, levels) * s
         e = (q - wg).pow(2).sum(-1, keepdim=True)
         if best is None:
             best, best_err = q, e

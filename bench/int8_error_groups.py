@@ -14,40 +14,16 @@ same layer in float32:
 from __future__ import annotations
 
 import torch
-
-
-def layer(x, g, u, d, quant_act=None):
-    qa = quant_act or (lambda a: a)
-    h = torch.nn.functional.silu(qa(x) @ g.T) * (qa(x) @ u.T)
-    return qa(h) @ d.T
-
-
-def rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
+from int4_error_bound import layer, rel, symmetric
 
 
 def int8(w: torch.Tensor, group: int, search: bool = False) -> torch.Tensor:
-    wg = w.reshape(w.shape[0], -1, group)
-    amax = wg.abs().amax(-1, keepdim=True)
-    best, best_err = None, None
-    for f in ([1.0] if not search else [1 - 0.005 * i for i in range(60)]):
-        s = amax * f / 127
-        q = (wg / s).round().clamp(-127, 127) * s
-        e = (q - wg).pow(2).sum(-1, keepdim=True)
-        if best is None:
-            best, best_err = q, e
-        else:
-            better = e < best_err
-            best, best_err = torch.where(better, q, best), torch.where(better, e, best_err)
-    return best.reshape(w.shape)
+    return symmetric(w, group, 127, [1 - 0.005 * i for i in range(60)] if search else [1.0])
 
 
 def act_int8(group: int | None):
-    def q(a: torch.Tensor) -> torch.Tensor:
-        ag = a.reshape(a.shape[0], -1, group or a.shape[1])
-        s = ag.abs().amax(-1, keepdim=True) / 127
-        return ((ag / s).round().clamp(-127, 127) * s).reshape(a.shape)
-    return q
+    """One-level int8 activations: per row (token), or per row and group of `group` values."""
+    return lambda a: symmetric(a, group or a.shape[1], 127, [1.0])
 
 
 def main() -> None:

@@ -168,28 +168,29 @@ PCIE_STEP_COST_S = 6e-6    # what the share adds to a layer even when it gets no
                            # ran 4.86 ms a step without the share, 5.30 with three extra kernels a layer)
 
 
+def pcie_split_cost(n: int, j: int, expert_bytes: int) -> float:
+    """Seconds, by the cost model, until both sides are done when the GPU runs j of a token's n CPU experts
+    (CPU kernel on n - j, GPU kernels on j, both reading the same DRAM)."""
+    cpu = (n - j) * expert_bytes / PCIE_HOST_BW * (PCIE_CPU_SLOWDOWN if j else 1.0)
+    gpu = PCIE_GPU_FIXED_S + j * expert_bytes / PCIE_GPU_BW if j else 0.0
+    return max(cpu, gpu)
+
+
 def pcie_take_model(top_k: int, expert_bytes: int) -> tuple[int, ...]:
     """take[n] for n = 0..top_k CPU-held slots of a token: how many the GPU runs so that the slower side
-    (CPU kernel on n - take, GPU kernels on take, both on the same DRAM) finishes first."""
-    def cost(n: int, j: int) -> float:
-        cpu = (n - j) * expert_bytes / PCIE_HOST_BW * (PCIE_CPU_SLOWDOWN if j else 1.0)
-        gpu = PCIE_GPU_FIXED_S + j * expert_bytes / PCIE_GPU_BW if j else 0.0
-        return max(cpu, gpu)
-
-    return tuple(min(range(n + 1), key=lambda j, n=n: (cost(n, j), j)) for n in range(top_k + 1))
+    finishes first (pcie_split_cost)."""
+    return tuple(min(range(n + 1), key=lambda j, n=n: (pcie_split_cost(n, j, expert_bytes), j))
+                 for n in range(top_k + 1))
 
 
 def pcie_expected_saving(top_k: int, expert_bytes: int, cpu_share: float, take: tuple[int, ...]) -> float:
     """Seconds a layer's step saves on average with the share `take`, by the cost model, when each of a token's
     top_k slots goes to this node's (CPU) experts with probability cpu_share (binomial), less PCIE_STEP_COST_S."""
-    def cpu(n: int, slow: float = 1.0) -> float:
-        return n * expert_bytes / PCIE_HOST_BW * slow
-
     saving = 0.0
     for n, j in enumerate(take):
         if j:
-            split = max(cpu(n - j, PCIE_CPU_SLOWDOWN), PCIE_GPU_FIXED_S + j * expert_bytes / PCIE_GPU_BW)
-            saving += math.comb(top_k, n) * cpu_share ** n * (1 - cpu_share) ** (top_k - n) * (cpu(n) - split)
+            saving += (math.comb(top_k, n) * cpu_share ** n * (1 - cpu_share) ** (top_k - n)
+                       * (pcie_split_cost(n, 0, expert_bytes) - pcie_split_cost(n, j, expert_bytes)))
     return saving - PCIE_STEP_COST_S
 
 

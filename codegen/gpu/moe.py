@@ -503,6 +503,32 @@ def moe_split_ids_kernel(ids_ptr, table_ptr, take_ptr, cpu_ptr, gpu_ptr, TOP_K: 
     tl.store(gpu_ptr + t * TOP_K + offs, tl.where(to_gpu, rows, -1), mask=m)
 
 
+# the hand-off back from the CPU kernel in decode graphs (runtime/gpu/offload): the graph of the next layer is
+# queued before the CPU kernel runs and starts with this kernel, which waits on the GPU for the host's flag
+
+@triton.jit
+def moe_wait_gather_kernel(flag_ptr, y_ptr, extra_ptr, out_ptr, n, max_spins, HAS_EXTRA: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """Spin until the host sets flag (pinned host memory, read across PCIe with volatile loads) or max_spins
+    reads went by, then out = y (+ extra), y read the same way; then reset the flag for the next step. One
+    program: the barrier keeps the reset after every warp has seen the flag. Timed out: out is NaN."""
+    f = tl.load(flag_ptr, volatile=True)
+    spins = 0
+    while (f == 0) & (spins < max_spins):
+        f = tl.load(flag_ptr, volatile=True)
+        spins += 1
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < n
+        y = tl.load(y_ptr + offs, mask=m, other=0.0, volatile=True)
+        if HAS_EXTRA:
+            y += tl.load(extra_ptr + offs, mask=m, other=0.0)
+        y = tl.where(f != 0, y, float("nan"))
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+    tl.debug_barrier()
+    tl.store(flag_ptr, 0)
+
+
 KERNELS = {"moe_align_kernel": moe_align_kernel, "moe_count_kernel": moe_count_kernel,
            "moe_offsets_kernel": moe_offsets_kernel, "moe_scatter_kernel": moe_scatter_kernel,
            "fused_moe_kernel": fused_moe_kernel, "quant_fp8_kernel": quant_fp8_kernel,
@@ -510,7 +536,7 @@ KERNELS = {"moe_align_kernel": moe_align_kernel, "moe_count_kernel": moe_count_k
            "moe_sum_kernel": moe_sum_kernel, "moe_gemv_up_kernel": moe_gemv_up_kernel,
            "moe_gemv_down_kernel": moe_gemv_down_kernel, "moe_down_sum_kernel": moe_down_sum_kernel,
            "moe_gemv_up_q_kernel": moe_gemv_up_q_kernel, "moe_gemv_down_q_kernel": moe_gemv_down_q_kernel,
-           "moe_split_ids_kernel": moe_split_ids_kernel}
+           "moe_split_ids_kernel": moe_split_ids_kernel, "moe_wait_gather_kernel": moe_wait_gather_kernel}
 
 GEMV_TOKENS = 4          # dense steps with at most this many tokens take the two-launch decode path
 
@@ -876,6 +902,20 @@ def split_ids(ids: torch.Tensor, table: torch.Tensor | None, take: torch.Tensor,
     t, k = ids.shape
     moe_split_ids_kernel[(t,)](ids, table if table is not None else take, take, cpu_ids, gpu_ids, TOP_K=k,
                                BLOCK=triton.next_power_of_2(k), HAS_TABLE=table is not None, num_warps=1)
+
+
+WAIT_SPINS = 1 << 26     # ~a minute of PCIe reads: a decode graph never waits forever on a host that died
+
+
+def wait_gather(flag: torch.Tensor, y: torch.Tensor, out: torch.Tensor, extra: torch.Tensor | None = None,
+                max_spins: int = WAIT_SPINS) -> None:
+    """moe_wait_gather_kernel: when the int32 `flag` (a CUDA alias of pinned host memory) is set, out [T, H] =
+    y (float32, an alias of the host's output buffer) + extra (float32 on the device, or None); the flag is
+    reset to 0. Flag never set within max_spins reads: out is NaN."""
+    n = out.numel()
+    block = min(4096, triton.next_power_of_2(n))
+    moe_wait_gather_kernel[(1,)](flag, y, extra if extra is not None else y, out, n, max_spins,
+                                 HAS_EXTRA=extra is not None, BLOCK=block, num_warps=8)
 
 
 def cpu_layout_gemv_config(hidden: int, inter: int) -> dict:

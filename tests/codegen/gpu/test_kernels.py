@@ -431,3 +431,22 @@ def test_argmax():
 def test_add():
     a, b = rnd(3, 1100, seed=29), rnd(3, 1100, seed=30)
     assert rel(activation.add(a, b), a.double() + b.double()) < 1e-7
+
+
+@pytest.mark.parametrize("extra", [False, True])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_wait_gather(extra, tokens):
+    """A set flag: out = y (+ extra) in out's dtype, and the flag is reset for the next step. A flag never set:
+    the kernel gives up after max_spins reads and writes NaN, never stale values."""
+    h = 40
+    y, more = rnd(tokens, h, seed=1), rnd(tokens, h, seed=2)
+    out = torch.empty(tokens, h, dtype=torch.float16, device=DEV)
+    flag = torch.zeros(16, dtype=torch.int32, device=DEV)
+    flag[0] = 1
+    moe.wait_gather(flag, y, out, more if extra else None)
+    want = y.double() + (more.double() if extra else 0)
+    assert rel(out, want) < 1e-3
+    assert int(flag[0]) == 0
+    moe.wait_gather(flag, y, out, None, max_spins=5)
+    assert bool(out.isnan().all())
+    assert int(flag[0]) == 0

@@ -84,8 +84,7 @@ class GpuExecutor:
                 from ktc.runtime.ops.moe import MOE_EXPERTS
 
                 packed = MOE_EXPERTS.prepare(n, {role: weights[w] for role, w in n.weights.items()})["packed"]
-                off = CpuExpertsOffload(n, packed, cpu_kernels, device, max_batch_size, pool,
-                                        kernels if stream_ok else None)
+                off = CpuExpertsOffload(n, packed, cpu_kernels, device, max_batch_size, pool, kernels, stream_ok)
                 self.offloads.append(off)
                 self.steps.append((n, off, None))
                 continue

@@ -23,7 +23,10 @@ CPU experts prefill without a graph (their CPU part is host work).
 Heterogeneous artifacts (routed experts partly on the CPU) run the same way: the executor's
 schedule has host actions (wait for a layer's inputs, run its CPU experts) between stretches of
 stream work, and a decode step is captured as one CUDA graph per stretch (one per MoE layer),
-replayed in order with the host actions between them. `profile(True)` / `layer_stats()` report per MoE layer the
+replayed in order with the host actions between them. Each graph is launched before the previous
+layer's CPU kernel runs (_replay_ahead): it starts with a kernel that waits on the GPU for a flag the
+host sets in pinned memory when that kernel is done, so neither the launch nor an event stands
+between the CPU's result and the GPU's next work. `profile(True)` / `layer_stats()` report per MoE layer the
 CPU kernel time, the wait for its inputs and the GPU time spent beside it.
 """
 
@@ -69,6 +72,7 @@ class GpuModel(CompiledModel):
         self._prefill_pool: Any = None
         self._prefill_uncapturable: set[tuple[int, int]] = set()   # shapes whose capture failed: eager
         self._sample_stream: tuple[torch.Generator | None, int, int] | None = None   # see _sampling_stream
+        self._host_wait_works: bool | None = None    # see _can_launch_ahead
 
     def _new_cache(self) -> GpuKVCache:
         return GpuKVCache(self._specs, self.device, self.max_batch_size, self.max_context)
@@ -97,13 +101,38 @@ class GpuModel(CompiledModel):
             return out
         g["ids"].copy_(tokens.reshape(b, 1), non_blocking=True)
         g["pos"].fill_(cache.length)
-        for kind, item in g["plan"]:
-            if kind == "graph":
-                item.replay()
-            else:
-                item.run(b)
+        if g["ahead"]:
+            self._replay_ahead(g["plan"], b)
+        else:
+            for kind, item in g["plan"]:
+                if kind == "graph":
+                    item.replay()
+                else:
+                    item.run(b)
         cache.advance(1)
         return g["out"]
+
+    @staticmethod
+    def _replay_ahead(plan: list[tuple[str, Any]], b: int) -> None:
+        """A decode step whose graphs (graph, run, graph, ..., graph) wait on the GPU for each layer's CPU kernel:
+        each graph is launched before the previous layer's kernel runs, so the launch is off the critical path
+        and the GPU starts on the layer's result the moment the host releases it. If the host stops half way
+        (an error, an interrupt), every flag is released so no kernel spins on, and cleared once the GPU is done."""
+        graphs = [item for kind, item in plan[0::2]]
+        runs = [item for kind, item in plan[1::2]]
+        graphs[0].replay()
+        try:
+            for graph, off in zip(graphs[1:], runs, strict=True):
+                graph.replay()
+                off.run(b)
+                off.release()
+        except BaseException:
+            for off in runs:
+                off.release()
+            torch.cuda.synchronize()
+            for off in runs:
+                off.clear_flag()
+            raise
 
     def _capture(self, b: int) -> None:
         """Capture a decode step at batch b: one CUDA graph per stretch of stream work of the
@@ -116,23 +145,46 @@ class GpuModel(CompiledModel):
         state = ex.start(ids, pos, cache, cache.length, True)
         pool = torch.cuda.graph_pool_handle()
         segments = ex.segments()
+        ahead = self._can_launch_ahead(segments, b)
         plan: list[tuple[str, Any]] = []
         out = None
-        with torch.no_grad():
-            for n, (kind, actions) in enumerate(segments):
-                if kind == "host":
-                    action, i = ex.actions[actions[0]]
-                    plan.append((action, ex.steps[i][1]))    # the CpuExpertsOffload: acts at replay only
-                    continue
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    for k in actions:
-                        ex.do(k, state)
-                    if n == len(segments) - 1:
-                        out = ex.finish(state)[:, -1]
-                plan.append(("graph", graph))
+        try:
+            for off in ex.offloads:
+                off.await_host = ahead
+            with torch.no_grad():
+                for n, (kind, actions) in enumerate(segments):
+                    if kind == "host":
+                        action, i = ex.actions[actions[0]]
+                        plan.append((action, ex.steps[i][1]))    # the CpuExpertsOffload: acts at replay only
+                        continue
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        for k in actions:
+                            ex.do(k, state)
+                        if n == len(segments) - 1:
+                            out = ex.finish(state)[:, -1]
+                    plan.append(("graph", graph))
+        finally:
+            for off in ex.offloads:
+                off.await_host = False
         self._cuda_graph = {"plan": plan, "ids": ids, "pos": pos, "out": out, "batch": b,
-                            "generation": cache.generation}
+                            "generation": cache.generation, "ahead": ahead}
+
+    def _can_launch_ahead(self, segments: list[tuple[str, list[int]]], b: int) -> bool:
+        """Whether the decode graphs can be launched a layer ahead (_replay_ahead): stream and host stretches
+        alternate, each host stretch is one CPU run, every CPU layer can wait on the GPU for its kernel, and a
+        kernel waiting on a flag in pinned memory does see the host set it here (checked once)."""
+        ex = self.executor
+        kinds = [kind for kind, _ in segments]
+        if not ex.offloads or kinds[0::2] != ["stream"] * len(kinds[0::2]) or kinds[-1] != "stream":
+            return False
+        if kinds[1::2] != ["host"] * len(kinds[1::2]) or not all(len(a) == 1 for k, a in segments if k == "host"):
+            return False
+        if not all(off.can_await_host(b) for off in ex.offloads):
+            return False
+        if self._host_wait_works is None:
+            self._host_wait_works = ex.offloads[0].check_host_wait()
+        return self._host_wait_works
 
     # -- the CPU experts' timings (heterogeneous artifacts) ------------------------------------
     def profile(self, on: bool = True) -> None:

@@ -12,7 +12,9 @@ schedules around the GPU work of the same layer:
     run      (host)    wait for the event (this layer's copies, not the whole device), then run the
                        TVM kernel into a pinned output buffer, on this thread (the GIL is released;
                        decode sizes through a call bound once, CpuExpertKernels.bind)
-    gather   (stream)  copy the pinned output to the device, in the activations' dtype
+    gather   (stream)  copy the pinned output to the device, in the activations' dtype; in decode
+                       graphs launched a layer ahead, the same kernel first waits for the flag the
+                       host sets after run (release), spinning on the GPU (moe_wait_gather_kernel)
 
 Long prefills instead stream the layer's CPU experts to the GPU (the GPU's fused MoE reads the
 CPU kernels' int8 layout as w8a16 and their int4 layout as w4a16): from `stream_min_tokens` tokens on, copying
@@ -226,7 +228,7 @@ class CpuExpertsOffload:
     """Runs one CPU-placed moe_experts node of a GPU graph (see the module docstring)."""
 
     def __init__(self, node: Node, packed: dict[str, Any], cpu_kernels: Any, device: torch.device,
-                 small_capacity: int, pool: dict, gpu_kernels: Any = None):
+                 small_capacity: int, pool: dict, gpu_kernels: Any = None, stream: bool = True):
         if cpu_kernels is None:
             raise ArtifactError(f"node {node.name}: CPU experts need the artifact's CPU kernels, which are not loaded")
         if node.kernel is None:
@@ -262,7 +264,8 @@ class CpuExpertsOffload:
         self.gpu_kernels = gpu_kernels
         self.inter = int(node.attrs["intermediate_size"])
         quantized = node.format in ("int8", "int4") and "gate_up.q" in packed
-        gpu_can_run = quantized and self.pin and gpu_kernels is not None     # these experts' layout, on the GPU
+        # these experts' layout, on the GPU (stream: the plan left room for the prefill staging buffer)
+        gpu_can_run = quantized and self.pin and gpu_kernels is not None and stream
         self.stream_from = stream_min_tokens() if gpu_can_run else None
         pcie = (gpu_can_run and hasattr(getattr(gpu_kernels, "moe", None), "moe_decode_cpu_layout")
                 and not pcie_turned_off())
@@ -287,6 +290,14 @@ class CpuExpertsOffload:
         self.pcie_side_stream = True
         self._side = torch.cuda.Stream(device) if self._pcie_weights is not None else None
         self._forked = False
+        # decode graphs launched a layer ahead (runtime/gpu/model.py): gather then starts with a kernel that waits
+        # on the GPU for a flag the host sets after the CPU kernel (release), instead of the next layer's graph
+        # being launched only then. False: launched after the kernel, as before (for comparisons)
+        self.host_flags = True
+        self.await_host = False     # set by the model while it captures decode graphs launched ahead
+        self._flag = torch.zeros(16, dtype=torch.int32, pin_memory=self.pin)    # a cache line of its own
+        self._flag_host = self._flag.numpy()
+        self._flag_dev = device_alias(self._flag) if self.pin else None
 
     @property
     def pcie_take(self) -> tuple[int, ...] | None:
@@ -385,6 +396,11 @@ class CpuExpertsOffload:
             y, self._streamed = self._streamed, None
             return y.to(dtype).view(shape)
         buf = self._buffers(t)
+        if buf.on_device is not None and self.await_host:   # waits for release(), then as below, one kernel
+            out = torch.empty(t, self.hidden, dtype=dtype, device=self.device)
+            self.gpu_kernels.moe.wait_gather(self._flag_dev, buf.on_device["y"][:t], out, self._pcie_y)
+            self._pcie_y = None
+            return out.view(shape)
         if buf.on_device is not None:   # one kernel reads y from host memory (a copy: the buffer is reused)
             y = buf.on_device["y"][:t]
             if self._pcie_y is not None:    # plus the GPU's share of the experts (float32): one kernel
@@ -459,6 +475,44 @@ class CpuExpertsOffload:
                 self._pending_gpu.append((self._gpu_start, self._gpu_end))
                 self._gpu_start, self._gpu_end = (torch.cuda.Event(enable_timing=True),
                                                   torch.cuda.Event(enable_timing=True))
+
+    def can_await_host(self, tokens: int) -> bool:
+        """Whether decode graphs of `tokens` tokens can wait on the GPU for this layer's CPU kernel (host_flags on,
+        kernels through CUDA aliases, GPU kernels that have moe_wait_gather_kernel)."""
+        return (self.host_flags and self._flag_dev is not None and tokens <= self.small_capacity
+                and self._buffers(tokens).on_device is not None
+                and hasattr(getattr(self.gpu_kernels, "moe", None), "wait_gather"))
+
+    def release(self) -> None:
+        """Host, after run(): set the flag the next layer's graph waits on (await_host)."""
+        self._flag_host[0] = 1
+
+    def clear_flag(self) -> None:
+        """After a step was abandoned (all flags released, the device synchronised): no stale flag for the next."""
+        self._flag_host[0] = 0
+
+    def check_host_wait(self, timeout_s: float = 1.0) -> bool:
+        """Whether a kernel waiting on the flag sees the host set it on this machine: launched with the flag
+        clear, it must still be waiting after a few ms and finish once the flag is set. Compiles it, too."""
+        if self._flag_dev is None:
+            return False
+        y = self._buffers(1).on_device["y"][:1]
+        out = torch.empty(1, self.hidden, dtype=torch.float32, device=self.device)
+        self.clear_flag()
+        done = torch.cuda.Event()
+        self.gpu_kernels.moe.wait_gather(self._flag_dev, y, out, None, max_spins=1 << 22)
+        done.record()
+        time.sleep(0.005)
+        waited = not done.query()
+        self.release()
+        end = time.perf_counter() + timeout_s
+        while not done.query() and time.perf_counter() < end:
+            time.sleep(1e-4)
+        seen = done.query()
+        torch.cuda.synchronize(self.device)
+        ok = waited and seen and self._flag_host[0] == 0 and not bool(out.isnan().any())
+        self.clear_flag()
+        return ok
 
     def _bound_call(self, t: int) -> Any:
         """The kernel call on the decode-sized buffers for t tokens, bound once (CpuExpertKernels.bind):

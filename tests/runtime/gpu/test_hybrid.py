@@ -210,6 +210,44 @@ def test_gpu_share_of_the_cpu_experts_read_over_pcie_matches_the_cpu_kernels(art
     assert model.generate(p, max_new_tokens=12, eos_token_id=[]).tolist() == graphs.tolist()
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (a kernel waiting on a flag in pinned memory)")
+def test_decode_graphs_launched_ahead_wait_on_the_gpu_for_each_cpu_kernel(artifacts):
+    """Decode graphs launched a layer ahead, each waiting on the GPU for the flag the host sets after the CPU
+    kernel, give the logits of graphs launched after each kernel, bit for bit; a step interrupted half way
+    releases every waiting kernel, leaves no flag set, and the step run again gives the uninterrupted logits."""
+    import ktc
+
+    model = ktc.load(str(artifacts("qwen3_moe", "budget")))
+    offs = model.executor.offloads
+    p, toks = prompts(256, 5, seed=4), [7, 91, 13, 200, 5]
+
+    def decode(interrupt_at: int | None = None) -> torch.Tensor:
+        model.reset()
+        model.prefill(p, reserve=len(toks) + 2)
+        out = []
+        for i, tok in enumerate(toks):
+            t = torch.tensor([tok], device="cuda")
+            if i == interrupt_at:
+                def stop(*a, **kw):
+                    raise KeyboardInterrupt
+                offs[-1].run = stop
+                with pytest.raises(KeyboardInterrupt):
+                    model.step(t)
+                del offs[-1].run
+                assert all(int(off._flag_host[0]) == 0 for off in offs)
+            out.append(model.step(t).float().cpu())
+        return torch.stack(out)
+
+    ahead = decode()
+    assert model._cuda_graph["ahead"]
+    assert torch.equal(decode(interrupt_at=3), ahead)
+    for off in offs:
+        off.host_flags = False
+    after = decode()
+    assert not model._cuda_graph["ahead"]
+    assert torch.equal(ahead, after)
+
+
 def test_hybrid_with_int8_cpu_experts_is_close_to_transformers(tiny_models, artifacts):
     from ktc.runtime.artifact import read_manifest
 

@@ -241,6 +241,31 @@ def measure_decode(model, steps: int = 48, repeats: int = 5) -> dict:
     return {"ms": ms, "tok_s": 1e3 / ms, "runs_ms": [1e3 * r for r in runs], "layers": _layer_summary(stats)}
 
 
+def kernel_profile(model, steps: int = 4, top: int = 24) -> dict:
+    """The GPU kernels of `steps` CUDA-graph decode steps (torch.profiler / CUPTI): per kernel name, launches and
+    mean us per step; and the GPU's busy time per step (kernel time summed over streams)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = _decode_prompt(model)
+    model.prefill(ids, reserve=steps + 8)
+    tok = torch.tensor([0], device=model.device)
+    for _ in range(3):
+        tok = model.step(tok).argmax(-1)
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tok = model.step(tok).argmax(-1)
+        _sync()
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and e.name and "Memcpy" not in e.name:
+            kernels.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
+    rows = sorted(((n, len(v) / steps, sum(v) / steps) for n, v in kernels.items()), key=lambda r: -r[2])
+    return {"busy_us_per_step": sum(r[2] for r in rows), "launches_per_step": sum(r[1] for r in rows),
+            "kernels": [{"name": n, "per_step": c, "us_per_step": us} for n, c, us in rows[:top]]}
+
+
 def measure_prefill(model, length: int = PREFILL, repeats: int = 2) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.vocab_size, (1, length), generator=g)
@@ -458,11 +483,12 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
         r["runtime_cpu_vs_direct"] = lay["cpu_ms_mean"] / direct
         r["step_rest_ms"] = dec["ms"] - lay["cpu_ms_sum"] - lay["wait_ms_sum"]
     # the same decode under other runtime settings, interleaved (same-run comparisons): the GPU's share of
-    # the CPU experts read over PCIe (now: the cost model's take[n]) off or fixed; and the runtime of
+    # the CPU experts read over PCIe (now: the cost model's take[n]) off or fixed; each layer's graph launched
+    # after its CPU kernel instead of ahead of it (no GPU-side wait on the host's flag); and the runtime of
     # before 2026-11-23 (every CPU call through moe_experts, decode buffers copied by memcpys, no share)
     off0 = model.executor.offloads[0]
     k = off0.top_k
-    configs = {"now": {}}
+    configs = {"now": {}, "graphs launched after each CPU kernel": {"host_flags": False}}
     if getattr(off0, "_pcie_weights", None) is not None:
         r["pcie_take_model"] = off0.pcie_take
         configs["no PCIe share"] = {"pcie_take": None}
@@ -473,6 +499,13 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
     ab = compare_decode(model, configs)
     r["pcie_share_logits_rel"] = pcie_share_logits(model)
     r["decode_ab"] = ab
+    try:
+        r["kernel_profile"] = kp = kernel_profile(model)
+        log(f"{name}: GPU kernels a decode step: {kp['launches_per_step']:.0f} launches, busy "
+            f"{kp['busy_us_per_step']:.0f} us; " + "; ".join(f"{k['name'][:60]} x{k['per_step']:.0f} "
+                                                           f"{k['us_per_step']:.0f} us" for k in kp["kernels"]))
+    except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the run's figures
+        log(f"{name}: kernel profile failed: {e}")
     results[name] = r
     log(f"{name}: decode {dec['tok_s']:.1f} tok/s ({dec['ms']:.2f} ms; roofline {bound:.2f} ms = max(CPU "
         f"{roof['cpu_ms']:.2f}, GPU {roof['gpu_ms']:.2f}) -> {bound / dec['ms']:.0%} of it), prefill-2K "

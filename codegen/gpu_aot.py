@@ -201,11 +201,13 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                  tuple(i for i in ints if i != "x_stride"),
                  consts=dict(q, BLOCK_N=cc["GEMV_N_DOWN"], BLOCK_K=cc["GEMV_K_DOWN"])),
             num_warps=cc["gemv_warps"])
-    for has_table in (False, True):
-        add("moe", "moe_split_ids_kernel", _sig(dict(ids_ptr="i32", table_ptr="i32", take_ptr="i32", cpu_ptr="i32",
-                                                     gpu_ptr="i32"),
-                                                consts=dict(TOP_K=top_k, BLOCK=top_k, HAS_TABLE=has_table)),
-            num_warps=1)
+    for has_table in (False, True):     # decode steps' hand-off to the CPU kernel (with the GPU's PCIe share)
+        for split, has_x in ((True, False), (True, True), (False, True)):
+            add("moe", "moe_stage_kernel",
+                _sig(dict(ids_ptr="i32", table_ptr="i32", take_ptr="i32", cpu_ptr="i32", gpu_ptr="i32", x_ptr="bf16",
+                          tw_ptr="fp32", x_out_ptr="fp32", tw_out_ptr="fp32"), ("hidden", "x_stride"),
+                     consts=dict(TOP_K=top_k, BLOCK=top_k, HAS_TABLE=has_table, SPLIT=split, HAS_X=has_x,
+                                 BLOCK_H=hidden)), num_warps=4)
     for extra in (False, True):     # decode graphs: the hand-off back from the CPU kernel
         add("moe", "moe_wait_gather_kernel", _sig(dict(flag_ptr="i32", y_ptr="fp32", extra_ptr="fp32", out_ptr="bf16"),
                                                   ("n", "max_spins"), consts=dict(HAS_EXTRA=extra, BLOCK=hidden)),

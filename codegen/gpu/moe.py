@@ -480,14 +480,17 @@ def moe_gemv_down_q_kernel(a_ptr, q_ptr, s_ptr, ids_ptr, topk_w_ptr, y_ptr, N, K
     tl.store(y_ptr + t * y_stride + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-# the GPU's share of a decode step's CPU experts (runtime/gpu/offload): the ids split below, then the q GEMV
-# kernels above on the CPU kernels' layout (INT8 / PAIR, SKIP), reading pinned host memory over PCIe
+# a decode step's hand-off to the CPU kernel (runtime/gpu/offload): x, the weights and this node's ids written to
+# pinned host memory in one kernel, the ids split with the GPU's share of the CPU experts, which the q GEMV kernels
+# above then run on the CPU kernels' layout (INT8 / PAIR, SKIP), reading pinned host memory over PCIe
 
 @triton.jit
-def moe_split_ids_kernel(ids_ptr, table_ptr, take_ptr, cpu_ptr, gpu_ptr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
-                         HAS_TABLE: tl.constexpr):
-    """Token t's router ids -> this node's rows (table; -1: held elsewhere), split: of the n slots held here
-    the first take[n] go to gpu (their row; -1 elsewhere), the others to cpu (their row; -1 elsewhere)."""
+def moe_stage_kernel(ids_ptr, table_ptr, take_ptr, cpu_ptr, gpu_ptr, x_ptr, tw_ptr, x_out_ptr, tw_out_ptr, hidden,
+                     x_stride, TOP_K: tl.constexpr, BLOCK: tl.constexpr, HAS_TABLE: tl.constexpr, SPLIT: tl.constexpr,
+                     HAS_X: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Token t's router ids -> this node's rows (table; -1: held elsewhere) into cpu. SPLIT: of the n slots held
+    here the first take[n] go to gpu instead (their row; -1 elsewhere), cpu naming them -1. HAS_X: also x's row
+    (as float32) and the token's weights to x_out / tw_out."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < TOP_K
@@ -496,11 +499,20 @@ def moe_split_ids_kernel(ids_ptr, table_ptr, take_ptr, cpu_ptr, gpu_ptr, TOP_K: 
         rows = tl.load(table_ptr + tl.where(ids >= 0, ids, 0), mask=m & (ids >= 0), other=-1).to(tl.int32)
     else:
         rows = ids
-    held = ((rows >= 0) & m).to(tl.int32)
-    take = tl.load(take_ptr + tl.sum(held, axis=0))
-    to_gpu = (held > 0) & (tl.cumsum(held, axis=0) <= take)
-    tl.store(cpu_ptr + t * TOP_K + offs, tl.where(to_gpu, -1, rows), mask=m)
-    tl.store(gpu_ptr + t * TOP_K + offs, tl.where(to_gpu, rows, -1), mask=m)
+    if SPLIT:
+        held = ((rows >= 0) & m).to(tl.int32)
+        take = tl.load(take_ptr + tl.sum(held, axis=0))
+        to_gpu = (held > 0) & (tl.cumsum(held, axis=0) <= take)
+        tl.store(gpu_ptr + t * TOP_K + offs, tl.where(to_gpu, rows, -1), mask=m)
+        rows = tl.where(to_gpu, -1, rows)
+    tl.store(cpu_ptr + t * TOP_K + offs, rows, mask=m)
+    if HAS_X:
+        tl.store(tw_out_ptr + t * TOP_K + offs, tl.load(tw_ptr + t * TOP_K + offs, mask=m, other=0.0), mask=m)
+        for h0 in range(0, hidden, BLOCK_H):
+            hh = h0 + tl.arange(0, BLOCK_H)
+            hm = hh < hidden
+            xv = tl.load(x_ptr + t * x_stride + hh, mask=hm, other=0.0).to(tl.float32)
+            tl.store(x_out_ptr + t * hidden + hh, xv, mask=hm)
 
 
 # the hand-off back from the CPU kernel in decode graphs (runtime/gpu/offload): the graph of the next layer is
@@ -536,7 +548,7 @@ KERNELS = {"moe_align_kernel": moe_align_kernel, "moe_count_kernel": moe_count_k
            "moe_sum_kernel": moe_sum_kernel, "moe_gemv_up_kernel": moe_gemv_up_kernel,
            "moe_gemv_down_kernel": moe_gemv_down_kernel, "moe_down_sum_kernel": moe_down_sum_kernel,
            "moe_gemv_up_q_kernel": moe_gemv_up_q_kernel, "moe_gemv_down_q_kernel": moe_gemv_down_q_kernel,
-           "moe_split_ids_kernel": moe_split_ids_kernel, "moe_wait_gather_kernel": moe_wait_gather_kernel}
+           "moe_stage_kernel": moe_stage_kernel, "moe_wait_gather_kernel": moe_wait_gather_kernel}
 
 GEMV_TOKENS = 4          # dense steps with at most this many tokens take the two-launch decode path
 
@@ -896,12 +908,29 @@ def candidate_configs(tokens: int, top_k: int, num_experts: int, hidden: int, in
 
 def split_ids(ids: torch.Tensor, table: torch.Tensor | None, take: torch.Tensor, cpu_ids: torch.Tensor,
               gpu_ids: torch.Tensor) -> None:
-    """moe_split_ids_kernel on ids [T, K] into cpu_ids and gpu_ids (int32 [T, K], written in place; cpu_ids may
-    be a CUDA alias of pinned host memory). take: int32 [K + 1], take[n] = how many of a token's n slots held
+    """moe_stage_kernel's split alone: ids [T, K] into cpu_ids and gpu_ids (int32 [T, K], written in place; cpu_ids
+    may be a CUDA alias of pinned host memory). take: int32 [K + 1], take[n] = how many of a token's n slots held
     by this node the GPU runs."""
+    stage_decode(ids, table, cpu_ids, take=take, gpu_ids=gpu_ids)
+
+
+def stage_decode(ids: torch.Tensor, table: torch.Tensor | None, cpu_ids: torch.Tensor, x: torch.Tensor | None = None,
+                 tw: torch.Tensor | None = None, x_out: torch.Tensor | None = None, tw_out: torch.Tensor | None = None,
+                 take: torch.Tensor | None = None, gpu_ids: torch.Tensor | None = None) -> None:
+    """moe_stage_kernel, one launch: this node's rows of router ids [T, K] (table: global -> row, -1 elsewhere;
+    None: ids are rows) into cpu_ids (int32 [T, K]); with take / gpu_ids, the GPU's share split off to gpu_ids;
+    with x [T, H] / tw [T, K], x as float32 to x_out and tw to tw_out. Outputs may be CUDA aliases of pinned
+    host memory (the CPU kernel's buffers)."""
     t, k = ids.shape
-    moe_split_ids_kernel[(t,)](ids, table if table is not None else take, take, cpu_ids, gpu_ids, TOP_K=k,
-                               BLOCK=triton.next_power_of_2(k), HAS_TABLE=table is not None, num_warps=1)
+    has_x = x is not None
+    split = take is not None
+    dummy = cpu_ids
+    moe_stage_kernel[(t,)](ids, table if table is not None else dummy, take if split else dummy, cpu_ids,
+                           gpu_ids if split else dummy, x if has_x else dummy, tw if has_x else dummy,
+                           x_out if has_x else dummy, tw_out if has_x else dummy, x.shape[-1] if has_x else 0,
+                           x.stride(0) if has_x else 0, TOP_K=k, BLOCK=triton.next_power_of_2(k),
+                           HAS_TABLE=table is not None, SPLIT=split, HAS_X=has_x,
+                           BLOCK_H=min(4096, triton.next_power_of_2(x.shape[-1])) if has_x else 16, num_warps=4)
 
 
 WAIT_SPINS = 1 << 26     # ~a minute of PCIe reads: a decode graph never waits forever on a host that died

@@ -4,7 +4,7 @@ A CPU moe_experts node of a --target cuda graph runs in four actions, which the 
 schedules around the GPU work of the same layer:
 
     stage    (stream)  ids -> this node's rows (table), x -> float32, into pinned host buffers:
-                       decode sizes written by kernels through CUDA aliases of the buffers,
+                       decode sizes written by one kernel through CUDA aliases of the buffers,
                        larger batches by asynchronous copies (see _Buffers)
     mark     (stream)  record an event after those copies (an external event: a CUDA graph
                        captures the record itself, so the host can wait on it at replay)
@@ -344,9 +344,22 @@ class CpuExpertsOffload:
         streamed = self.stream_from is not None and t >= self.stream_from
         buf = None if streamed else self._buffers(t)
         dev = None if buf is None else buf.on_device
+        if dev is not None and hasattr(getattr(self.gpu_kernels, "moe", None), "stage_decode"):
+            # one kernel writes x, the weights and this node's ids into host memory (see _Buffers), splitting off
+            # the GPU's share of the experts in single-token steps (pcie_take)
+            self._streamed = None
+            split = t == 1 and self._take is not None
+            x2, tw2 = x.reshape(t, self.hidden), tw.reshape(t, self.top_k)
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            self.gpu_kernels.moe.stage_decode(ids, self.table, dev["ids"][:t], x2, tw2, dev["x"][:t], dev["tw"][:t],
+                                              self._take if split else None, self._gpu_ids if split else None)
+            if split:
+                self._pcie_in = (x2, tw2, self._gpu_ids)
+            return
         if dev is not None:
-            # kernels writing host memory (see _Buffers). Not copy_: torch copies between tensors of
-            # one dtype with cudaMemcpy, a memcpy node in a graph; mul by 1 is a kernel, exact
+            # artifacts from before moe_stage_kernel: kernels writing host memory. Not copy_: torch copies between
+            # tensors of one dtype with cudaMemcpy, a memcpy node in a graph; mul by 1 is a kernel, exact
             self._streamed = None
             torch.mul(x.reshape(t, self.hidden), 1, out=dev["x"][:t])
             torch.mul(tw.reshape(t, self.top_k), 1, out=dev["tw"][:t])

@@ -400,23 +400,36 @@ def test_moe_decode_cpu_layout_reads_only_the_slots_it_is_given(fmt, group, toke
 
 
 @pytest.mark.parametrize("table", [False, True])
-def test_split_ids(table):
-    """Of the slots a node holds, the first take[n] go to the GPU, the rest stay on the CPU; others are -1."""
-    k = 6
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("has_x", [False, True])
+def test_stage_decode(table, split, has_x):
+    """One launch hands a decode step to the CPU kernel: this node's rows of the router ids (table: odd experts
+    held here), of which the first take[n] of a token's n go to the GPU (split), plus x as float32 and the
+    weights (has_x); rows held elsewhere are -1."""
+    k, h = 6, 40
     ids = torch.tensor([[5, 1, 7, 0, 3, 2], [7, 6, 5, 4, 3, 2], [0, 1, 2, 3, 4, 5]], dtype=torch.int32)
-    tab = torch.tensor([-1, 0, -1, 1, -1, 2, -1, 3], dtype=torch.int32) if table else None   # odd experts held
+    tab = torch.tensor([-1, 0, -1, 1, -1, 2, -1, 3], dtype=torch.int32) if table else None
     take = torch.tensor([0, 0, 1, 1, 2, 2, 3], dtype=torch.int32)
-    cpu, gpu = torch.empty_like(ids), torch.empty_like(ids)
-    moe.split_ids(ids.to(DEV), None if tab is None else tab.to(DEV), take.to(DEV), cpu_ids := cpu.to(DEV),
-                  gpu_ids := gpu.to(DEV))
+    x, tw = rnd(3, h, dtype=torch.float16, seed=4), rnd(3, k, seed=5)
+    x_out, tw_out = torch.zeros(3, h, device=DEV), torch.zeros(3, k, device=DEV)
+    cpu_ids, gpu_ids = torch.zeros_like(ids).to(DEV), torch.full_like(ids, 99).to(DEV)
+    if has_x:
+        moe.stage_decode(ids.to(DEV), None if tab is None else tab.to(DEV), cpu_ids, x, tw, x_out, tw_out,
+                         take.to(DEV) if split else None, gpu_ids if split else None)
+    elif split:
+        moe.split_ids(ids.to(DEV), None if tab is None else tab.to(DEV), take.to(DEV), cpu_ids, gpu_ids)
+    else:
+        moe.stage_decode(ids.to(DEV), None if tab is None else tab.to(DEV), cpu_ids)
     rows = tab[ids.long()] if table else ids
     for t in range(ids.shape[0]):
         held = [j for j in range(k) if rows[t, j] >= 0]
-        n_gpu = int(take[len(held)])
+        n_gpu = int(take[len(held)]) if split else 0
         want_gpu = [int(rows[t, j]) if j in held[:n_gpu] else -1 for j in range(k)]
         want_cpu = [int(rows[t, j]) if j in held[n_gpu:] else -1 for j in range(k)]
-        assert gpu_ids[t].tolist() == want_gpu
         assert cpu_ids[t].tolist() == want_cpu
+        assert gpu_ids[t].tolist() == (want_gpu if split else [99] * k)
+    assert torch.equal(x_out.cpu(), x.float().cpu() if has_x else torch.zeros(3, h))
+    assert torch.equal(tw_out.cpu(), tw.cpu() if has_x else torch.zeros(3, k))
 
 
 def test_argmax():

@@ -522,8 +522,10 @@ def moe_stage_kernel(ids_ptr, table_ptr, take_ptr, cpu_ptr, gpu_ptr, x_ptr, tw_p
 def moe_wait_gather_kernel(flag_ptr, y_ptr, extra_ptr, out_ptr, n, max_spins, HAS_EXTRA: tl.constexpr,
                            BLOCK: tl.constexpr):
     """Spin until the host sets flag (pinned host memory, read across PCIe with volatile loads) or max_spins
-    reads went by, then out = y (+ extra), y read the same way; then reset the flag for the next step. One
-    program: the barrier keeps the reset after every warp has seen the flag. Timed out: out is NaN."""
+    reads went by, then out = y (+ extra); then reset the flag for the next step. One program: the barrier keeps
+    the reset after every warp has seen the flag. Timed out: out is NaN. y is read with plain loads, issued
+    only once the loop has exited (volatile ones go one 4-byte PCIe read at a time: ~15 us for 8 KB on an H100,
+    against ~2 for the plain ones), as the gather that ran as a graph of its own read it."""
     f = tl.load(flag_ptr, volatile=True)
     spins = 0
     while (f == 0) & (spins < max_spins):
@@ -532,7 +534,7 @@ def moe_wait_gather_kernel(flag_ptr, y_ptr, extra_ptr, out_ptr, n, max_spins, HA
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < n
-        y = tl.load(y_ptr + offs, mask=m, other=0.0, volatile=True)
+        y = tl.load(y_ptr + offs, mask=m, other=0.0)
         if HAS_EXTRA:
             y += tl.load(extra_ptr + offs, mask=m, other=0.0)
         y = tl.where(f != 0, y, float("nan"))

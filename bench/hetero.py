@@ -243,7 +243,8 @@ def measure_decode(model, steps: int = 48, repeats: int = 5) -> dict:
 
 def kernel_profile(model, steps: int = 4, top: int = 24) -> dict:
     """The GPU kernels of `steps` CUDA-graph decode steps (torch.profiler / CUPTI): per kernel name, launches and
-    mean us per step; and the GPU's busy time per step (kernel time summed over streams)."""
+    mean us per step; the GPU's busy time per step (kernel time summed over streams); and a layer's timeline
+    (layer_timeline)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -257,13 +258,40 @@ def kernel_profile(model, steps: int = 4, top: int = 24) -> dict:
         for _ in range(steps):
             tok = model.step(tok).argmax(-1)
         _sync()
+    events = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == DeviceType.CUDA and e.name and "Memcpy" not in e.name), key=lambda e: e[1])
     kernels: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA and e.name and "Memcpy" not in e.name:
-            kernels.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
+    for name, a, b in events:
+        kernels.setdefault(name[:90], []).append(b - a)
     rows = sorted(((n, len(v) / steps, sum(v) / steps) for n, v in kernels.items()), key=lambda r: -r[2])
     return {"busy_us_per_step": sum(r[2] for r in rows), "launches_per_step": sum(r[1] for r in rows),
-            "kernels": [{"name": n, "per_step": c, "us_per_step": us} for n, c, us in rows[:top]]}
+            "kernels": [{"name": n, "per_step": c, "us_per_step": us} for n, c, us in rows[:top]],
+            "layer_timeline_us": layer_timeline(events)}
+
+
+def layer_timeline(events: list[tuple[str, float, float]]) -> dict:
+    """Median us, per MoE layer, from the end of the stage kernel (moe_stage_kernel, moe_split_ids_kernel before it;
+    the host's event follows it) to: the GPU's PCIe share starting and ending, the GPU experts ending, the next
+    layer's wait_gather ending (the CPU kernel's result is in) and the next layer's stage ending (the serial
+    GPU part in between)."""
+    anchors = [i for i, e in enumerate(events) if e[0] in ("moe_stage_kernel", "moe_split_ids_kernel")]
+    marks: dict[str, list[float]] = {}
+    for a, b in zip(anchors, anchors[1:], strict=False):
+        t0 = events[a][2]
+        seg = events[a + 1: b + 1]
+
+        def first(name, which, seg=seg, t0=t0):
+            hit = [e for e in seg if e[0].startswith(name)]
+            return (hit[0][1] if which == "start" else max(e[2] for e in hit)) - t0 if hit else None
+
+        got = {"share_start": first("moe_gemv_up_q_kernel", "start"),
+               "share_end": first("moe_gemv_down_q_kernel", "end"),
+               "gpu_experts_end": first("moe_gemv_down_kernel", "end"),
+               "cpu_result_in": first("moe_wait_gather_kernel", "end"), "next_stage_end": events[b][2] - t0}
+        for k, v in got.items():
+            if v is not None:
+                marks.setdefault(k, []).append(v)
+    return {k: statistics.median(v) for k, v in marks.items()}
 
 
 def measure_prefill(model, length: int = PREFILL, repeats: int = 2) -> dict:
@@ -499,13 +527,20 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
     ab = compare_decode(model, configs)
     r["pcie_share_logits_rel"] = pcie_share_logits(model)
     r["decode_ab"] = ab
-    try:
-        r["kernel_profile"] = kp = kernel_profile(model)
-        log(f"{name}: GPU kernels a decode step: {kp['launches_per_step']:.0f} launches, busy "
-            f"{kp['busy_us_per_step']:.0f} us; " + "; ".join(f"{k['name'][:60]} x{k['per_step']:.0f} "
-                                                           f"{k['us_per_step']:.0f} us" for k in kp["kernels"]))
-    except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the run's figures
-        log(f"{name}: kernel profile failed: {e}")
+    r["kernel_profile"] = {}
+    defaults = offload_defaults(model, configs)
+    for cfg in [c for c in ("now", "PCIe 2 of n>=5", "PCIe share on the main stream") if c in configs]:
+        try:
+            set_offloads(model, configs[cfg], defaults)
+            r["kernel_profile"][cfg] = kp = kernel_profile(model)
+            log(f"{name} [{cfg}]: GPU kernels a decode step: {kp['launches_per_step']:.0f} launches, busy "
+                f"{kp['busy_us_per_step']:.0f} us; a layer from its stage (us): "
+                + ", ".join(f"{k} {v:.0f}" for k, v in kp["layer_timeline_us"].items()) + "; "
+                + "; ".join(f"{k['name'][:50]} x{k['per_step']:.0f} {k['us_per_step']:.0f} us" for k in kp["kernels"]))
+        except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the run's figures
+            log(f"{name}: kernel profile failed: {e}")
+        finally:
+            set_offloads(model, {}, defaults)
     results[name] = r
     log(f"{name}: decode {dec['tok_s']:.1f} tok/s ({dec['ms']:.2f} ms; roofline {bound:.2f} ms = max(CPU "
         f"{roof['cpu_ms']:.2f}, GPU {roof['gpu_ms']:.2f}) -> {bound / dec['ms']:.0%} of it), prefill-2K "
@@ -552,6 +587,23 @@ def fixed_take(top_k: int, j: int, first: int) -> tuple[int, ...]:
     return tuple(min(j, n) if n >= first else 0 for n in range(top_k + 1))
 
 
+def offload_defaults(model, configs: dict[str, dict]) -> dict:
+    """The offloads' present values of the attributes `configs` set."""
+    off = model.executor.offloads[0]
+    return {k: getattr(off, k) for attrs in configs.values() for k in attrs if hasattr(off, k)}
+
+
+def set_offloads(model, values: dict, defaults: dict) -> None:
+    """Set attributes on every CpuExpertsOffload (defaults, then values), then make the shared pinned buffers
+    and the graphs again, as at load."""
+    offs = model.executor.offloads
+    for off in offs:
+        for k, v in {**defaults, **values}.items():
+            setattr(off, k, v)
+    offs[0].pool.clear()
+    model.drop_graphs()
+
+
 def compare_decode(model, configs: dict[str, dict], rounds: int = 6, steps: int = 32) -> dict:
     """Decode ms a step under each configuration (attributes set on every CpuExpertsOffload; its
     buffers and graphs made again, as at load), interleaved: `rounds` rounds, each timing every
@@ -559,14 +611,10 @@ def compare_decode(model, configs: dict[str, dict], rounds: int = 6, steps: int 
     alike. -> name -> {"ms": median of the rounds, "rounds_ms", "vs_now": ms / the first one's}."""
     offs = model.executor.offloads
     names = [n for n, attrs in configs.items() if all(hasattr(offs[0], k) for k in attrs)] if offs else []
-    defaults = {k: getattr(offs[0], k) for attrs in configs.values() for k in attrs if hasattr(offs[0], k)}
+    defaults = offload_defaults(model, configs)
 
     def apply(values: dict) -> None:
-        for off in offs:
-            for k, v in {**defaults, **values}.items():
-                setattr(off, k, v)
-        offs[0].pool.clear()    # the shared pinned buffers are made again on first use
-        model.drop_graphs()
+        set_offloads(model, values, defaults)
 
     ids = _decode_prompt(model)
     times: dict[str, list[float]] = {n: [] for n in names}

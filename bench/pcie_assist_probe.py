@@ -173,8 +173,73 @@ def main() -> None:
         r["vs_all_cpu"] = r["both_ms"] / base
         print(f"{r['cpu_experts']:>7d}+{j:<6d} {r['cpu_ms']:10.3f} {r['gpu_ms']:10.3f} {gbps:10.1f} "
               f"{r['both_ms']:8.3f} {r['cpu_in_both_ms']:12.3f} {r['vs_all_cpu']:10.3f}")
-    print(json.dumps({"plan": plan.name, "pcie_vs_cpu_rel": err, "expert_bytes": per_expert_bytes,
-                      "rows": results}))
+    out = {"plan": plan.name, "pcie_vs_cpu_rel": err, "expert_bytes": per_expert_bytes, "rows": results}
+    if "--sweep" in sys.argv and hasattr(moe, "cpu_layout_gemv_config"):
+        out["sweep"] = sweep(per, moe, inter, n_active, per_expert_bytes, draw, calls)
+    print(json.dumps(out))
+
+
+def sweep(per: list[dict], moe, inter: int, n_active: int, expert_bytes: int, draw, calls: int) -> list[dict]:
+    """The GPU side's blocks (rows a program of the up / down GEMVs, warps) against its PCIe read speed: gpu(j)
+    alone for j = 1, 2 under each config, then both(j) for the fastest few (the CPU kernel beside them)."""
+    layers = per[:16]
+    grid = [{"GEMV_N_UP": nu, "GEMV_N_DOWN": nd, "gemv_warps": w}
+            for nu in (2, 4, 8, 16) for nd in (2, 4, 8, 16) for w in (2, 4, 8)]
+    rows = []
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+
+    def graphs(cfg):
+        out = []
+        for p in layers:
+            moe.moe_decode_cpu_layout(p["gx"], p["gtw"], p["gids"], p["aliases"], inter, config=cfg)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                moe.moe_decode_cpu_layout(p["gx"], p["gtw"], p["gids"], p["aliases"], inter, config=cfg)
+            out.append(g)
+        return out
+
+    def gpu_alone(gs, j, n=48):
+        ts = []
+        for i in range(n):
+            k = i % len(layers)
+            draw(n_active - j, j, layers[k])
+            torch.cuda.synchronize()
+            ev[0].record()
+            gs[k].replay()
+            ev[1].record()
+            torch.cuda.synchronize()
+            ts.append(ev[0].elapsed_time(ev[1]))
+        return statistics.median(ts[n // 8:])
+
+    def both(gs, j, n=48):
+        ts = []
+        for i in range(n):
+            k = i % len(layers)
+            draw(n_active - j, j, layers[k])
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            gs[k].replay()
+            layers[k]["call"]()
+            torch.cuda.synchronize()
+            ts.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(ts[n // 8:])
+
+    for cfg in grid:
+        gs = graphs(cfg)
+        r = {**cfg, "gpu1_ms": gpu_alone(gs, 1), "gpu2_ms": gpu_alone(gs, 2)}
+        r["gbps2"] = 2 * expert_bytes / (r["gpu2_ms"] * 1e-3) / 1e9
+        rows.append(r)
+        print(f"sweep {cfg}: gpu(1) {r['gpu1_ms']:.3f} ms, gpu(2) {r['gpu2_ms']:.3f} ms ({r['gbps2']:.1f} GB/s)",
+              flush=True)
+    default = {k: v for k, v in moe.cpu_layout_gemv_config(layers[0]["gx"].shape[1], inter).items() if k in grid[0]}
+    best = sorted(rows, key=lambda r: r["gpu2_ms"])[:4]
+    for r in [r for r in rows if all(r[k] == v for k, v in default.items())] + best:
+        gs = graphs({k: r[k] for k in grid[0]})
+        r["both1_ms"], r["both2_ms"] = both(gs, 1), both(gs, 2)
+        print(f"both {({k: r[k] for k in grid[0]})}: {n_active - 1}+1 {r['both1_ms']:.3f} ms, "
+              f"{n_active - 2}+2 {r['both2_ms']:.3f} ms", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

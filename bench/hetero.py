@@ -516,7 +516,9 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
     # before 2026-11-23 (every CPU call through moe_experts, decode buffers copied by memcpys, no share)
     off0 = model.executor.offloads[0]
     k = off0.top_k
-    configs = {"now": {}, "graphs launched after each CPU kernel": {"host_flags": False}}
+    configs = {"now": {}, "graphs launched after each CPU kernel": {"host_flags": False},
+               "graphs launched ahead, waiting on flags": {"host_flags": True},
+               "flags, graphs launched after each CPU kernel": {"host_flags": True, "launch_ahead": False}}
     if getattr(off0, "_pcie_weights", None) is not None:
         r["pcie_take_model"] = off0.pcie_take
         configs["no PCIe share"] = {"pcie_take": None}
@@ -527,8 +529,15 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
     ab = compare_decode(model, configs)
     r["pcie_share_logits_rel"] = pcie_share_logits(model)
     r["decode_ab"] = ab
-    r["kernel_profile"] = {}
     defaults = offload_defaults(model, configs)
+    r["cpu_kernel_by_config"] = {}
+    for cfg in [c for c in configs if "launched" in c or c == "now"]:
+        set_offloads(model, configs[cfg], defaults)
+        r["cpu_kernel_by_config"][cfg] = layers = measure_decode(model, steps=32, repeats=1)["layers"]
+        log(f"{name} [{cfg}]: CPU kernel per layer in the runtime {layers.get('cpu_ms_mean', 0):.3f} ms, waits "
+            f"{layers.get('wait_ms_mean', 0):.3f} ms")
+    set_offloads(model, {}, defaults)
+    r["kernel_profile"] = {}
     for cfg in [c for c in ("now", "PCIe 2 of n>=5", "PCIe share on the main stream") if c in configs]:
         try:
             set_offloads(model, configs[cfg], defaults)

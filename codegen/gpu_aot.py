@@ -209,8 +209,9 @@ def aot_specs(hidden: int = 2048, heads: int = 32, kv_heads: int = 4, head_dim: 
                      consts=dict(TOP_K=top_k, BLOCK=top_k, HAS_TABLE=has_table, SPLIT=split, HAS_X=has_x,
                                  BLOCK_H=hidden)), num_warps=4)
     for extra in (False, True):     # decode graphs: the hand-off back from the CPU kernel
-        add("moe", "moe_wait_gather_kernel", _sig(dict(flag_ptr="i32", y_ptr="fp32", extra_ptr="fp32", out_ptr="bf16"),
-                                                  ("n", "max_spins"), consts=dict(HAS_EXTRA=extra, BLOCK=hidden)),
+        add("moe", "moe_wait_gather_kernel", _sig(dict(flag_ptr="i32", seen_ptr="i32", y_ptr="fp32", extra_ptr="fp32",
+                                                       out_ptr="bf16"), ("n", "max_spins"),
+                                                  consts=dict(HAS_EXTRA=extra, BLOCK=hidden)),
             num_warps=8)
     add("moe", "moe_down_sum_kernel", _sig(dict(a_ptr="bf16", w_ptr="bf16", ids_ptr="i32", topk_w_ptr="fp32",
                                                 y_ptr="bf16"), ("N", "K", "y_stride", "w_estride", "w_nstride"),

@@ -519,16 +519,17 @@ def moe_stage_kernel(ids_ptr, table_ptr, take_ptr, cpu_ptr, gpu_ptr, x_ptr, tw_p
 # queued before the CPU kernel runs and starts with this kernel, which waits on the GPU for the host's flag
 
 @triton.jit
-def moe_wait_gather_kernel(flag_ptr, y_ptr, extra_ptr, out_ptr, n, max_spins, HAS_EXTRA: tl.constexpr,
+def moe_wait_gather_kernel(flag_ptr, seen_ptr, y_ptr, extra_ptr, out_ptr, n, max_spins, HAS_EXTRA: tl.constexpr,
                            BLOCK: tl.constexpr):
-    """Spin until the host sets flag (pinned host memory, read across PCIe with volatile loads) or max_spins
-    reads went by, then out = y (+ extra); then reset the flag for the next step. One program: the barrier keeps
-    the reset after every warp has seen the flag. Timed out: out is NaN. y is read with plain loads, issued
-    only once the loop has exited (volatile ones go one 4-byte PCIe read at a time: ~15 us for 8 KB on an H100,
-    against ~2 for the plain ones), as the gather that ran as a graph of its own read it."""
+    """Spin until the host's step count in flag (pinned host memory, read across PCIe with volatile loads) reaches
+    seen + 1 (seen: the count this kernel last saw, in device memory) or max_spins reads went by, then out = y
+    (+ extra) and seen += 1. Nothing is written back to host memory (a write there costs the kernel a PCIe round
+    trip at its end). Timed out: out is NaN. y is read with plain loads, issued once the loop has exited
+    (volatile ones go one 4-byte PCIe read at a time: ~15 us for 8 KB on an H100)."""
+    want = (tl.load(seen_ptr) + 1) & 0x7FFFFFFF
     f = tl.load(flag_ptr, volatile=True)
     spins = 0
-    while (f == 0) & (spins < max_spins):
+    while (f != want) & (spins < max_spins):
         f = tl.load(flag_ptr, volatile=True)
         spins += 1
     for start in range(0, n, BLOCK):
@@ -537,10 +538,9 @@ def moe_wait_gather_kernel(flag_ptr, y_ptr, extra_ptr, out_ptr, n, max_spins, HA
         y = tl.load(y_ptr + offs, mask=m, other=0.0)
         if HAS_EXTRA:
             y += tl.load(extra_ptr + offs, mask=m, other=0.0)
-        y = tl.where(f != 0, y, float("nan"))
+        y = tl.where(f == want, y, float("nan"))
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
-    tl.debug_barrier()
-    tl.store(flag_ptr, 0)
+    tl.store(seen_ptr, want)
 
 
 KERNELS = {"moe_align_kernel": moe_align_kernel, "moe_count_kernel": moe_count_kernel,
@@ -938,14 +938,14 @@ def stage_decode(ids: torch.Tensor, table: torch.Tensor | None, cpu_ids: torch.T
 WAIT_SPINS = 1 << 26     # ~a minute of PCIe reads: a decode graph never waits forever on a host that died
 
 
-def wait_gather(flag: torch.Tensor, y: torch.Tensor, out: torch.Tensor, extra: torch.Tensor | None = None,
-                max_spins: int = WAIT_SPINS) -> None:
-    """moe_wait_gather_kernel: when the int32 `flag` (a CUDA alias of pinned host memory) is set, out [T, H] =
-    y (float32, an alias of the host's output buffer) + extra (float32 on the device, or None); the flag is
-    reset to 0. Flag never set within max_spins reads: out is NaN."""
+def wait_gather(flag: torch.Tensor, seen: torch.Tensor, y: torch.Tensor, out: torch.Tensor,
+                extra: torch.Tensor | None = None, max_spins: int = WAIT_SPINS) -> None:
+    """moe_wait_gather_kernel: once the int32 step count in `flag` (a CUDA alias of pinned host memory) is
+    seen + 1 (`seen`: int32 on the device, advanced here), out [T, H] = y (float32, an alias of the host's output
+    buffer) + extra (float32 on the device, or None). Not reached within max_spins reads: out is NaN."""
     n = out.numel()
     block = min(4096, triton.next_power_of_2(n))
-    moe_wait_gather_kernel[(1,)](flag, y, extra if extra is not None else y, out, n, max_spins,
+    moe_wait_gather_kernel[(1,)](flag, seen, y, extra if extra is not None else y, out, n, max_spins,
                                  HAS_EXTRA=extra is not None, BLOCK=block, num_warps=8)
 
 

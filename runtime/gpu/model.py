@@ -117,21 +117,26 @@ class GpuModel(CompiledModel):
         """A decode step whose graphs (graph, run, graph, ..., graph) wait on the GPU for each layer's CPU kernel:
         each graph is launched before the previous layer's kernel runs, so the launch is off the critical path
         and the GPU starts on the layer's result the moment the host releases it. If the host stops half way
-        (an error, an interrupt), every flag is released so no kernel spins on, and cleared once the GPU is done."""
+        (an error, an interrupt), every layer is released so no kernel spins on, and the counts are made equal
+        again once the GPU is done."""
         graphs = [item for kind, item in plan[0::2]]
         runs = [item for kind, item in plan[1::2]]
+        ahead = runs[0].launch_ahead
         graphs[0].replay()
         try:
             for graph, off in zip(graphs[1:], runs, strict=True):
-                graph.replay()
+                if ahead:
+                    graph.replay()
                 off.run(b)
                 off.release()
+                if not ahead:
+                    graph.replay()
         except BaseException:
             for off in runs:
                 off.release()
             torch.cuda.synchronize()
             for off in runs:
-                off.clear_flag()
+                off.resync()
             raise
 
     def _capture(self, b: int) -> None:

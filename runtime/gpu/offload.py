@@ -293,11 +293,21 @@ class CpuExpertsOffload:
         # decode graphs launched a layer ahead (runtime/gpu/model.py): gather then starts with a kernel that waits
         # on the GPU for a flag the host sets after the CPU kernel (release), instead of the next layer's graph
         # being launched only then. False: launched after the kernel, as before (for comparisons)
-        self.host_flags = True
+        # On where a token gives these experts at least one slot on average (calibration, or their number): a
+        # layer whose CPU kernel rarely has work is GPU-bound, and the waiting kernel (two PCIe round trips) then
+        # costs more than the launch it hides (H100, a calibrated plan: 9% slower a step)
+        self.host_flags = _slot_share(node) * self.top_k >= 1.0
+        # with host_flags: each graph launched before the previous layer's CPU kernel (True) or after it (False:
+        # the flags still gate the graphs; for comparisons)
+        self.launch_ahead = True
         self.await_host = False     # set by the model while it captures decode graphs launched ahead
-        self._flag = torch.zeros(16, dtype=torch.int32, pin_memory=self.pin)    # a cache line of its own
+        # the host's count of released steps, in pinned memory (a cache line of its own) and here; the device's
+        # count of the steps its waiting kernel has seen
+        self._flag = torch.zeros(16, dtype=torch.int32, pin_memory=self.pin)
         self._flag_host = self._flag.numpy()
         self._flag_dev = device_alias(self._flag) if self.pin else None
+        self._count = 0
+        self._seen = torch.zeros(1, dtype=torch.int32, device=device) if self._flag_dev is not None else None
 
     @property
     def pcie_take(self) -> tuple[int, ...] | None:
@@ -411,7 +421,7 @@ class CpuExpertsOffload:
         buf = self._buffers(t)
         if buf.on_device is not None and self.await_host:   # waits for release(), then as below, one kernel
             out = torch.empty(t, self.hidden, dtype=dtype, device=self.device)
-            self.gpu_kernels.moe.wait_gather(self._flag_dev, buf.on_device["y"][:t], out, self._pcie_y)
+            self.gpu_kernels.moe.wait_gather(self._flag_dev, self._seen, buf.on_device["y"][:t], out, self._pcie_y)
             self._pcie_y = None
             return out.view(shape)
         if buf.on_device is not None:   # one kernel reads y from host memory (a copy: the buffer is reused)
@@ -497,23 +507,25 @@ class CpuExpertsOffload:
                 and hasattr(getattr(self.gpu_kernels, "moe", None), "wait_gather"))
 
     def release(self) -> None:
-        """Host, after run(): set the flag the next layer's graph waits on (await_host)."""
-        self._flag_host[0] = 1
+        """Host, after run(): count one more released step where the next layer's graph waits for it (await_host)."""
+        self._count = (self._count + 1) & 0x7FFFFFFF
+        self._flag_host[0] = self._count
 
-    def clear_flag(self) -> None:
-        """After a step was abandoned (all flags released, the device synchronised): no stale flag for the next."""
-        self._flag_host[0] = 0
+    def resync(self) -> None:
+        """After a step was abandoned (every layer released, the device synchronised): the device's count of seen
+        steps set to the host's, so no later kernel takes a release meant for a graph that never ran."""
+        if self._seen is not None:
+            self._seen.fill_(self._count)
 
     def check_host_wait(self, timeout_s: float = 1.0) -> bool:
-        """Whether a kernel waiting on the flag sees the host set it on this machine: launched with the flag
-        clear, it must still be waiting after a few ms and finish once the flag is set. Compiles it, too."""
+        """Whether a kernel waiting on the flag sees the host set it on this machine: launched before the release,
+        it must still be waiting after a few ms and finish once released. Compiles it, too."""
         if self._flag_dev is None:
             return False
         y = self._buffers(1).on_device["y"][:1]
         out = torch.empty(1, self.hidden, dtype=torch.float32, device=self.device)
-        self.clear_flag()
         done = torch.cuda.Event()
-        self.gpu_kernels.moe.wait_gather(self._flag_dev, y, out, None, max_spins=1 << 22)
+        self.gpu_kernels.moe.wait_gather(self._flag_dev, self._seen, y, out, None, max_spins=1 << 22)
         done.record()
         time.sleep(0.005)
         waited = not done.query()
@@ -523,8 +535,8 @@ class CpuExpertsOffload:
             time.sleep(1e-4)
         seen = done.query()
         torch.cuda.synchronize(self.device)
-        ok = waited and seen and self._flag_host[0] == 0 and not bool(out.isnan().any())
-        self.clear_flag()
+        ok = waited and seen and int(self._seen[0]) == self._count and not bool(out.isnan().any())
+        self.resync()
         return ok
 
     def _bound_call(self, t: int) -> Any:

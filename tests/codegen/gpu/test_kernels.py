@@ -449,17 +449,17 @@ def test_add():
 @pytest.mark.parametrize("extra", [False, True])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_wait_gather(extra, tokens):
-    """A set flag: out = y (+ extra) in out's dtype, and the flag is reset for the next step. A flag never set:
-    the kernel gives up after max_spins reads and writes NaN, never stale values."""
+    """The host's step count one past the kernel's: out = y (+ extra) in out's dtype, and the kernel's count
+    advances. A count never reached: the kernel gives up after max_spins reads and writes NaN, never stale values."""
     h = 40
     y, more = rnd(tokens, h, seed=1), rnd(tokens, h, seed=2)
     out = torch.empty(tokens, h, dtype=torch.float16, device=DEV)
     flag = torch.zeros(16, dtype=torch.int32, device=DEV)
-    flag[0] = 1
-    moe.wait_gather(flag, y, out, more if extra else None)
+    seen = torch.full((1,), 6, dtype=torch.int32, device=DEV)
+    flag[0] = 7
+    moe.wait_gather(flag, seen, y, out, more if extra else None)
     want = y.double() + (more.double() if extra else 0)
     assert rel(out, want) < 1e-3
-    assert int(flag[0]) == 0
-    moe.wait_gather(flag, y, out, None, max_spins=5)
+    assert int(seen[0]) == 7
+    moe.wait_gather(flag, seen, y, out, None, max_spins=5)      # the host has not counted to 8
     assert bool(out.isnan().all())
-    assert int(flag[0]) == 0

@@ -524,8 +524,8 @@ def moe_wait_gather_kernel(flag_ptr, seen_ptr, y_ptr, extra_ptr, out_ptr, n, max
     """Spin until the host's step count in flag (pinned host memory, read across PCIe with volatile loads) reaches
     seen + 1 (seen: the count this kernel last saw, in device memory) or max_spins reads went by, then out = y
     (+ extra) and seen += 1. Nothing is written back to host memory (a write there costs the kernel a PCIe round
-    trip at its end). Timed out: out is NaN. y is read with plain loads, issued once the loop has exited
-    (volatile ones go one 4-byte PCIe read at a time: ~15 us for 8 KB on an H100)."""
+    trip at its end). Timed out: out is NaN. y is read with plain loads, issued once the loop has exited, as the
+    gather kernel of a graph launched after the host's work reads it."""
     want = (tl.load(seen_ptr) + 1) & 0x7FFFFFFF
     f = tl.load(flag_ptr, volatile=True)
     spins = 0

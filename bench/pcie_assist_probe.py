@@ -15,6 +15,7 @@ layers so no layer's weights sit in a cache), per call:
 
     KTC_SITE=$PWD/.carry/site-h TESTS=0 BENCH=0 bash bench/run_gpu.sh        # on the GPU machine
     PYTHONPATH=/tmp/kp:$PWD:$PWD/.carry/site-h python3 bench/pcie_assist_probe.py .carry/hetero7/q30-int8.ktc
+    ... pcie_assist_probe.py PLAN 96 --sweep      # also: the share's GEMV blocks against its PCIe read speed
 """
 
 from __future__ import annotations

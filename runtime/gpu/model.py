@@ -23,11 +23,12 @@ CPU experts prefill without a graph (their CPU part is host work).
 Heterogeneous artifacts (routed experts partly on the CPU) run the same way: the executor's
 schedule has host actions (wait for a layer's inputs, run its CPU experts) between stretches of
 stream work, and a decode step is captured as one CUDA graph per stretch (one per MoE layer),
-replayed in order with the host actions between them. Each graph is launched before the previous
-layer's CPU kernel runs (_replay_ahead): it starts with a kernel that waits on the GPU for a flag the
-host sets in pinned memory when that kernel is done, so neither the launch nor an event stands
-between the CPU's result and the GPU's next work. `profile(True)` / `layer_stats()` report per MoE layer the
-CPU kernel time, the wait for its inputs and the GPU time spent beside it.
+replayed in order with the host actions between them. Where the CPU experts have work (a slot per
+token on average), each graph is launched before the previous layer's CPU kernel runs (_replay_ahead):
+it starts with a kernel that waits on the GPU for the step count the host writes to pinned memory when
+that kernel is done, so the launch no longer stands between the CPU's result and the GPU's next work.
+`profile(True)` / `layer_stats()` report per MoE layer the CPU kernel time, the wait for its inputs and the
+GPU time spent beside it.
 """
 
 from __future__ import annotations
@@ -177,8 +178,9 @@ class GpuModel(CompiledModel):
 
     def _can_launch_ahead(self, segments: list[tuple[str, list[int]]], b: int) -> bool:
         """Whether the decode graphs can be launched a layer ahead (_replay_ahead): stream and host stretches
-        alternate, each host stretch is one CPU run, every CPU layer can wait on the GPU for its kernel, and a
-        kernel waiting on a flag in pinned memory does see the host set it here (checked once)."""
+        alternate, each host stretch is one CPU run, every CPU layer can and should wait on the GPU for its
+        kernel (CpuExpertsOffload.can_await_host), and a kernel waiting on pinned memory does see the host's
+        write here (checked once)."""
         ex = self.executor
         kinds = [kind for kind, _ in segments]
         if not ex.offloads or kinds[0::2] != ["stream"] * len(kinds[0::2]) or kinds[-1] != "stream":

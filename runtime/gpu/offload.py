@@ -13,8 +13,8 @@ schedules around the GPU work of the same layer:
                        TVM kernel into a pinned output buffer, on this thread (the GIL is released;
                        decode sizes through a call bound once, CpuExpertKernels.bind)
     gather   (stream)  copy the pinned output to the device, in the activations' dtype; in decode
-                       graphs launched a layer ahead, the same kernel first waits for the flag the
-                       host sets after run (release), spinning on the GPU (moe_wait_gather_kernel)
+                       graphs launched a layer ahead (host_flags), the same kernel first waits, on
+                       the GPU, for the step count the host sets after run (release)
 
 Long prefills instead stream the layer's CPU experts to the GPU (the GPU's fused MoE reads the
 CPU kernels' int8 layout as w8a16 and their int4 layout as w4a16): from `stream_min_tokens` tokens on, copying
@@ -290,12 +290,12 @@ class CpuExpertsOffload:
         self.pcie_side_stream = True
         self._side = torch.cuda.Stream(device) if self._pcie_weights is not None else None
         self._forked = False
-        # decode graphs launched a layer ahead (runtime/gpu/model.py): gather then starts with a kernel that waits
-        # on the GPU for a flag the host sets after the CPU kernel (release), instead of the next layer's graph
-        # being launched only then. False: launched after the kernel, as before (for comparisons)
-        # On where a token gives these experts at least one slot on average (calibration, or their number): a
-        # layer whose CPU kernel rarely has work is GPU-bound, and the waiting kernel (two PCIe round trips) then
-        # costs more than the launch it hides (H100, a calibrated plan: 9% slower a step)
+        # host_flags: decode graphs launched a layer ahead (runtime/gpu/model.py), gather starting with a kernel
+        # that waits on the GPU for the host's step count after the CPU kernel (release), instead of the next
+        # layer's graph being launched only then (False, as before). On where a token gives these experts at least
+        # one slot on average (calibration, or their number): a layer whose CPU kernel rarely has work is
+        # GPU-bound, and the waiting kernel (two PCIe round trips) then costs more than the launch it hides
+        # (H100, a calibrated plan: 9-11% slower a step)
         self.host_flags = _slot_share(node) * self.top_k >= 1.0
         # with host_flags: each graph launched before the previous layer's CPU kernel (True) or after it (False:
         # the flags still gate the graphs; for comparisons)

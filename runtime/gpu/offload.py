@@ -142,6 +142,14 @@ def _slot_share(node: Node) -> float:
     return len(experts) / int(node.attrs["num_global_experts"])
 
 
+def host_wait_pays(node: Node) -> bool:
+    """Whether decode graphs should wait on the GPU for this node's CPU kernel (CpuExpertsOffload.host_flags):
+    where a token gives its experts at least one slot on average (calibration, or their number). A layer whose
+    CPU kernel rarely has work is GPU-bound, and the waiting kernel (two PCIe round trips) then costs more than
+    the launch it hides (H100, a calibrated plan: 9-11% slower a step)."""
+    return _slot_share(node) * int(node.attrs["top_k"]) >= 1.0
+
+
 DEFAULT_STREAM_MIN_TOKENS = 256    # about where copying a layer's CPU experts beats the CPU kernel
 
 
@@ -292,11 +300,8 @@ class CpuExpertsOffload:
         self._forked = False
         # host_flags: decode graphs launched a layer ahead (runtime/gpu/model.py), gather starting with a kernel
         # that waits on the GPU for the host's step count after the CPU kernel (release), instead of the next
-        # layer's graph being launched only then (False, as before). On where a token gives these experts at least
-        # one slot on average (calibration, or their number): a layer whose CPU kernel rarely has work is
-        # GPU-bound, and the waiting kernel (two PCIe round trips) then costs more than the launch it hides
-        # (H100, a calibrated plan: 9-11% slower a step)
-        self.host_flags = _slot_share(node) * self.top_k >= 1.0
+        # layer's graph being launched only then (False, as before); on where it pays (host_wait_pays)
+        self.host_flags = host_wait_pays(node)
         # with host_flags: each graph launched before the previous layer's CPU kernel (True) or after it (False:
         # the flags still gate the graphs; for comparisons)
         self.launch_ahead = True

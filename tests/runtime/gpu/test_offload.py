@@ -69,3 +69,18 @@ def test_slot_share_from_calibrated_load_or_expert_count():
     assert offload._slot_share(node(experts=[0, 2], num_global_experts=8)) == 0.25
     load = [0.5, 0.0, 0.25, 0.0, 0.0, 0.125, 0.125, 0.0]
     assert offload._slot_share(node(experts=[0, 2], num_global_experts=8, expert_load=load)) == 0.75
+
+
+def test_graphs_wait_on_the_gpu_only_where_the_cpu_experts_have_work():
+    """The GPU-side wait for the CPU kernel pays where a token gives the node's experts a slot on average; a
+    calibrated placement whose CPU experts are almost never routed to keeps the plain launch order."""
+    from ktc.ir import Node
+
+    def node(**attrs):
+        return Node(name="layers.0.mlp.experts.cpu", op="moe_experts", inputs=[], outputs=[], attrs=attrs)
+
+    assert offload.host_wait_pays(node(experts=list(range(80)), num_global_experts=128, top_k=8))
+    assert offload.host_wait_pays(node(experts=[0, 1], num_global_experts=16, top_k=8))          # 1 slot a token
+    cold = [0.0] * 120 + [0.125] * 8                                                            # experts 0-79 unused
+    assert not offload.host_wait_pays(node(experts=list(range(80)), num_global_experts=128, top_k=8,
+                                           expert_load=cold))

@@ -908,14 +908,6 @@ def candidate_configs(tokens: int, top_k: int, num_experts: int, hidden: int, in
     return out
 
 
-def split_ids(ids: torch.Tensor, table: torch.Tensor | None, take: torch.Tensor, cpu_ids: torch.Tensor,
-              gpu_ids: torch.Tensor) -> None:
-    """moe_stage_kernel's split alone: ids [T, K] into cpu_ids and gpu_ids (int32 [T, K], written in place; cpu_ids
-    may be a CUDA alias of pinned host memory). take: int32 [K + 1], take[n] = how many of a token's n slots held
-    by this node the GPU runs."""
-    stage_decode(ids, table, cpu_ids, take=take, gpu_ids=gpu_ids)
-
-
 def stage_decode(ids: torch.Tensor, table: torch.Tensor | None, cpu_ids: torch.Tensor, x: torch.Tensor | None = None,
                  tw: torch.Tensor | None = None, x_out: torch.Tensor | None = None, tw_out: torch.Tensor | None = None,
                  take: torch.Tensor | None = None, gpu_ids: torch.Tensor | None = None) -> None:

@@ -379,7 +379,8 @@ class CpuExpertsOffload:
             torch.mul(x.reshape(t, self.hidden), 1, out=dev["x"][:t])
             torch.mul(tw.reshape(t, self.top_k), 1, out=dev["tw"][:t])
             if t == 1 and self._take is not None:
-                # the GPU's share (pcie_take): its ids to _gpu_ids, the CPU's (others -1) to the host buffer
+                # the GPU's share (pcie_take): its ids to _gpu_ids, the CPU's (others -1) to the host buffer, by
+                # those artifacts' own split_ids (moe_split_ids_kernel)
                 self.gpu_kernels.moe.split_ids(ids, self.table, self._take, dev["ids"][:t], self._gpu_ids)
                 self._pcie_in = (x.reshape(t, self.hidden), tw.reshape(t, self.top_k), self._gpu_ids)
             elif self.table is not None:

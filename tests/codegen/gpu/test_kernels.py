@@ -416,10 +416,9 @@ def test_stage_decode(table, split, has_x):
     if has_x:
         moe.stage_decode(ids.to(DEV), None if tab is None else tab.to(DEV), cpu_ids, x, tw, x_out, tw_out,
                          take.to(DEV) if split else None, gpu_ids if split else None)
-    elif split:
-        moe.split_ids(ids.to(DEV), None if tab is None else tab.to(DEV), take.to(DEV), cpu_ids, gpu_ids)
     else:
-        moe.stage_decode(ids.to(DEV), None if tab is None else tab.to(DEV), cpu_ids)
+        moe.stage_decode(ids.to(DEV), None if tab is None else tab.to(DEV), cpu_ids,
+                         take=take.to(DEV) if split else None, gpu_ids=gpu_ids if split else None)
     rows = tab[ids.long()] if table else ids
     for t in range(ids.shape[0]):
         held = [j for j in range(k) if rows[t, j] >= 0]

@@ -229,6 +229,12 @@ def measure_decode(model, steps: int = 48, repeats: int = 5) -> dict:
     ids = _decode_prompt(model)
     runs = [_timed_decode(model, ids, steps) for _ in range(repeats + 1)]
     ms = 1e3 * statistics.median(runs[1:])
+    return {"ms": ms, "tok_s": 1e3 / ms, "runs_ms": [1e3 * r for r in runs], "layers": decode_layer_stats(model, steps)}
+
+
+def decode_layer_stats(model, steps: int = 48) -> dict:
+    """Per-layer CPU kernel and wait times (the model's profile) over `steps` decode steps after a prefill."""
+    ids = _decode_prompt(model)
     model.reset()
     model.prefill(ids, reserve=steps + 4)
     tok = torch.tensor([0], device=model.device)
@@ -238,7 +244,7 @@ def measure_decode(model, steps: int = 48, repeats: int = 5) -> dict:
         tok = model.step(tok).argmax(-1)
     stats = model.layer_stats()
     model.profile(False)
-    return {"ms": ms, "tok_s": 1e3 / ms, "runs_ms": [1e3 * r for r in runs], "layers": _layer_summary(stats)}
+    return _layer_summary(stats)
 
 
 def kernel_profile(model, steps: int = 4, top: int = 24) -> dict:
@@ -533,7 +539,7 @@ def run_variant(name: str, plan: Path, results: dict, skewed: bool = False, cali
     r["cpu_kernel_by_config"] = {}
     for cfg in [c for c in configs if "launched" in c or c == "now"]:
         set_offloads(model, configs[cfg], defaults)
-        r["cpu_kernel_by_config"][cfg] = layers = measure_decode(model, steps=32, repeats=1)["layers"]
+        r["cpu_kernel_by_config"][cfg] = layers = decode_layer_stats(model, steps=32)
         log(f"{name} [{cfg}]: CPU kernel per layer in the runtime {layers.get('cpu_ms_mean', 0):.3f} ms, waits "
             f"{layers.get('wait_ms_mean', 0):.3f} ms")
     set_offloads(model, {}, defaults)

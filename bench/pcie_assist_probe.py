@@ -200,35 +200,27 @@ def sweep(per: list[dict], moe, inter: int, n_active: int, expert_bytes: int, dr
             out.append(g)
         return out
 
-    def gpu_alone(gs, j, n=48):
-        ts = []
-        for i in range(n):
-            k = i % len(layers)
-            draw(n_active - j, j, layers[k])
-            torch.cuda.synchronize()
-            ev[0].record()
-            gs[k].replay()
-            ev[1].record()
-            torch.cuda.synchronize()
-            ts.append(ev[0].elapsed_time(ev[1]))
-        return statistics.median(ts[n // 8:])
-
-    def both(gs, j, n=48):
+    def median_ms(gs, j, with_cpu, n=48):
+        """gpu(j) alone (CUDA events around the graph), or both(j): the graph, then the CPU kernel on this thread,
+        until both are done (wall time)."""
         ts = []
         for i in range(n):
             k = i % len(layers)
             draw(n_active - j, j, layers[k])
             torch.cuda.synchronize()
             t0 = time.perf_counter()
+            ev[0].record()
             gs[k].replay()
-            layers[k]["call"]()
+            ev[1].record()
+            if with_cpu:
+                layers[k]["call"]()
             torch.cuda.synchronize()
-            ts.append(1e3 * (time.perf_counter() - t0))
+            ts.append(1e3 * (time.perf_counter() - t0) if with_cpu else ev[0].elapsed_time(ev[1]))
         return statistics.median(ts[n // 8:])
 
     for cfg in grid:
         gs = graphs(cfg)
-        r = {**cfg, "gpu1_ms": gpu_alone(gs, 1), "gpu2_ms": gpu_alone(gs, 2)}
+        r = {**cfg, "gpu1_ms": median_ms(gs, 1, False), "gpu2_ms": median_ms(gs, 2, False)}
         r["gbps2"] = 2 * expert_bytes / (r["gpu2_ms"] * 1e-3) / 1e9
         rows.append(r)
         print(f"sweep {cfg}: gpu(1) {r['gpu1_ms']:.3f} ms, gpu(2) {r['gpu2_ms']:.3f} ms ({r['gbps2']:.1f} GB/s)",
@@ -237,7 +229,7 @@ def sweep(per: list[dict], moe, inter: int, n_active: int, expert_bytes: int, dr
     best = sorted(rows, key=lambda r: r["gpu2_ms"])[:4]
     for r in [r for r in rows if all(r[k] == v for k, v in default.items())] + best:
         gs = graphs({k: r[k] for k in grid[0]})
-        r["both1_ms"], r["both2_ms"] = both(gs, 1), both(gs, 2)
+        r["both1_ms"], r["both2_ms"] = median_ms(gs, 1, True), median_ms(gs, 2, True)
         print(f"both {({k: r[k] for k in grid[0]})}: {n_active - 1}+1 {r['both1_ms']:.3f} ms, "
               f"{n_active - 2}+2 {r['both2_ms']:.3f} ms", flush=True)
     return rows

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ktc.codegen import kernel_cache
 from ktc.errors import KtcError
 from ktc.quantize import dequantize_symmetric, pack_int4, quantize_symmetric, unpack_int4
 from ktc.targets import CpuTarget
@@ -297,7 +298,8 @@ def build_cpu_kernels(specs: list[ExpertKernelSpec], target: CpuTarget, out_dir:
                       timeout: float | None = 1800, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build every spec into ONE shared library out_dir/<target>.so (TVM, in a subprocess),
     check that it holds the target's expected instructions, ship libtvm_runtime.so next to it,
-    and return the manifest entry (JSON-able)."""
+    and return the manifest entry (JSON-able). A build made before with the same inputs comes from
+    the kernel cache (codegen/kernel_cache) instead."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     uniq: dict[str, ExpertKernelSpec] = {}
@@ -307,6 +309,11 @@ def build_cpu_kernels(specs: list[ExpertKernelSpec], target: CpuTarget, out_dir:
         raise KtcError("build_cpu_kernels: no kernels to build")
     cfg = dict(config) if config is not None else kernel_config(target)
     lib_name = f"{target.name}.so"
+    key = kernel_cache.build_key({"specs": [s.to_dict() for s in uniq.values()], "target": asdict(target),
+                                  "config": cfg, "abi": ABI_VERSION})
+    cached = kernel_cache.lookup(key, out_dir)
+    if cached is not None:
+        return cached
     with tempfile.TemporaryDirectory(prefix="ktc-cpu-build-") as tmp:
         req = Path(tmp) / "request.json"
         res_path = Path(tmp) / "result.json"
@@ -344,7 +351,7 @@ def build_cpu_kernels(specs: list[ExpertKernelSpec], target: CpuTarget, out_dir:
         src = Path(result["runtime_lib"])
         shutil.copyfile(src, out_dir / src.name)
         runtime_libs.append(src.name)
-    return {
+    entry = {
         "target": target.name,
         "lib": lib_name,
         "runtime_libs": runtime_libs,
@@ -368,6 +375,8 @@ def build_cpu_kernels(specs: list[ExpertKernelSpec], target: CpuTarget, out_dir:
             for name, s in uniq.items()
         },
     }
+    kernel_cache.store(key, out_dir, [lib_name, *runtime_libs], entry)
+    return entry
 
 
 def _scratch_of_paths(s: ExpertKernelSpec, variant: str, paths: list[str]) -> list[dict[str, Any]]:

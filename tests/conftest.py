@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +16,11 @@ import torch
 # interpreter; it must be chosen before triton is first imported, which may be in any test.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The session's compiles share a CPU kernel cache of their own (codegen/kernel_cache), never the user's: a
+# kernel built once (same specs, target and config) is copied, not rebuilt, by the next compile that needs it.
+os.environ["KTC_CACHE_DIR"] = tempfile.mkdtemp(prefix="ktc-test-cache-")
+atexit.register(shutil.rmtree, os.environ["KTC_CACHE_DIR"], True)
 
 COMPILE_SECONDS: dict[str, float] = {}
 

@@ -108,8 +108,11 @@ def test_ctrl_c_during_compile_leaves_no_artifact(tmp_path, tiny_models):
     out = tmp_path / "o.ktc"
     # A shell's background jobs inherit SIGINT ignored, and Python then never raises KeyboardInterrupt:
     # give the child the default disposition, as a terminal's foreground job has.
+    # KTC_CACHE_DIR=off: a real kernel build, not the session's cached one, keeps the compile running long
+    # enough to be interrupted
     proc = subprocess.Popen([sys.executable, "-m", "ktc", "compile", str(tiny_models["deepseek_v3"]), "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "KTC_CACHE_DIR": "off"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(".ktc-tmp-") for p in tmp_path.iterdir()):

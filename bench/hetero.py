@@ -602,18 +602,19 @@ def fixed_take(top_k: int, j: int, first: int) -> tuple[int, ...]:
     return tuple(min(j, n) if n >= first else 0 for n in range(top_k + 1))
 
 
-def offload_defaults(model, configs: dict[str, dict]) -> dict:
-    """The offloads' present values of the attributes `configs` set."""
-    off = model.executor.offloads[0]
-    return {k: getattr(off, k) for attrs in configs.values() for k in attrs if hasattr(off, k)}
+def offload_defaults(model, configs: dict[str, dict]) -> list[dict]:
+    """Each offload's present values of the attributes `configs` set (per layer: some, e.g. host_flags, are
+    chosen per node at load)."""
+    keys = {k for attrs in configs.values() for k in attrs}
+    return [{k: getattr(off, k) for k in keys if hasattr(off, k)} for off in model.executor.offloads]
 
 
-def set_offloads(model, values: dict, defaults: dict) -> None:
-    """Set attributes on every CpuExpertsOffload (defaults, then values), then make the shared pinned buffers
-    and the graphs again, as at load."""
+def set_offloads(model, values: dict, defaults: list[dict]) -> None:
+    """Set attributes on every CpuExpertsOffload (its own defaults, then values), then make the shared pinned
+    buffers and the graphs again, as at load."""
     offs = model.executor.offloads
-    for off in offs:
-        for k, v in {**defaults, **values}.items():
+    for off, own in zip(offs, defaults, strict=True):
+        for k, v in {**own, **values}.items():
             setattr(off, k, v)
     offs[0].pool.clear()
     model.drop_graphs()

@@ -36,7 +36,12 @@ def cache_root() -> Path | None:
     env = os.environ.get("KTC_CACHE_DIR")
     if env is not None:
         return None if env.strip().lower() in OFF else Path(env) / "cpu-kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:        # no home folder to be found: no cache
+            return None
     return Path(base) / "ktc" / "cpu-kernels"
 
 

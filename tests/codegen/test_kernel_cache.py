@@ -105,3 +105,13 @@ def test_a_cache_that_cannot_be_written_is_skipped(built, tmp_path, monkeypatch)
     monkeypatch.setenv("KTC_CACHE_DIR", str(blocker))
     kernel_cache.store("k" * 32, first, [entry["lib"]], entry)      # no error
     assert kernel_cache.lookup("k" * 32, tmp_path / "out") is None
+
+
+def test_no_home_folder_means_no_cache(monkeypatch):
+    monkeypatch.delenv("KTC_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+    monkeypatch.setattr(kernel_cache.Path, "home", staticmethod(no_home))
+    assert kernel_cache.cache_root() is None

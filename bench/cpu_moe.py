@@ -83,6 +83,15 @@ COLD_CASES = ("gpu-mask", "all-cpu", "none")
 # batch phases (tir_experts.KernelConfig.item_schedule), as tile variant "st", to time against the
 # default work stealing (run --tile-variants)
 STATIC_VARIANT = {"st": {"item_schedule": "static"}}
+# `build --shared-levels`: ... and with the int8 activation levels in one column block (8 pairs a block,
+# KernelConfig.act_levels "shared", the AMX layout before 2026-11-23), as tile variant "sh", to time
+# against the level-split blocks (16 pairs a block)
+SHARED_VARIANT = {"sh": {"act_levels": "shared"}}
+# `build --probes`: ... and the split int8 AMX path without its folds ("nf") and without its folds and tile
+# stores ("ns"): wrong results (the error column shows it), timings that say what those steps cost; and with
+# the weight prefetch 2 / 8 K steps ahead instead of 4 ("pf2", "pf8")
+PROBE_VARIANTS = {"nf": {"probe": "nofold"}, "ns": {"probe": "nostore"}, "pf2": {"prefill_prefetch": 2},
+                  "pf8": {"prefill_prefetch": 8}}
 
 
 def _import_ktc():
@@ -94,7 +103,7 @@ def _import_ktc():
         pass
     sys.path.insert(0, str(ROOT))
     import ktc
-    for sub in ("targets", "runtime"):
+    for sub in ("targets", "runtime", "codegen"):
         spec = importlib.util.spec_from_file_location(f"ktc.{sub}", ROOT / sub / "__init__.py",
                                                       submodule_search_locations=[str(ROOT / sub)])
         mod = importlib.util.module_from_spec(spec)
@@ -130,9 +139,14 @@ def cmd_build(args) -> None:
         config = None if decode is None else dict(kernel_config(get(t)), **ALT_DECODE[decode])
         if prefill:     # only that path (the plain x86-amx build holds the int path and "bf16" as a variant)
             config = dict(kernel_config(get(t)), prefill=prefill, prefill_variants=[])
-        if args.static_schedule and decode is None and not prefill:
+        if (args.static_schedule or args.shared_levels or args.probes) and decode is None and not prefill:
             base = kernel_config(get(t))
-            config = dict(base, tile_variants=dict(base.get("tile_variants", {}), **STATIC_VARIANT))
+            extra = dict(STATIC_VARIANT if args.static_schedule else {},
+                         **(SHARED_VARIANT if args.shared_levels else {}), **(PROBE_VARIANTS if args.probes else {}))
+            config = dict(base, tile_variants=dict({} if args.only_extra_variants else base.get("tile_variants", {}),
+                                                   **extra))
+            if args.only_extra_variants:
+                config["prefill_variants"] = []
         t0 = time.time()
         entry = build_cpu_kernels(specs, get(t), out / key, config=config)
         print(f"built {key} in {time.time() - t0:.0f} s", flush=True)
@@ -234,15 +248,9 @@ def _pack(spec_dict, gate_up, down):
 
 
 def _load_codegen_cpu_experts():
-    try:
-        from ktc.codegen import cpu_experts
-        return cpu_experts
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("ktc.codegen.cpu_experts", ROOT / "codegen" / "cpu_experts.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["ktc.codegen.cpu_experts"] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    _import_ktc()
+    from ktc.codegen import cpu_experts
+    return cpu_experts
 
 
 def measure_ours(args) -> list[dict]:
@@ -616,6 +624,13 @@ def main(argv=None) -> None:
     b.add_argument("--formats", nargs="*", default=None, help="subset of " + ", ".join(x for x, _, _ in OURS))
     b.add_argument("--static-schedule", action="store_true",
                    help="plain builds also hold the static item split as tile variant 'st'")
+    b.add_argument("--shared-levels", action="store_true",
+                   help="plain builds also hold int8's activation levels in one block as tile variant 'sh'")
+    b.add_argument("--probes", action="store_true",
+                   help="plain builds also hold the fold / store probes and prefetch distances (PROBE_VARIANTS)")
+    b.add_argument("--only-extra-variants", action="store_true",
+                   help="with --static-schedule / --shared-levels / --probes: only those variants (no bt4, tr8, bf16, "
+                        "fma)")
     r = sub.add_parser("run")
     r.add_argument("--kernels", default=str(ROOT / ".carry" / "kernels"))
     r.add_argument("--out", required=True)

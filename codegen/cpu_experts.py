@@ -72,7 +72,7 @@ TARGET_CONFIGS: dict[str, dict[str, Any]] = {
                    "prefill_variants": ["fma"], "tile_variants": {"bt4": {"block_tokens": 4},
                                                                  "tr8": {"tile_rows": 8}}},
     "x86-amx": {"variant": "amx", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
-                "decode_rows": 2, "decode": "fused", "decode_prefetch": 1, "prefill": "int", "prefill_prefetch": 4,
+                "decode_rows": 2, "decode": "fused", "decode_prefetch": 1, "prefill": "int", "prefill_prefetch": 2,
                 "prefill_variants": ["bf16", "fma"], "tile_variants": {"bt4": {"block_tokens": 4},
                                                                       "tr8": {"tile_rows": 8}}},
 }
@@ -84,9 +84,11 @@ TARGET_CONFIGS: dict[str, dict[str, Any]] = {
 # micro-kernel): cold one-token calls on the H100 machine's 16-core Xeon, Qwen3-30B-A3B experts,
 # ~5 of 8 active, 10% faster for int8 (0.342 -> 0.306 ms) and 20% for int4 (0.178 -> 0.143 ms);
 # 4 groups ahead gained less, 4 row pairs per call lost (bench/cpu_moe.py, BENCHMARKS.md)
-# "prefill_prefetch": 4 (int8 AMX prefill: software prefetch of each work item's weight rows 4 K steps
+# "prefill_prefetch": 2 (int8 AMX prefill: software prefetch of each work item's weight rows 2 K steps
 # ahead): the weight tile loads were the largest stall of the path (perf on the H100 host);
-# prefill-512, Qwen3-30B-A3B int8 g128, same run: 15.8 ms against 17.0 (none) and 17.2 (8 ahead).
+# prefill-512, Qwen3-30B-A3B int8 g128, same run: 15.8 ms with 4 ahead against 17.0 (none) and 17.2
+# (8 ahead); 2 ahead then beat 4 in 8 of 8 (shape, group) cases over two leases, by 0-10%
+# (2026-11-23, bench/cpu_moe.py build --probes, BENCHMARKS.md)
 # "item_schedule": "steal" (tir_experts.KernelConfig; codegen/tir_schedule): prefill-512 on the same
 # host, same run, against "static" (bench/cpu_moe.py build --static-schedule): 1.13-1.27x faster
 # "prefill_variants": other int8/int4 prefill paths built into the same library as
@@ -103,15 +105,16 @@ SCHED_SLOTS = SCHED_MAX_TASKS + 1 + SCHED_CTR_STRIDE * SCHED_MAX_TASKS
 def scratch_parts(H: int, I: int, E: int, K: int, fmt: str, intdot: bool,  # noqa: E741
                   prefill: str = "int") -> list[dict[str, Any]]:
     """The kernel's scratch buffers (ABI 2): name, dtype, fixed + per_token * T elements.
-    Column blocks of the int-dot path: at most E + T * ceil(K * levels / 16) (see tir_intdot),
-    of `levels` bytes per value; of the bf16 paths (tir_amx_bf16) E + T * ceil(K * levels / 16),
-    2 bytes per value."""
+    Column blocks: at most levels * E + T * ceil(K * levels / 16), of 1 byte per value on the int-dot
+    path (tir_intdot) and 2 on the bf16 paths (tir_amx_bf16), which need only E + T * ceil(...)."""
     bf16 = prefill.startswith("bf16")
     # bf16 paths: 1 or 2 bf16 terms per value (tir_experts.bf16_levels: "bf16" two for int8, one for int4)
     lv = ({"bf16x1": 1, "bf16x2": 2}.get(prefill, 2 if fmt == "int8" else 1) if bf16
           else ACT_LEVELS.get(fmt, 1))
     nb_per = -(-K * lv // 16)
-    nb_fix = E
+    # a segment's blocks: ceil(pairs * levels / 16), or with two levels split into blocks of their own
+    # (tir_intdot, KernelConfig.act_levels) 2 * ceil(pairs / 16): at most levels more a segment
+    nb_fix = E * lv
     km = max(H, I) * (2 if bf16 else 1)
     parts = [
         {"name": "hbuf", "dtype": "float32", "fixed": 0, "per_token": K * I},

@@ -133,6 +133,14 @@ class KernelConfig:
     # blocks of every other T > 1) over the threads: "static" each thread runs its share, "steal" and
     # then claims what is left of the others' shares (codegen/tir_schedule)
     item_schedule: str = "steal"
+    # int8 "int" prefill on amx: where the two activation levels of a pair go. "split": level 1 and
+    # level 2 in two column blocks of 16 pairs each, so a group's products fold 16 pairs per vector
+    # (tir_intdot); "shared": both in one block of 8 pairs (columns 0-7, 8-15), folded 8 at a time
+    # (the layout before 2026-11-23, kept to time against)
+    act_levels: str = "split"
+    # bench only, results wrong: "nofold" / "nostore" build the split int8 AMX path without its
+    # folds / without its folds and tile stores, to time what those steps cost (bench/cpu_moe.py)
+    probe: str = ""
 
     def __post_init__(self) -> None:
         if self.variant not in ("fma", "vnni", "amx", "amx-emu"):
@@ -145,6 +153,10 @@ class KernelConfig:
             raise ValueError("decode_prefetch and prefill_prefetch must be >= 0")
         if self.item_schedule not in ("static", "steal"):
             raise ValueError(f"unknown item_schedule {self.item_schedule!r}; expected 'static' or 'steal'")
+        if self.act_levels not in ("split", "shared"):
+            raise ValueError(f"unknown act_levels {self.act_levels!r}; expected 'split' or 'shared'")
+        if self.probe not in ("", "nofold", "nostore"):
+            raise ValueError(f"unknown probe {self.probe!r}; expected '', 'nofold' or 'nostore'")
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"unknown decode path {self.decode!r}; expected one of {DECODE_PATHS}")
         if KS % self.vl or 16 % self.vl or self.vl < 4:
@@ -600,7 +612,8 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
     if use_prefill:
         if cfg.prefill == "int":
             make = functools.partial(tir_intdot.make_prefill_body, prefetch=cfg.prefill_prefetch,
-                                     schedule=cfg.item_schedule)
+                                     schedule=cfg.item_schedule, split=cfg.act_levels == "split",
+                                     probe=cfg.probe)
         else:
             make = functools.partial(tir_amx_bf16.make_prefill_body, levels=bf16_levels(cfg.prefill, fmt),
                                      schedule=cfg.item_schedule)

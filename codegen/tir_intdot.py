@@ -14,8 +14,9 @@ The layer, for the segments (experts) the counting sort found, in five parallel 
    columns x Kd bytes in VNNI order (k / 4, column, k % 4): the layout of an AMX B tile and of
    a vpdpbusd source. Activations are quantized per token, symmetric, u8 = q + 128, in
    `levels` levels: int8 weights use 2 (x ~ s * (q1 + q2 / 256), ~15 bits: the activations
-   add no error that matters), int4 weights 1 (their own error dominates). With 2 levels a
-   block holds 8 pairs: columns 0-7 level 1, 8-15 level 2 of the same pairs.
+   add no error that matters), int4 weights 1 (their own error dominates). With 2 levels on amx
+   (KernelConfig.act_levels "split") a segment's blocks go in twos: level 1 of 16 pairs, then
+   level 2 of the same pairs; otherwise a block holds 8 pairs: columns 0-7 level 1, 8-15 level 2.
 2. gate/up: per (segment, 16 intermediate rows): C = W . act as int32 per quantization group,
    then f32 += C * scale[row, group]; at the end (f32 - comp[row]) * column scale, and
    h = silu(gate) * up into hbuf.
@@ -35,6 +36,11 @@ Micro-kernels, per item, for each pair of column blocks and each group:
   from the row-major int8 weights, or from the item's unpacked int4 rows); 6, 7 = two column
   blocks; 0-3 = the four 16 x 16 int32 products (tdpbsud: signed weights x unsigned
   activations); stored to `cbuf` and folded into the f32 accumulators after each group.
+  Folding (per 32-row x 16-column tile pair and group: int32 -> f32, times the group's scale) and
+  the tile stores before it are what group 32 costs over group 128 (measured: leaving the folds out
+  saves 22-28% of an int8 g32 prefill, the stores too 40-46%), so the level-split layout exists: with it tiles
+  0-1 hold level 1 and 2-3 level 2 of the same 16 pairs, and a fold combines (l1 << 8) + l2 of 16
+  pairs per vector; with both levels in one block a vector holds 8 (twice the fold instructions).
 - vnni: 8 rows at a time, one zmm accumulator per row: vpdpbusd(acc, act block row (64
   bytes = 16 columns x 4 k), 4 weight bytes broadcast).
 """
@@ -73,15 +79,18 @@ def levels_for(fmt: str) -> int:
 
 
 def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NSEG, O_SORTED, silu,  # noqa: E741
-                      prefetch=0, schedule="steal"):
+                      prefetch=0, schedule="steal", split=False, probe=""):
     """The macro `prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum,
     o_bseg, gqf, dqf, o_sched)` running phases 1-4 (iw already holds the sorted segments; gqf / dqf are
     flat int8 views of the weights, or None for int4). prefetch: on amx with int8 weights, K steps
     ahead whose weight lines each K step prefetches (see KernelConfig.prefill_prefetch); 0: none.
     schedule: "static" (each task runs its share of the items) or "steal" (and then takes items
-    left in the others' shares; KernelConfig.item_schedule)."""
+    left in the others' shares; KernelConfig.item_schedule). split: on amx with two levels, each level in
+    column blocks of its own (16 pairs a block; KernelConfig.act_levels "split"), else both in one."""
     L = levels_for(fmt)
-    PPB = NCOL // L           # pairs per column block
+    SPLIT = split and L == 2 and variant in ("amx", "amx-emu")
+    PROBE = probe if SPLIT else ""
+    PPB = NCOL if SPLIT else NCOL // L    # pairs per column block
     KT = min(G, 64)           # AMX K step (bytes)
     NR1 = I // RT             # gate/up items per segment (16 gate + 16 up rows each)
     NR2 = H // ITEM_ROWS      # down items per segment
@@ -149,7 +158,10 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                 q2 = T.Bind(T.max(T.min(T.nearbyint((xv - q1) * _bc(T.float32(256))), _bc(T.float32(127))),
                                   _bc(T.float32(-128))))
                 u2 = T.Bind(T.Cast("uint8x16", T.Cast("int32x16", q2) + _bc(T.int32(128))))
-                store_words(act, base + i64(k16 * 256 + (jj + PPB) * 4), u2)
+                if SPLIT:
+                    store_words(act, base + i64(NCOL * kd + k16 * 256 + jj * 4), u2)
+                else:
+                    store_words(act, base + i64(k16 * 256 + (jj + PPB) * 4), u2)
 
     @T.macro
     def quant_phase(src, kd, from_x, iw, act, asc, o_cum, o_bseg):
@@ -159,18 +171,47 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             lb = T.Bind(b - iw[o_cum + s])
             p0 = T.Bind(iw[O_SEGSTART + s])
             cnt = T.Bind(iw[O_SEGSTART + s + 1] - p0)
-            for jj in range(PPB):
-                if lb * PPB + jj < cnt:
-                    if from_x:
-                        quant_rows(src, kd, b, jj, iw[O_SORTED + p0 + lb * PPB + jj] // K, act, asc)
-                    else:
-                        quant_rows(src, kd, b, jj, p0 + lb * PPB + jj, act, asc)
+            if SPLIT:
+                # blocks 2j, 2j + 1 of a segment: levels 1, 2 of its pairs 16j .. 16j + 15
+                if lb % 2 == 0:
+                    for jj in range(PPB):
+                        if lb // 2 * PPB + jj < cnt:
+                            if from_x:
+                                quant_rows(src, kd, b, jj, iw[O_SORTED + p0 + lb // 2 * PPB + jj] // K, act, asc)
+                            else:
+                                quant_rows(src, kd, b, jj, p0 + lb // 2 * PPB + jj, act, asc)
+            else:
+                for jj in range(PPB):
+                    if lb * PPB + jj < cnt:
+                        if from_x:
+                            quant_rows(src, kd, b, jj, iw[O_SORTED + p0 + lb * PPB + jj] // K, act, asc)
+                        else:
+                            quant_rows(src, kd, b, jj, p0 + lb * PPB + jj, act, asc)
 
     # ---- int4: unpack the item's 32 weight rows to int8 ----------------------------------
+    # 64 packed bytes (4 blocks of 32 values) at a time: both nibbles of all 64 bytes in two 64-lane
+    # vectors, then each block's low 16 values and high 16 put in order by two 128-bit-lane shuffles
+    # (the loop below, 16 bytes at a time, takes ~4x the instructions: int4 prefill-512 was 1.16-1.33x slower)
+    lanes_a = [i + 16 * j for j in (0, 4, 1, 5) for i in range(16)]       # blocks 0, 1 of (lo, hi)
+    lanes_b = [i + 16 * j for j in (2, 6, 3, 7) for i in range(16)]       # blocks 2, 3
+
+    def nib(v, hi):
+        n = T.shift_right(v, _bc(T.uint8(4), 64)) if hi else T.bitwise_and(v, _bc(T.uint8(15), 64))
+        return T.reinterpret("int8x64", T.bitwise_xor(n, _bc(T.uint8(8), 64))) - _bc(T.int8(8), 64)
+
     @T.macro
     def unpack_rows(wq, e, r0a, r0b, kd, wsc):
         for q in T.unroll(ITEM_ROWS):
-            for blk in range(kd // 32):
+            for b4 in range(kd // 128):
+                pk = T.Bind(tirx.BufferLoad(wq, [i64(e), i64(wrow(r0a, r0b, q)),
+                                                 tirx.Ramp(i64(b4 * 64), T.int64(1), 64)]))
+                lo = T.Bind(nib(pk, False))
+                hi = T.Bind(nib(pk, True))
+                wsc[tirx.Ramp(i64(q * kd + b4 * 128), T.int64(1), 64)] = tirx.Shuffle(
+                    [lo, hi], [tirx.const(i, "int32") for i in lanes_a])
+                wsc[tirx.Ramp(i64(q * kd + b4 * 128 + 64), T.int64(1), 64)] = tirx.Shuffle(
+                    [lo, hi], [tirx.const(i, "int32") for i in lanes_b])
+            for blk in range(kd // 128 * 4, kd // 32):
                 for v in T.vectorized(16):
                     wsc[q * kd + blk * 32 + v] = T.reinterpret("int8", T.bitwise_xor(T.bitwise_and(
                         wq[i64(e), i64(wrow(r0a, r0b, q)), i64(blk * 16 + v)], T.uint8(15)), T.uint8(8))) - T.int8(8)
@@ -253,6 +294,51 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                  ws[i64(e), i64(wrow(r0a, r0b, (c % 2) * RT + m)), i64(g)], first)
 
     @T.macro
+    def fold_split(c, cbuf, facc, ws, e, r0a, r0b, g, first):
+        """Split levels: tile c (level 1 of 16 pairs x weight tile c) and c + 2 (level 2) -> facc[row * 32 + pair]."""
+        for m in range(16):
+            sc = T.Bind(ws[i64(e), i64(wrow(r0a, r0b, c * RT + m)), i64(g)])
+            for v in T.vectorized(16):
+                if first:
+                    facc[(c * RT + m) * 32 + v] = T.Cast(
+                        "float32", T.shift_left(cbuf[c * 256 + m * 16 + v], 8) + cbuf[(c + 2) * 256 + m * 16 + v]) * sc
+                else:
+                    facc[(c * RT + m) * 32 + v] = facc[(c * RT + m) * 32 + v] + T.Cast(
+                        "float32", T.shift_left(cbuf[c * 256 + m * 16 + v], 8) + cbuf[(c + 2) * 256 + m * 16 + v]) * sc
+
+    @T.macro
+    def group_amx_split(wbuf, nrows, kd, act, cb0, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, first, pf):
+        """Split levels: weight tile a's products (C0 level 1, C2 level 2), then b's (C1, C3); a's are
+        stored and folded after b's are issued, so the fold runs beside b's tile products."""
+        tl_zero(0, creg)
+        tl_zero(2, creg)
+        tl_zero(1, creg)
+        tl_zero(3, creg)
+        for ks in range(G // KT):
+            if PF > 0 and not int4:
+                if pf:
+                    prefetch_rows(wbuf, nrows, kd, e, r0a, r0b, g * G + ks * KT + PF * KT)
+            tl_load(4, wbuf, woff(e, nrows, kd, r0a, r0b, 0, g * G + ks * KT), kd, treg)
+            tl_load(6, act, i64(cb0) * (NCOL * kd) + i64((g * G + ks * KT) // 4 * 64), 64, treg)
+            tl_load(7, act, i64(cb0 + 1) * (NCOL * kd) + i64((g * G + ks * KT) // 4 * 64), 64, treg)
+            tl_dp(0, 4, 6, treg, creg)
+            tl_dp(2, 4, 7, treg, creg)
+            tl_load(5, wbuf, woff(e, nrows, kd, r0a, r0b, RT, g * G + ks * KT), kd, treg)
+            tl_dp(1, 5, 6, treg, creg)
+            tl_dp(3, 5, 7, treg, creg)
+        # PROBE (bench only, wrong results): "nofold" leaves out the folds, "nostore" the tile stores too
+        if PROBE != "nostore":
+            tl_store(0, cbuf, creg)
+            tl_store(2, cbuf, creg)
+        if PROBE == "":
+            fold_split(0, cbuf, facc, ws, e, r0a, r0b, g, first)
+        if PROBE != "nostore":
+            tl_store(1, cbuf, creg)
+            tl_store(3, cbuf, creg)
+        if PROBE == "":
+            fold_split(1, cbuf, facc, ws, e, r0a, r0b, g, first)
+
+    @T.macro
     def group_amx(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, first, pf):
         tl_zero(0, creg)
         tl_zero(1, creg)
@@ -272,15 +358,23 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                 tl_load(7, act, i64(cb0 + 1) * (NCOL * kd) + i64((g * G + ks * KT) // 4 * 64), 64, treg)
                 tl_dp(2, 4, 7, treg, creg)
                 tl_dp(3, 5, 7, treg, creg)
-        tl_store(0, cbuf, creg)
-        tl_store(1, cbuf, creg)
-        fold_tile(0, cbuf, facc, ws, e, r0a, r0b, g, first)
-        fold_tile(1, cbuf, facc, ws, e, r0a, r0b, g, first)
-        if two:
+        if SPLIT:
+            tl_store(0, cbuf, creg)
+            tl_store(1, cbuf, creg)
             tl_store(2, cbuf, creg)
             tl_store(3, cbuf, creg)
-            fold_tile(2, cbuf, facc, ws, e, r0a, r0b, g, first)
-            fold_tile(3, cbuf, facc, ws, e, r0a, r0b, g, first)
+            fold_split(0, cbuf, facc, ws, e, r0a, r0b, g, first)
+            fold_split(1, cbuf, facc, ws, e, r0a, r0b, g, first)
+        else:
+            tl_store(0, cbuf, creg)
+            tl_store(1, cbuf, creg)
+            fold_tile(0, cbuf, facc, ws, e, r0a, r0b, g, first)
+            fold_tile(1, cbuf, facc, ws, e, r0a, r0b, g, first)
+            if two:
+                tl_store(2, cbuf, creg)
+                tl_store(3, cbuf, creg)
+                fold_tile(2, cbuf, facc, ws, e, r0a, r0b, g, first)
+                fold_tile(3, cbuf, facc, ws, e, r0a, r0b, g, first)
 
     @T.macro
     def group_vnni(wbuf, nrows, kd, act, cb, cbi, g, ws, e, r0a, r0b, facc, first):
@@ -302,7 +396,9 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
 
     @T.macro
     def one_group(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, first, pf):
-        if amx:
+        if SPLIT:
+            group_amx_split(wbuf, nrows, kd, act, cb0, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, first, pf)
+        elif amx:
             group_amx(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, first, pf)
         else:
             group_vnni(wbuf, nrows, kd, act, cb0, 0, g, ws, e, r0a, r0b, facc, first)
@@ -328,21 +424,33 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         i0 = T.Bind(r * RT)
         if int4:
             unpack_rows(gq, e, i0, I + i0, H, wsc)
-        for cbp in range((nb + 1) // 2):
-            if int4:
-                products(wsc, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
-                         creg, cbp == 0)
-            else:
-                products(gqf, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
-                         creg, cbp == 0)
-            for cbi in range(2):
+        if SPLIT:
+            for cbp in range(nb // 2):
+                products(gqf, 2 * I, H, act, b0 + 2 * cbp, True, gs, e, i0, I + i0, facc, cbuf, treg, creg, cbp == 0)
                 for jj in range(PPB):
-                    if 2 * cbp + cbi < nb and (2 * cbp + cbi) * PPB + jj < cnt:
-                        colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
+                    if cbp * PPB + jj < cnt:
+                        colsc = T.Bind(asc[(b0 + 2 * cbp) * NCOL + jj])
                         for q in range(RT):
-                            gv = T.Bind((facc[(q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
-                            uv = T.Bind((facc[((q + RT) * 2 + cbi) * 16 + jj] - gc[i64(e), i64(I + i0 + q)]) * colsc)
-                            hbuf[p0 + (2 * cbp + cbi) * PPB + jj, i0 + q] = silu(gv) * uv
+                            gv = T.Bind((facc[q * 32 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
+                            uv = T.Bind((facc[(q + RT) * 32 + jj] - gc[i64(e), i64(I + i0 + q)]) * colsc)
+                            hbuf[p0 + cbp * PPB + jj, i0 + q] = silu(gv) * uv
+        else:
+            for cbp in range((nb + 1) // 2):
+                if int4:
+                    products(wsc, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
+                             creg, cbp == 0)
+                else:
+                    products(gqf, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
+                             creg, cbp == 0)
+                for cbi in range(2):
+                    for jj in range(PPB):
+                        if 2 * cbp + cbi < nb and (2 * cbp + cbi) * PPB + jj < cnt:
+                            colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
+                            for q in range(RT):
+                                gv = T.Bind((facc[(q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
+                                uv = T.Bind((facc[((q + RT) * 2 + cbi) * 16 + jj]
+                                             - gc[i64(e), i64(I + i0 + q)]) * colsc)
+                                hbuf[p0 + (2 * cbp + cbi) * PPB + jj, i0 + q] = silu(gv) * uv
 
     @T.macro
     def dn_item(s, r, dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc):
@@ -354,20 +462,29 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         h0 = T.Bind(r * ITEM_ROWS)
         if int4:
             unpack_rows(dq, e, h0, h0 + RT, I, wsc)
-        for cbp in range((nb + 1) // 2):
-            if int4:
-                products(wsc, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg,
-                         cbp == 0)
-            else:
-                products(dqf, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg,
-                         cbp == 0)
-            for cbi in range(2):
+        if SPLIT:
+            for cbp in range(nb // 2):
+                products(dqf, H, I, act, b0 + 2 * cbp, True, ds, e, h0, h0 + RT, facc, cbuf, treg, creg, cbp == 0)
                 for jj in range(PPB):
-                    if 2 * cbp + cbi < nb and (2 * cbp + cbi) * PPB + jj < cnt:
-                        colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
+                    if cbp * PPB + jj < cnt:
+                        colsc = T.Bind(asc[(b0 + 2 * cbp) * NCOL + jj])
                         for q in range(ITEM_ROWS):
-                            ybuf[p0 + (2 * cbp + cbi) * PPB + jj, h0 + q] = (
-                                facc[(q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
+                            ybuf[p0 + cbp * PPB + jj, h0 + q] = (facc[q * 32 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
+        else:
+            for cbp in range((nb + 1) // 2):
+                if int4:
+                    products(wsc, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg,
+                             cbp == 0)
+                else:
+                    products(dqf, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg,
+                             cbp == 0)
+                for cbi in range(2):
+                    for jj in range(PPB):
+                        if 2 * cbp + cbi < nb and (2 * cbp + cbi) * PPB + jj < cnt:
+                            colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
+                            for q in range(ITEM_ROWS):
+                                ybuf[p0 + (2 * cbp + cbi) * PPB + jj, h0 + q] = (
+                                    facc[(q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
 
     def items_phase(item, nr, kd):
         """The parallel loop of phase 2 (item gu_item, nr = NR1, K = H) or 4 (dn_item, NR2, I).
@@ -397,6 +514,12 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                     tl_release()
         return phase
 
+    def seg_blocks(cnt):
+        """Column blocks of a segment of cnt pairs."""
+        if SPLIT:
+            return 2 * ((cnt + NCOL - 1) // NCOL)
+        return (cnt * L + NCOL - 1) // NCOL
+
     task_starts = tir_schedule.make_task_starts(O_NSEG, 0)
     gu_phase = items_phase(gu_item, NR1, H)
     dn_phase = items_phase(dn_item, NR2, I)
@@ -407,9 +530,9 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         # block bookkeeping: cum[s] = first column block of segment s, bseg[b] = its segment
         iw[o_cum] = 0
         for s in range(iw[O_NSEG]):
-            for b in range(((iw[O_SEGSTART + s + 1] - iw[O_SEGSTART + s]) * L + NCOL - 1) // NCOL):
+            for b in range(seg_blocks(iw[O_SEGSTART + s + 1] - iw[O_SEGSTART + s])):
                 iw[o_bseg + iw[o_cum + s] + b] = s
-            iw[o_cum + s + 1] = iw[o_cum + s] + ((iw[O_SEGSTART + s + 1] - iw[O_SEGSTART + s]) * L + NCOL - 1) // NCOL
+            iw[o_cum + s + 1] = iw[o_cum + s] + seg_blocks(iw[O_SEGSTART + s + 1] - iw[O_SEGSTART + s])
         ntask = T.Bind(tir_schedule.ntasks(nthr))
         # 1. quantize x per pair into column blocks
         quant_phase(x, H, True, iw, act, asc, o_cum, o_bseg)

@@ -28,7 +28,9 @@ EMU = "x86-amx-emu"
 # the same with the AMX-BF16 prefill path (KernelConfig.prefill = "bf16", tir_amx_bf16)
 EMU_BF16 = "x86-amx-emu-bf16"
 EMU_BF16X1 = "x86-amx-emu-bf16x1"     # one bf16 activation term whatever the format (int8 too)
-EMUS = (EMU, EMU_BF16, EMU_BF16X1)
+# the same with int8's two activation levels in one column block (KernelConfig.act_levels "shared")
+EMU_SHARED = "x86-amx-emu-shared"
+EMUS = (EMU, EMU_BF16, EMU_BF16X1, EMU_SHARED)
 # x86-avx2 with two tile variants (TARGET_CONFIGS "tile_variants"); the other builds leave them out
 # (they cost build time and every test but the tile one would ignore them)
 TILES = "x86-avx2-tiles"
@@ -92,6 +94,8 @@ def _build(name: str) -> tuple[Path, dict[str, Any]]:
         config["variant"] = "amx-emu"
     if base in (EMU_BF16, EMU_BF16X1):
         config["prefill"] = "bf16" if base == EMU_BF16 else "bf16x1"
+    if base == EMU_SHARED:
+        config["act_levels"] = "shared"
     if decode:
         config["decode"] = decode
     return out, build_cpu_kernels(specs_for(name), target_for(name), out, config=config)

@@ -154,6 +154,17 @@ def test_decode_paths_are_checked():
         KernelConfig(decode="serial")
 
 
+def test_act_levels_are_checked():
+    from ktc.codegen.tir_experts import KernelConfig
+
+    assert KernelConfig().act_levels == "split"
+    with pytest.raises(ValueError, match="act_levels"):
+        KernelConfig(act_levels="interleaved")
+    assert KernelConfig().probe == ""
+    with pytest.raises(ValueError, match="probe"):
+        KernelConfig(probe="nothing")
+
+
 def test_missing_instructions_are_reported():
     t = kt.get("x86-avx512")
     assert missing_instructions("vfmadd231ps %ymm1, %ymm2, %ymm3", t) == ["zmm"]

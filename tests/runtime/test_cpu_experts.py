@@ -13,6 +13,7 @@ from tests.codegen.cpu_builds import (
     EMU,
     EMU_BF16,
     EMU_BF16X1,
+    EMU_SHARED,
     SPECS,
     TILE_VARIANTS,
     TILES,
@@ -23,7 +24,7 @@ from tests.codegen.cpu_builds import (
     target_for,
 )
 
-NAMES = ("x86-avx2", "x86-avx512", "x86-amx", EMU, EMU_BF16, EMU_BF16X1)
+NAMES = ("x86-avx2", "x86-avx512", "x86-amx", EMU, EMU_BF16, EMU_BF16X1, EMU_SHARED)
 RUNNABLE = [n for n in NAMES if target_for(n).runs_here()]
 TARGET_PARAMS = [
     pytest.param(n, marks=pytest.mark.skipif(n not in RUNNABLE, reason=f"this host cannot run {n} kernels"))

@@ -91,6 +91,9 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     SPLIT = split and L == 2 and variant in ("amx", "amx-emu")
     PROBE = probe if SPLIT else ""
     PPB = NCOL if SPLIT else NCOL // L    # pairs per column block
+    # column blocks of distinct pairs a pass over an item's rows takes (a pass reads two blocks: with split
+    # levels they are the two levels of the same 16 pairs, and their fold leaves them at facc[row * 32 + pair])
+    PAIR_BLOCKS = 1 if SPLIT else 2
     KT = min(G, 64)           # AMX K step (bytes)
     NR1 = I // RT             # gate/up items per segment (16 gate + 16 up rows each)
     NR2 = H // ITEM_ROWS      # down items per segment
@@ -424,33 +427,22 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         i0 = T.Bind(r * RT)
         if int4:
             unpack_rows(gq, e, i0, I + i0, H, wsc)
-        if SPLIT:
-            for cbp in range(nb // 2):
-                products(gqf, 2 * I, H, act, b0 + 2 * cbp, True, gs, e, i0, I + i0, facc, cbuf, treg, creg, cbp == 0)
+        for cbp in range((nb + 1) // 2):
+            if int4:
+                products(wsc, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
+                         creg, cbp == 0)
+            else:
+                products(gqf, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
+                         creg, cbp == 0)
+            for cbi in range(PAIR_BLOCKS):
                 for jj in range(PPB):
-                    if cbp * PPB + jj < cnt:
-                        colsc = T.Bind(asc[(b0 + 2 * cbp) * NCOL + jj])
+                    if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
+                        colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
                         for q in range(RT):
-                            gv = T.Bind((facc[q * 32 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
-                            uv = T.Bind((facc[(q + RT) * 32 + jj] - gc[i64(e), i64(I + i0 + q)]) * colsc)
-                            hbuf[p0 + cbp * PPB + jj, i0 + q] = silu(gv) * uv
-        else:
-            for cbp in range((nb + 1) // 2):
-                if int4:
-                    products(wsc, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
-                             creg, cbp == 0)
-                else:
-                    products(gqf, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
-                             creg, cbp == 0)
-                for cbi in range(2):
-                    for jj in range(PPB):
-                        if 2 * cbp + cbi < nb and (2 * cbp + cbi) * PPB + jj < cnt:
-                            colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
-                            for q in range(RT):
-                                gv = T.Bind((facc[(q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
-                                uv = T.Bind((facc[((q + RT) * 2 + cbi) * 16 + jj]
-                                             - gc[i64(e), i64(I + i0 + q)]) * colsc)
-                                hbuf[p0 + (2 * cbp + cbi) * PPB + jj, i0 + q] = silu(gv) * uv
+                            gv = T.Bind((facc[(q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
+                            uv = T.Bind((facc[((q + RT) * 2 + cbi) * 16 + jj]
+                                         - gc[i64(e), i64(I + i0 + q)]) * colsc)
+                            hbuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, i0 + q] = silu(gv) * uv
 
     @T.macro
     def dn_item(s, r, dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc):
@@ -462,29 +454,20 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         h0 = T.Bind(r * ITEM_ROWS)
         if int4:
             unpack_rows(dq, e, h0, h0 + RT, I, wsc)
-        if SPLIT:
-            for cbp in range(nb // 2):
-                products(dqf, H, I, act, b0 + 2 * cbp, True, ds, e, h0, h0 + RT, facc, cbuf, treg, creg, cbp == 0)
+        for cbp in range((nb + 1) // 2):
+            if int4:
+                products(wsc, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg,
+                         cbp == 0)
+            else:
+                products(dqf, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg,
+                         cbp == 0)
+            for cbi in range(PAIR_BLOCKS):
                 for jj in range(PPB):
-                    if cbp * PPB + jj < cnt:
-                        colsc = T.Bind(asc[(b0 + 2 * cbp) * NCOL + jj])
+                    if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
+                        colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
                         for q in range(ITEM_ROWS):
-                            ybuf[p0 + cbp * PPB + jj, h0 + q] = (facc[q * 32 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
-        else:
-            for cbp in range((nb + 1) // 2):
-                if int4:
-                    products(wsc, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg,
-                             cbp == 0)
-                else:
-                    products(dqf, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg,
-                             cbp == 0)
-                for cbi in range(2):
-                    for jj in range(PPB):
-                        if 2 * cbp + cbi < nb and (2 * cbp + cbi) * PPB + jj < cnt:
-                            colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
-                            for q in range(ITEM_ROWS):
-                                ybuf[p0 + (2 * cbp + cbi) * PPB + jj, h0 + q] = (
-                                    facc[(q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
+                            ybuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, h0 + q] = (
+                                facc[(q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
 
     def items_phase(item, nr, kd):
         """The parallel loop of phase 2 (item gu_item, nr = NR1, K = H) or 4 (dn_item, NR2, I).

@@ -100,6 +100,7 @@ KS = 32  # elements of K per inner step (one int4 block); H and I must be multip
 QUANTIZED = ("int8", "int4")
 DECODE_PATHS = ("fused", "regions", "phased")   # KernelConfig.decode
 PREFILL_PATHS = ("int", "bf16", "bf16x1", "bf16x2", "fma")  # KernelConfig.prefill
+PROBES = ("", "nofold", "nostore", "nounpack", "noprod")  # KernelConfig.probe (bench only)
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,9 @@ class KernelConfig:
     # group 32; int4: one), "bf16x1" / "bf16x2" one / two terms whatever the format, "fma" none:
     # every batch on the token-block micro-kernels (the decode / prefill crossover moved to never)
     prefill: str = "int"
-    # int8 "int" prefill on amx: K steps (64 bytes) ahead whose weight lines the tile loop prefetches
-    # (prefetcht0, each of the work item's 32 rows) on its first pass over an item; 0: none
+    # "int" prefill on amx: K steps (64 bytes) ahead whose weight lines the tile loop prefetches
+    # (prefetcht0, each of the work item's 32 rows) on its first pass over an item (int4 "step": 128-value
+    # units ahead whose packed rows the unpack prefetches); 0: none
     prefill_prefetch: int = 0
     # work items of the gate/up and down phases of a batch (the int8/int4 prefill paths, and the token
     # blocks of every other T > 1) over the threads: "static" each thread runs its share, "steal" and
@@ -138,8 +140,19 @@ class KernelConfig:
     # (tir_intdot); "shared": both in one block of 8 pairs (columns 0-7, 8-15), folded 8 at a time
     # (the layout before 2026-11-23, kept to time against)
     act_levels: str = "split"
+    # int4 "int" prefill on amx: when a work item's int4 rows are unpacked to int8 for the weight tiles.
+    # "step": each 128 values of K (or group, if larger) just before their tile products for up to 4
+    # column-block pairs, into one of two small buffers (the unpack, vector work, runs beside the
+    # previous unit's tile products); "item": the item's whole rows first (the path before 2026-11-23)
+    int4_unpack: str = "step"
+    # "int" prefill: the gate/up and down epilogues (facc -> silu(gate) * up, -> ybuf) on 16-lane vectors
+    # over a column's rows ("vector") or one value at a time ("scalar", the path before 2026-11-23)
+    prefill_epilogue: str = "vector"
     # bench only, results wrong: "nofold" / "nostore" build the split int8 AMX path without its
-    # folds / without its folds and tile stores, to time what those steps cost (bench/cpu_moe.py)
+    # folds / without its folds and tile stores (and the int4 "step" path the same), "nounpack" the int4
+    # "step" path without its unpack, "noprod" (amx) without its unpack, tile products and folds (what is left:
+    # the quantization, sort, epilogue and weighted-sum phases), to time what those steps cost
+    # (bench/cpu_moe.py)
     probe: str = ""
 
     def __post_init__(self) -> None:
@@ -155,8 +168,12 @@ class KernelConfig:
             raise ValueError(f"unknown item_schedule {self.item_schedule!r}; expected 'static' or 'steal'")
         if self.act_levels not in ("split", "shared"):
             raise ValueError(f"unknown act_levels {self.act_levels!r}; expected 'split' or 'shared'")
-        if self.probe not in ("", "nofold", "nostore"):
-            raise ValueError(f"unknown probe {self.probe!r}; expected '', 'nofold' or 'nostore'")
+        if self.prefill_epilogue not in ("vector", "scalar"):
+            raise ValueError(f"unknown prefill_epilogue {self.prefill_epilogue!r}; expected 'vector' or 'scalar'")
+        if self.int4_unpack not in ("step", "item"):
+            raise ValueError(f"unknown int4_unpack {self.int4_unpack!r}; expected 'step' or 'item'")
+        if self.probe not in PROBES:
+            raise ValueError(f"unknown probe {self.probe!r}; expected one of {PROBES}")
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"unknown decode path {self.decode!r}; expected one of {DECODE_PATHS}")
         if KS % self.vl or 16 % self.vl or self.vl < 4:
@@ -613,7 +630,7 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
         if cfg.prefill == "int":
             make = functools.partial(tir_intdot.make_prefill_body, prefetch=cfg.prefill_prefetch,
                                      schedule=cfg.item_schedule, split=cfg.act_levels == "split",
-                                     probe=cfg.probe)
+                                     probe=cfg.probe, int4_unpack=cfg.int4_unpack, epilogue=cfg.prefill_epilogue)
         else:
             make = functools.partial(tir_amx_bf16.make_prefill_body, levels=bf16_levels(cfg.prefill, fmt),
                                      schedule=cfg.item_schedule)

@@ -43,6 +43,15 @@ Micro-kernels, per item, for each pair of column blocks and each group:
   pairs per vector; with both levels in one block a vector holds 8 (twice the fold instructions).
 - vnni: 8 rows at a time, one zmm accumulator per row: vpdpbusd(acc, act block row (64
   bytes = 16 columns x 4 k), 4 weight bytes broadcast).
+
+int4 weights on amx (KernelConfig.int4_unpack "step"): an item's rows are unpacked to int8 a unit of
+max(group, 128) values of K at a time into one of two small buffers (L1), right before that unit's tile
+products for up to 4 column-block pairs, so the unpack (vector instructions) runs beside the previous
+unit's tile products and a row is unpacked once for up to 128 pairs. With groups of 128 or more the
+activations are written in the packed weights' nibble order (within 128 values: the four 32-value
+blocks' low halves, then their high halves) and 64 packed bytes become two 64-byte tile rows with a
+shift and two vpermb table lookups (AVX512-VBMI), no shuffle across lanes. Measured on the H100 host's
+Xeon (prefill-512, BENCHMARKS.md): 1.04-1.19x faster than unpacking the item's whole rows first ("item").
 """
 
 from __future__ import annotations
@@ -79,17 +88,36 @@ def levels_for(fmt: str) -> int:
 
 
 def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NSEG, O_SORTED, silu,  # noqa: E741
-                      prefetch=0, schedule="steal", split=False, probe=""):
+                      prefetch=0, schedule="steal", split=False, probe="", int4_unpack="step", epilogue="vector"):
     """The macro `prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum,
     o_bseg, gqf, dqf, o_sched)` running phases 1-4 (iw already holds the sorted segments; gqf / dqf are
     flat int8 views of the weights, or None for int4). prefetch: on amx with int8 weights, K steps
     ahead whose weight lines each K step prefetches (see KernelConfig.prefill_prefetch); 0: none.
     schedule: "static" (each task runs its share of the items) or "steal" (and then takes items
     left in the others' shares; KernelConfig.item_schedule). split: on amx with two levels, each level in
-    column blocks of its own (16 pairs a block; KernelConfig.act_levels "split"), else both in one."""
+    column blocks of its own (16 pairs a block; KernelConfig.act_levels "split"), else both in one.
+    int4_unpack: on amx with int4 weights, "step" (unpack each 128 values of K of the item's rows just
+    before their tile products) or "item" (the item's whole rows first; KernelConfig.int4_unpack).
+    epilogue: "vector" or "scalar" (KernelConfig.prefill_epilogue)."""
     L = levels_for(fmt)
+    VEC_EPI = epilogue == "vector"
     SPLIT = split and L == 2 and variant in ("amx", "amx-emu")
-    PROBE = probe if SPLIT else ""
+    int4 = fmt == "int4"
+    amx = variant in ("amx", "amx-emu")
+    # int4 "step" unpack: a unit of UNIT values of K of the item's rows at a time (64 packed bytes a row per
+    # 128 values), into one of two 32 x UNIT buffers, right before the unit's tile products for up to NP
+    # column-block pairs; the unpack (vector work) runs beside the previous unit's tile products, and
+    # the rows are unpacked once for up to 2 NP blocks (16 NP pairs) instead of once a pass
+    STEP = int4 and amx and int4_unpack == "step" and H % 128 == 0 and I % 128 == 0
+    UNIT = max(G, 128)
+    NP = 4
+    # with groups of 128 or more, a chunk's 128 values are one group's, so the activations can take the
+    # nibble order of the packed weights (per 128 values: the 4 blocks' low halves, then their high halves)
+    # and a row's 64 packed bytes unpack to two 64-byte tile rows with no shuffle across lanes
+    NIB = STEP and G % 128 == 0
+    # bench only (KernelConfig.probe, wrong results): steps left out of the split int8 path or the int4 "step" one
+    PROBE = probe if (SPLIT and probe in ("nofold", "nostore")) or (amx and probe == "noprod") or (
+        STEP and probe in ("nounpack", "nofold", "nostore")) else ""
     PPB = NCOL if SPLIT else NCOL // L    # pairs per column block
     # column blocks of distinct pairs a pass over an item's rows takes (a pass reads two blocks: with split
     # levels they are the two levels of the same 16 pairs, and their fold leaves them at facc[row * 32 + pair])
@@ -98,11 +126,10 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     NR1 = I // RT             # gate/up items per segment (16 gate + 16 up rows each)
     NR2 = H // ITEM_ROWS      # down items per segment
     assert I % RT == 0 and H % ITEM_ROWS == 0 and G % KT == 0 and KT % 4 == 0
-    int4 = fmt == "int4"
     PF = prefetch
     STEAL = schedule == "steal"
     emu = variant == "amx-emu"
-    amx = variant in ("amx", "amx-emu")
+    WST = UNIT if STEP else None     # row stride of the unpacked int4 rows in "step" mode
 
     def i64(v):
         return T.Cast("int64", v)
@@ -115,11 +142,20 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
 
     def woff(e, nrows, kd, r0a, r0b, q, k):
         """Offset of weight (item row q, k) in the flat int8 weights, or in the unpacked rows."""
+        if STEP:
+            return i64(k // UNIT % 2 * (ITEM_ROWS * UNIT) + q * UNIT + k % UNIT)
         if int4:
             return i64(q * kd + k)
         return (i64(e) * nrows + i64(wrow(r0a, r0b, q))) * kd + i64(k)
 
     # ---- phase 1 / 3: quantize + gather rows into column blocks -------------------------
+    def nib_pos(k16):
+        """Position in the block's K order of values 16 k16 .. 16 k16 + 15: natural, or (NIB) the packed int4
+        weights' nibble order: within 128 values, block j's values 0-15 at 16 j, its 16-31 at 64 + 16 j."""
+        if NIB:
+            return k16 // 8 * 128 + k16 % 2 * 64 + k16 % 8 // 2 * 16
+        return k16 * 16
+
     @T.macro
     def store_words(act, off, u):
         """The 16 bytes u (k .. k + 15 of one column) -> 4 rows of a block, 64 bytes apart, from off."""
@@ -156,7 +192,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             xv = T.Bind(tirx.BufferLoad(src, [row, tirx.Ramp(k16 * 16, 1, 16)]) * _bc(inv))
             q1 = T.Bind(T.max(T.min(T.nearbyint(xv), _bc(T.float32(127))), _bc(T.float32(-127))))
             u1 = T.Bind(T.Cast("uint8x16", T.Cast("int32x16", q1) + _bc(T.int32(128))))
-            store_words(act, base + i64(k16 * 256 + jj * 4), u1)
+            store_words(act, base + i64(nib_pos(k16) * 16 + jj * 4), u1)
             if L == 2:
                 q2 = T.Bind(T.max(T.min(T.nearbyint((xv - q1) * _bc(T.float32(256))), _bc(T.float32(127))),
                                   _bc(T.float32(-128))))
@@ -222,6 +258,44 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                     wsc[q * kd + blk * 32 + 16 + v] = T.reinterpret("int8", T.bitwise_xor(T.shift_right(
                         wq[i64(e), i64(wrow(r0a, r0b, q)), i64(blk * 16 + v)], T.uint8(4)), T.uint8(8))) - T.int8(8)
 
+    # the signed value of a nibble, for every byte: one vpermb (AVX512-VBMI) whose 64-entry table repeats the
+    # 16 nibble values, so the index's bits 4-5 (the next nibble's) need no mask; the emulated build, for
+    # hosts without VBMI, computes the same with and / xor / sub
+    def nib_lut(v):
+        if emu:
+            return T.reinterpret("int8x64", T.bitwise_xor(T.bitwise_and(v, _bc(T.uint8(15), 64)), _bc(T.uint8(8), 64))
+                                 ) - _bc(T.int8(8), 64)
+        table = tirx.Shuffle([tirx.Ramp(T.int8(0), T.int8(1), 16) - _bc(T.int8(8), 16)] * 4,
+                             [tirx.const(i // 16 * 16 + (i + 8) % 16, "int32") for i in range(64)])
+        return T.call_llvm_pure_intrin("int8x64", "llvm.x86.avx512.permvar.qi.512", table,
+                                       T.reinterpret("int8x64", v))
+
+    @T.macro
+    def unpack_chunk(wq, e, r0a, r0b, kd, c, dst0, wsc, pf):
+        """"step" mode: values 128 c .. 128 c + 127 of the item's 32 rows -> wsc from dst0, rows UNIT apart;
+        pf: prefetch the packed rows PF chunks ahead (the first pass over the item)."""
+        for q in T.unroll(ITEM_ROWS):
+            if PF > 0:
+                if pf:
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                        wq[i64(e), i64(wrow(r0a, r0b, q)), i64(T.min(c + PF, kd // 128 - 1) * 64)]),
+                        T.int32(0), T.int32(3), T.int32(1)))
+            if PROBE != "nounpack":
+                pk = T.Bind(tirx.BufferLoad(wq, [i64(e), i64(wrow(r0a, r0b, q)),
+                                                 tirx.Ramp(i64(c * 64), T.int64(1), 64)]))
+                dst = T.Bind(i64(dst0 + q * UNIT))
+                if NIB:
+                    wsc[tirx.Ramp(dst, T.int64(1), 64)] = nib_lut(pk)
+                    wsc[tirx.Ramp(dst + T.int64(64), T.int64(1), 64)] = nib_lut(T.reinterpret(
+                        "uint8x64", T.shift_right(T.reinterpret("uint16x32", pk), _bc(T.uint16(4), 32))))
+                else:
+                    lo = T.Bind(nib(pk, False))
+                    hi = T.Bind(nib(pk, True))
+                    wsc[tirx.Ramp(dst, T.int64(1), 64)] = tirx.Shuffle(
+                        [lo, hi], [tirx.const(i, "int32") for i in lanes_a])
+                    wsc[tirx.Ramp(dst + T.int64(64), T.int64(1), 64)] = tirx.Shuffle(
+                        [lo, hi], [tirx.const(i, "int32") for i in lanes_b])
+
     # ---- tile operations: real AMX, or emulated with plain loops -------------------------
     if not emu:
         # C tiles 0-3: 16 rows x 64 bytes; weight tiles 4-5: 16 rows x KT bytes; activation tiles
@@ -274,27 +348,28 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     # facc[(q * 2 + cbi) * 16 + col]: item row q, column block cbi (of the pair), column col
     # (first: the item's first group writes facc instead of adding to it, so facc needs no zeroing)
     @T.macro
-    def fold(src, so, facc, q, cbi, sc, first):
+    def fold(src, so, facc, q, cbi, sc, first, fo=0):
         if L == 2:
             for v in T.vectorized(8):
                 if first:
-                    facc[(q * 2 + cbi) * 16 + v] = T.Cast(
+                    facc[fo + (q * 2 + cbi) * 16 + v] = T.Cast(
                         "float32", T.shift_left(src[so + v], 8) + src[so + 8 + v]) * sc
                 else:
-                    facc[(q * 2 + cbi) * 16 + v] = facc[(q * 2 + cbi) * 16 + v] + T.Cast(
+                    facc[fo + (q * 2 + cbi) * 16 + v] = facc[fo + (q * 2 + cbi) * 16 + v] + T.Cast(
                         "float32", T.shift_left(src[so + v], 8) + src[so + 8 + v]) * sc
         else:
             for v in T.vectorized(16):
                 if first:
-                    facc[(q * 2 + cbi) * 16 + v] = T.Cast("float32", src[so + v]) * sc
+                    facc[fo + (q * 2 + cbi) * 16 + v] = T.Cast("float32", src[so + v]) * sc
                 else:
-                    facc[(q * 2 + cbi) * 16 + v] = facc[(q * 2 + cbi) * 16 + v] + T.Cast("float32", src[so + v]) * sc
+                    facc[fo + (q * 2 + cbi) * 16 + v] = (facc[fo + (q * 2 + cbi) * 16 + v]
+                                                         + T.Cast("float32", src[so + v]) * sc)
 
     @T.macro
-    def fold_tile(c, cbuf, facc, ws, e, r0a, r0b, g, first):
+    def fold_tile(c, cbuf, facc, ws, e, r0a, r0b, g, first, fo=0):
         for m in range(16):
             fold(cbuf, c * 256 + m * 16, facc, (c % 2) * RT + m, c // 2,
-                 ws[i64(e), i64(wrow(r0a, r0b, (c % 2) * RT + m)), i64(g)], first)
+                 ws[i64(e), i64(wrow(r0a, r0b, (c % 2) * RT + m)), i64(g)], first, fo)
 
     @T.macro
     def fold_split(c, cbuf, facc, ws, e, r0a, r0b, g, first):
@@ -342,7 +417,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             fold_split(1, cbuf, facc, ws, e, r0a, r0b, g, first)
 
     @T.macro
-    def group_amx(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, first, pf):
+    def group_amx(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, first, pf, fo=0):
+        """fo: where in facc the products of this column-block pair fold (int4 "step": pair p at p * 1024)."""
         tl_zero(0, creg)
         tl_zero(1, creg)
         if two:
@@ -352,8 +428,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             if PF > 0 and not int4:
                 if pf:
                     prefetch_rows(wbuf, nrows, kd, e, r0a, r0b, g * G + ks * KT + PF * KT)
-            tl_load(4, wbuf, woff(e, nrows, kd, r0a, r0b, 0, g * G + ks * KT), kd, treg)
-            tl_load(5, wbuf, woff(e, nrows, kd, r0a, r0b, RT, g * G + ks * KT), kd, treg)
+            tl_load(4, wbuf, woff(e, nrows, kd, r0a, r0b, 0, g * G + ks * KT), WST or kd, treg)
+            tl_load(5, wbuf, woff(e, nrows, kd, r0a, r0b, RT, g * G + ks * KT), WST or kd, treg)
             tl_load(6, act, i64(cb0) * (NCOL * kd) + i64((g * G + ks * KT) // 4 * 64), 64, treg)
             tl_dp(0, 4, 6, treg, creg)
             tl_dp(1, 5, 6, treg, creg)
@@ -368,16 +444,18 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             tl_store(3, cbuf, creg)
             fold_split(0, cbuf, facc, ws, e, r0a, r0b, g, first)
             fold_split(1, cbuf, facc, ws, e, r0a, r0b, g, first)
-        else:
+        elif PROBE != "nostore":
             tl_store(0, cbuf, creg)
             tl_store(1, cbuf, creg)
-            fold_tile(0, cbuf, facc, ws, e, r0a, r0b, g, first)
-            fold_tile(1, cbuf, facc, ws, e, r0a, r0b, g, first)
+            if PROBE != "nofold":
+                fold_tile(0, cbuf, facc, ws, e, r0a, r0b, g, first, fo)
+                fold_tile(1, cbuf, facc, ws, e, r0a, r0b, g, first, fo)
             if two:
                 tl_store(2, cbuf, creg)
                 tl_store(3, cbuf, creg)
-                fold_tile(2, cbuf, facc, ws, e, r0a, r0b, g, first)
-                fold_tile(3, cbuf, facc, ws, e, r0a, r0b, g, first)
+                if PROBE != "nofold":
+                    fold_tile(2, cbuf, facc, ws, e, r0a, r0b, g, first, fo)
+                    fold_tile(3, cbuf, facc, ws, e, r0a, r0b, g, first, fo)
 
     @T.macro
     def group_vnni(wbuf, nrows, kd, act, cb, cbi, g, ws, e, r0a, r0b, facc, first):
@@ -416,7 +494,68 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         for g in range(1, kd // G):
             one_group(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, False, pf)
 
+    @T.macro
+    def unpack_unit(wq, wsc, e, r0a, r0b, kd, u, pf):
+        """Unit u of the item's rows -> buffer u % 2."""
+        for cc in range(UNIT // 128):
+            unpack_chunk(wq, e, r0a, r0b, kd, u * (UNIT // 128) + cc, u % 2 * (ITEM_ROWS * UNIT) + cc * 128, wsc, pf)
+
+    @T.macro
+    def products_step(wq, wsc, nrows, kd, act, cb0, nbl, ws, e, r0a, r0b, facc, cbuf, treg, creg, pf):
+        """int4 "step": facc[p * 1024:] = the item's rows x column blocks cb0 + 2 p, cb0 + 2 p + 1 for the
+        first NP pairs of the nbl blocks left; each UNIT values of K are unpacked once for all of them."""
+        for i in range(NP * 64):
+            for v in T.vectorized(16):
+                facc[i * 16 + v] = T.float32(0)
+        for u in range(0 if PROBE == "noprod" else kd // UNIT):
+            unpack_unit(wq, wsc, e, r0a, r0b, kd, u, pf)
+            for gi in range(UNIT // G):
+                for pp in range(NP):
+                    if 2 * pp < nbl:
+                        group_amx(wsc, nrows, kd, act, cb0 + 2 * pp, 2 * pp + 1 < nbl, u * (UNIT // G) + gi, ws, e,
+                                  r0a, r0b, facc, cbuf, treg, creg, False, False, pp * 1024)
+
     # ---- phases 2 and 4: one work item --------------------------------------------------
+    # the epilogues read a column of facc (rows 32 floats apart) and write a row of hbuf / ybuf: vectorized
+    # over the rows (strided loads, then silu and the stores on 16-lane vectors; VEC_EPI) or one value at a
+    # time (the path before 2026-11-23, kept to time against)
+    @T.macro
+    def gu_out(cbp, fo, e, p0, cnt, b0, nb, i0, gc, hbuf, asc, facc):
+        """Pass cbp's columns (column blocks b0 + 2 cbp, + 1) from facc[fo:] -> h = silu(gate) * up."""
+        for cbi in range(PAIR_BLOCKS):
+            for jj in range(PPB):
+                if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
+                    colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
+                    if VEC_EPI:
+                        for q in T.vectorized(RT):
+                            hbuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, i0 + q] = silu(
+                                (facc[fo + (q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc) * (
+                                (facc[fo + ((q + RT) * 2 + cbi) * 16 + jj] - gc[i64(e), i64(I + i0 + q)]) * colsc)
+                    else:
+                        for q in range(RT):
+                            gv = T.Bind((facc[fo + (q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
+                            uv = T.Bind((facc[fo + ((q + RT) * 2 + cbi) * 16 + jj]
+                                         - gc[i64(e), i64(I + i0 + q)]) * colsc)
+                            hbuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, i0 + q] = silu(gv) * uv
+
+    @T.macro
+    def dn_out(cbp, fo, e, p0, cnt, b0, nb, h0, dc, ybuf, asc, facc):
+        """Pass cbp's columns from facc[fo:] -> ybuf."""
+        for cbi in range(PAIR_BLOCKS):
+            for jj in range(PPB):
+                if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
+                    colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
+                    if VEC_EPI:
+                        for q2 in range(ITEM_ROWS // 16):
+                            for q in T.vectorized(16):
+                                ybuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, h0 + q2 * 16 + q] = (
+                                    facc[fo + ((q2 * 16 + q) * 2 + cbi) * 16 + jj]
+                                    - dc[i64(e), i64(h0 + q2 * 16 + q)]) * colsc
+                    else:
+                        for q in range(ITEM_ROWS):
+                            ybuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, h0 + q] = (
+                                facc[fo + (q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
+
     @T.macro
     def gu_item(s, r, gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc):
         e = T.Bind(iw[O_SEGEXP + s])
@@ -425,24 +564,24 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         b0 = T.Bind(iw[o_cum + s])
         nb = T.Bind(iw[o_cum + s + 1] - b0)
         i0 = T.Bind(r * RT)
-        if int4:
-            unpack_rows(gq, e, i0, I + i0, H, wsc)
-        for cbp in range((nb + 1) // 2):
-            if int4:
-                products(wsc, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
-                         creg, cbp == 0)
-            else:
-                products(gqf, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf, treg,
-                         creg, cbp == 0)
-            for cbi in range(PAIR_BLOCKS):
-                for jj in range(PPB):
-                    if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
-                        colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
-                        for q in range(RT):
-                            gv = T.Bind((facc[(q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
-                            uv = T.Bind((facc[((q + RT) * 2 + cbi) * 16 + jj]
-                                         - gc[i64(e), i64(I + i0 + q)]) * colsc)
-                            hbuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, i0 + q] = silu(gv) * uv
+        if STEP:
+            for sp in range((nb + 2 * NP - 1) // (2 * NP)):
+                products_step(gq, wsc, 2 * I, H, act, b0 + 2 * NP * sp, nb - 2 * NP * sp, gs, e, i0, I + i0, facc,
+                              cbuf, treg, creg, sp == 0)
+                for pp in range(NP):
+                    gu_out(sp * NP + pp, pp * 1024, e, p0, cnt, b0, nb, i0, gc, hbuf, asc, facc)
+        else:
+            if int4 and PROBE != "noprod":
+                unpack_rows(gq, e, i0, I + i0, H, wsc)
+            for cbp in range((nb + 1) // 2):
+                if PROBE != "noprod":
+                    if int4:
+                        products(wsc, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf,
+                                 treg, creg, cbp == 0)
+                    else:
+                        products(gqf, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf,
+                                 treg, creg, cbp == 0)
+                gu_out(cbp, 0, e, p0, cnt, b0, nb, i0, gc, hbuf, asc, facc)
 
     @T.macro
     def dn_item(s, r, dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc):
@@ -452,22 +591,24 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         b0 = T.Bind(iw[o_cum + s])
         nb = T.Bind(iw[o_cum + s + 1] - b0)
         h0 = T.Bind(r * ITEM_ROWS)
-        if int4:
-            unpack_rows(dq, e, h0, h0 + RT, I, wsc)
-        for cbp in range((nb + 1) // 2):
-            if int4:
-                products(wsc, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg,
-                         cbp == 0)
-            else:
-                products(dqf, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf, treg, creg,
-                         cbp == 0)
-            for cbi in range(PAIR_BLOCKS):
-                for jj in range(PPB):
-                    if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
-                        colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
-                        for q in range(ITEM_ROWS):
-                            ybuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, h0 + q] = (
-                                facc[(q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
+        if STEP:
+            for sp in range((nb + 2 * NP - 1) // (2 * NP)):
+                products_step(dq, wsc, H, I, act, b0 + 2 * NP * sp, nb - 2 * NP * sp, ds, e, h0, h0 + RT, facc,
+                              cbuf, treg, creg, sp == 0)
+                for pp in range(NP):
+                    dn_out(sp * NP + pp, pp * 1024, e, p0, cnt, b0, nb, h0, dc, ybuf, asc, facc)
+        else:
+            if int4 and PROBE != "noprod":
+                unpack_rows(dq, e, h0, h0 + RT, I, wsc)
+            for cbp in range((nb + 1) // 2):
+                if PROBE != "noprod":
+                    if int4:
+                        products(wsc, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf,
+                                 treg, creg, cbp == 0)
+                    else:
+                        products(dqf, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf,
+                                 treg, creg, cbp == 0)
+                dn_out(cbp, 0, e, p0, cnt, b0, nb, h0, dc, ybuf, asc, facc)
 
     def items_phase(item, nr, kd):
         """The parallel loop of phase 2 (item gu_item, nr = NR1, K = H) or 4 (dn_item, NR2, I).
@@ -481,8 +622,9 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                 treg = T.alloc_buffer((4096 if emu else 1,), "uint8", **ALLOC)
                 creg = T.alloc_buffer((1024 if emu else 1,), "int32", **ALLOC)
                 cbuf = T.alloc_buffer((1024,), "int32", **ALLOC)
-                facc = T.alloc_buffer((ITEM_ROWS * 2 * 16,), "float32", **ALLOC)
-                wsc = T.alloc_buffer((ITEM_ROWS * kd if int4 else 1,), "int8", **ALLOC)
+                facc = T.alloc_buffer(((NP if STEP else 1) * ITEM_ROWS * 2 * 16,), "float32", **ALLOC)
+                wsc = T.alloc_buffer((2 * ITEM_ROWS * UNIT if STEP else ITEM_ROWS * kd if int4 else 1,), "int8",
+                                     **ALLOC)
                 cur = T.alloc_buffer((1,), "int32", **ALLOC)
                 if amx:
                     tl_config(cfg)

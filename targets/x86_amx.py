@@ -13,10 +13,10 @@ from ktc.targets import CpuTarget
 TARGET = CpuTarget(
     name="x86-amx",
     description="x86-64 AMX-INT8/BF16 tiles + AVX512",
-    required_features=("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+    required_features=("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi",
                        "amx_tile", "amx_int8", "amx_bf16"),
     tvm_target={"kind": "llvm", "mcpu": "sapphirerapids",
-                "mattr": ["+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni", "+amx-int8", "+amx-tile",
+                "mattr": ["+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni", "+avx512vbmi", "+amx-int8", "+amx-tile",
                           "+amx-bf16"]},
     expected_instructions=("zmm", "vfmadd"),
     quant_instructions=("tdpbsud", "ldtilecfg", "tileloadd", "tilestored", "tilerelease"),

@@ -44,6 +44,10 @@ SPECS = {
     "int8": ExpertKernelSpec(128, 192, 6, 3, "int8", 32),
     "int4": ExpertKernelSpec(128, 128, 5, 4, "int4", 64),
 }
+# int4 at group 128 for the AMX builds (real and emulated): their prefill then unpacks the weights in units of
+# a group, in the packed nibble order (vpermb), with activations in that order (tir_intdot NIB); K of 256 and
+# 128 give units in both halves of the double buffer and one alone
+INT4_G128 = ExpertKernelSpec(256, 128, 3, 2, "int4", 128)
 
 _lock = threading.Lock()
 _builds: dict[str, tuple[Path, dict[str, Any]]] = {}
@@ -71,6 +75,8 @@ def specs_for(name: str) -> list[ExpertKernelSpec]:
     checked for their instructions, and the quantized ones hold every instruction the float ones do."""
     base, decode = _split(name)
     foreign = base in ("x86-avx512", "x86-amx") and not get_target(base).runs_here()
+    if base in (EMU, "x86-amx") and not decode:
+        return [SPECS["int8"], SPECS["int4"], INT4_G128]
     if decode or base in EMUS or foreign:
         return [SPECS["int8"], SPECS["int4"]]
     if base == TILES:

@@ -132,6 +132,8 @@ def test_build_contains_the_targets_instructions(all_builds, name):
     if name == "x86-amx":                        # int8/int4 prefill: AMX tiles, integer and bf16 paths
         for m in ("ldtilecfg", "tileloadd", "tdpbsud", "tilestored", "tilerelease", "tdpbf16ps", "vcvtne2ps2bf16"):
             assert m in text, m
+        assert "vpermb" in text                  # int4 at group 128: nibbles to bytes by table lookup
+        assert "avx512vbmi" in target.required_features
     if name != "x86-avx2":                       # the kernel with the other prefill paths, for ktc tune
         other = {"moe_experts@bf16", "moe_experts@fma"} if name == "x86-amx" else {"moe_experts@fma"}
         for k in entry["kernels"].values():
@@ -163,6 +165,12 @@ def test_act_levels_are_checked():
     assert KernelConfig().probe == ""
     with pytest.raises(ValueError, match="probe"):
         KernelConfig(probe="nothing")
+    assert KernelConfig().int4_unpack == "step"
+    with pytest.raises(ValueError, match="int4_unpack"):
+        KernelConfig(int4_unpack="row")
+    assert KernelConfig().prefill_epilogue == "vector"
+    with pytest.raises(ValueError, match="prefill_epilogue"):
+        KernelConfig(prefill_epilogue="fused")
 
 
 def test_missing_instructions_are_reported():

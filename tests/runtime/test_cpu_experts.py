@@ -14,6 +14,7 @@ from tests.codegen.cpu_builds import (
     EMU_BF16,
     EMU_BF16X1,
     EMU_SHARED,
+    INT4_G128,
     SPECS,
     TILE_VARIANTS,
     TILES,
@@ -125,6 +126,25 @@ def test_prefill_sized_batches_and_skipped_ids(loaded, weights, target, fmt):
         y = loaded[target].moe_experts(spec.name, torch.randn(T, spec.hidden_size), torch.rand(T, spec.top_k), ids,
                                        parts)
         assert torch.equal(y[0], torch.zeros(spec.hidden_size)) and y[1].abs().sum() > 0
+
+
+@pytest.mark.skipif(EMU not in RUNNABLE, reason=f"this host cannot run {EMU} kernels")
+def test_int4_prefill_in_group_units(loaded):
+    """int4 at group 128 on the AMX path: weights unpacked a group at a time in the packed nibble order, for
+    up to 4 column-block pairs at once (T = 300: ~200 pairs an expert, two rounds of them; duplicates and
+    skipped ids as above), against the float64 reference on the dequantized weights."""
+    spec = INT4_G128
+    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size  # noqa: E741
+    gen = torch.Generator().manual_seed(11)
+    parts = pack_expert_weights(spec, torch.randn(E, 2 * I, H, generator=gen) / H ** 0.5,
+                                torch.randn(E, H, I, generator=gen) / I ** 0.5)
+    gud, dnd = unpack_expert_weights(spec, parts)
+    for T in (12, 40, 300):
+        x = torch.randn(T, H, generator=gen)
+        tw, ids = _routing(T, spec.top_k, E, gen, dup_within=T == 40)
+        ids[::7, -1] = -1
+        y = loaded[EMU].moe_experts(spec.name, x, tw, ids, parts)
+        assert rel(y, reference_moe(x, tw, ids, gud, dnd)) < TOL_DEQ_INTDOT["int4"]
 
 
 def _raw_call(kernels, spec, parts, x, tw, ids, nthr, gen):

@@ -72,7 +72,7 @@ TARGET_CONFIGS: dict[str, dict[str, Any]] = {
                    "prefill_variants": ["fma"], "tile_variants": {"bt4": {"block_tokens": 4},
                                                                  "tr8": {"tile_rows": 8}}},
     "x86-amx": {"variant": "amx", "vl": 16, "tile_rows": 4, "block_rows": 1, "block_tokens": 8,
-                "decode_rows": 2, "decode": "fused", "decode_prefetch": 1, "prefill": "int", "prefill_prefetch": 2,
+                "decode_rows": 2, "decode": "fused", "decode_prefetch": 1, "prefill": "int", "prefill_prefetch": 1,
                 "prefill_variants": ["bf16", "fma"], "tile_variants": {"bt4": {"block_tokens": 4},
                                                                       "tr8": {"tile_rows": 8}}},
 }
@@ -88,7 +88,9 @@ TARGET_CONFIGS: dict[str, dict[str, Any]] = {
 # ahead): the weight tile loads were the largest stall of the path (perf on the H100 host);
 # prefill-512, Qwen3-30B-A3B int8 g128, same run: 15.8 ms with 4 ahead against 17.0 (none) and 17.2
 # (8 ahead); 2 ahead then beat 4 in 8 of 8 (shape, group) cases over two leases, by 0-10%
-# (2026-11-23, bench/cpu_moe.py build --probes, BENCHMARKS.md)
+# (2026-11-23, bench/cpu_moe.py build --probes, BENCHMARKS.md); then 1 ahead (for int4: the packed rows of
+# the next 128-value unit) beat 2 in every median of three leases at int4 (1.03-1.30x, 36 of 40 rounds) and
+# at int8 group 128 (1.01-1.12x), even at group 32 (0.98-1.01x) (2026-11-23, sixth session, --variants pf1/pf2)
 # "item_schedule": "steal" (tir_experts.KernelConfig; codegen/tir_schedule): prefill-512 on the same
 # host, same run, against "static" (bench/cpu_moe.py build --static-schedule): 1.13-1.27x faster
 # "prefill_variants": other int8/int4 prefill paths built into the same library as

@@ -92,6 +92,17 @@ SHARED_VARIANT = {"sh": {"act_levels": "shared"}}
 # the weight prefetch 2 / 8 K steps ahead instead of 4 ("pf2", "pf8")
 PROBE_VARIANTS = {"nf": {"probe": "nofold"}, "ns": {"probe": "nostore"}, "pf2": {"prefill_prefetch": 2},
                   "pf8": {"prefill_prefetch": 8}}
+# `build --int4-probes`: ... and the int4 AMX prefill with its rows unpacked a whole work item at a time ("it",
+# KernelConfig.int4_unpack "item", the path before 2026-11-23) instead of 128 values of K at a time beside the
+# tile products; the packed rows prefetched 1 / 4 / 8 units ahead instead of 2 ("pf1", "pf4", "pf8"); and, wrong
+# results, timings that say what steps cost: without the unpack ("nu"), the folds ("nf"), the folds and tile
+# stores ("ns"), or the unpack, tile products and folds ("np": what is left are the other phases)
+INT4_VARIANTS = {"it": {"int4_unpack": "item"}, "pf1": {"prefill_prefetch": 1}, "pf4": {"prefill_prefetch": 4},
+                 "pf8": {"prefill_prefetch": 8}, "nu": {"probe": "nounpack"}, "nf": {"probe": "nofold"},
+                 "ns": {"probe": "nostore"}, "np": {"probe": "noprod"}}
+# `build --variants NAME ...`: any of these (the int4 probes' "nf" / "ns" also probe the split int8 path)
+ALL_VARIANTS = {**STATIC_VARIANT, **SHARED_VARIANT, **PROBE_VARIANTS, **INT4_VARIANTS,
+                "es": {"prefill_epilogue": "scalar"}}
 
 
 def _import_ktc():
@@ -139,10 +150,13 @@ def cmd_build(args) -> None:
         config = None if decode is None else dict(kernel_config(get(t)), **ALT_DECODE[decode])
         if prefill:     # only that path (the plain x86-amx build holds the int path and "bf16" as a variant)
             config = dict(kernel_config(get(t)), prefill=prefill, prefill_variants=[])
-        if (args.static_schedule or args.shared_levels or args.probes) and decode is None and not prefill:
+        if (args.static_schedule or args.shared_levels or args.probes or args.int4_probes or args.variants) \
+                and decode is None and not prefill:
             base = kernel_config(get(t))
             extra = dict(STATIC_VARIANT if args.static_schedule else {},
-                         **(SHARED_VARIANT if args.shared_levels else {}), **(PROBE_VARIANTS if args.probes else {}))
+                         **(SHARED_VARIANT if args.shared_levels else {}), **(PROBE_VARIANTS if args.probes else {}),
+                         **(INT4_VARIANTS if args.int4_probes else {}),
+                         **{v: ALL_VARIANTS[v] for v in args.variants or ()})
             config = dict(base, tile_variants=dict({} if args.only_extra_variants else base.get("tile_variants", {}),
                                                    **extra))
             if args.only_extra_variants:
@@ -628,6 +642,10 @@ def main(argv=None) -> None:
                    help="plain builds also hold int8's activation levels in one block as tile variant 'sh'")
     b.add_argument("--probes", action="store_true",
                    help="plain builds also hold the fold / store probes and prefetch distances (PROBE_VARIANTS)")
+    b.add_argument("--int4-probes", action="store_true",
+                   help="plain builds also hold the int4 unpack variants and probes (INT4_VARIANTS)")
+    b.add_argument("--variants", nargs="*", choices=list(ALL_VARIANTS), default=None,
+                   help="plain builds also hold these tile variants (ALL_VARIANTS)")
     b.add_argument("--only-extra-variants", action="store_true",
                    help="with --static-schedule / --shared-levels / --probes: only those variants (no bt4, tr8, bf16, "
                         "fma)")

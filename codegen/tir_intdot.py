@@ -504,9 +504,11 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     def products_step(wq, wsc, nrows, kd, act, cb0, nbl, ws, e, r0a, r0b, facc, cbuf, treg, creg, pf):
         """int4 "step": facc[p * 1024:] = the item's rows x column blocks cb0 + 2 p, cb0 + 2 p + 1 for the
         first NP pairs of the nbl blocks left; each UNIT values of K are unpacked once for all of them."""
-        for i in range(NP * 64):
-            for v in T.vectorized(16):
-                facc[i * 16 + v] = T.float32(0)
+        for pp in range(NP):
+            if 2 * pp < nbl:        # only the pairs in use (zeroing all 4 was ~10% of what is left outside the tiles)
+                for i in range(64):
+                    for v in T.vectorized(16):
+                        facc[pp * 1024 + i * 16 + v] = T.float32(0)
         for u in range(0 if PROBE == "noprod" else kd // UNIT):
             unpack_unit(wq, wsc, e, r0a, r0b, kd, u, pf)
             for gi in range(UNIT // G):

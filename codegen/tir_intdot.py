@@ -51,7 +51,8 @@ unit's tile products and a row is unpacked once for up to 128 pairs. With groups
 activations are written in the packed weights' nibble order (within 128 values: the four 32-value
 blocks' low halves, then their high halves) and 64 packed bytes become two 64-byte tile rows with a
 shift and two vpermb table lookups (AVX512-VBMI), no shuffle across lanes. Measured on the H100 host's
-Xeon (prefill-512, BENCHMARKS.md): 1.04-1.19x faster than unpacking the item's whole rows first ("item").
+Xeon (prefill-512, BENCHMARKS.md): faster than unpacking the item's whole rows first ("item") in 15 of 16
+(lease, shape) medians, 1.04-1.28x.
 """
 
 from __future__ import annotations

@@ -239,18 +239,40 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         n = T.shift_right(v, _bc(T.uint8(4), 64)) if hi else T.bitwise_and(v, _bc(T.uint8(15), 64))
         return T.reinterpret("int8x64", T.bitwise_xor(n, _bc(T.uint8(8), 64))) - _bc(T.int8(8), 64)
 
+    # the signed value of a nibble, for every byte: one vpermb (AVX512-VBMI) whose 64-entry table repeats the
+    # 16 nibble values, so the index's bits 4-5 (the next nibble's) need no mask; the emulated build, for
+    # hosts without VBMI, computes the same with and / xor / sub
+    def nib_lut(v):
+        if emu:
+            return nib(v, False)
+        table = tirx.Shuffle([tirx.Ramp(T.int8(0), T.int8(1), 16) - _bc(T.int8(8), 16)] * 4,
+                             [tirx.const(i // 16 * 16 + (i + 8) % 16, "int32") for i in range(64)])
+        return T.call_llvm_pure_intrin("int8x64", "llvm.x86.avx512.permvar.qi.512", table,
+                                       T.reinterpret("int8x64", v))
+
+    @T.macro
+    def unpack64(packed, dst0, wsc):
+        """64 packed bytes (128 values) -> wsc[dst0 : dst0 + 128] as int8: in the nibble order by two table
+        lookups (NIB), else in K order by two cross-lane shuffles."""
+        pk = T.Bind(packed)
+        dst = T.Bind(dst0)
+        if NIB:
+            wsc[tirx.Ramp(dst, T.int64(1), 64)] = nib_lut(pk)
+            wsc[tirx.Ramp(dst + T.int64(64), T.int64(1), 64)] = nib_lut(T.reinterpret(
+                "uint8x64", T.shift_right(T.reinterpret("uint16x32", pk), _bc(T.uint16(4), 32))))
+        else:
+            lo = T.Bind(nib(pk, False))
+            hi = T.Bind(nib(pk, True))
+            wsc[tirx.Ramp(dst, T.int64(1), 64)] = tirx.Shuffle([lo, hi], [tirx.const(i, "int32") for i in lanes_a])
+            wsc[tirx.Ramp(dst + T.int64(64), T.int64(1), 64)] = tirx.Shuffle(
+                [lo, hi], [tirx.const(i, "int32") for i in lanes_b])
+
     @T.macro
     def unpack_rows(wq, e, r0a, r0b, kd, wsc):
         for q in T.unroll(ITEM_ROWS):
             for b4 in range(kd // 128):
-                pk = T.Bind(tirx.BufferLoad(wq, [i64(e), i64(wrow(r0a, r0b, q)),
-                                                 tirx.Ramp(i64(b4 * 64), T.int64(1), 64)]))
-                lo = T.Bind(nib(pk, False))
-                hi = T.Bind(nib(pk, True))
-                wsc[tirx.Ramp(i64(q * kd + b4 * 128), T.int64(1), 64)] = tirx.Shuffle(
-                    [lo, hi], [tirx.const(i, "int32") for i in lanes_a])
-                wsc[tirx.Ramp(i64(q * kd + b4 * 128 + 64), T.int64(1), 64)] = tirx.Shuffle(
-                    [lo, hi], [tirx.const(i, "int32") for i in lanes_b])
+                unpack64(tirx.BufferLoad(wq, [i64(e), i64(wrow(r0a, r0b, q)), tirx.Ramp(i64(b4 * 64), T.int64(1), 64)]),
+                         i64(q * kd + b4 * 128), wsc)
             for blk in range(kd // 128 * 4, kd // 32):
                 for v in T.vectorized(16):
                     wsc[q * kd + blk * 32 + v] = T.reinterpret("int8", T.bitwise_xor(T.bitwise_and(
@@ -258,18 +280,6 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                 for v in T.vectorized(16):
                     wsc[q * kd + blk * 32 + 16 + v] = T.reinterpret("int8", T.bitwise_xor(T.shift_right(
                         wq[i64(e), i64(wrow(r0a, r0b, q)), i64(blk * 16 + v)], T.uint8(4)), T.uint8(8))) - T.int8(8)
-
-    # the signed value of a nibble, for every byte: one vpermb (AVX512-VBMI) whose 64-entry table repeats the
-    # 16 nibble values, so the index's bits 4-5 (the next nibble's) need no mask; the emulated build, for
-    # hosts without VBMI, computes the same with and / xor / sub
-    def nib_lut(v):
-        if emu:
-            return T.reinterpret("int8x64", T.bitwise_xor(T.bitwise_and(v, _bc(T.uint8(15), 64)), _bc(T.uint8(8), 64))
-                                 ) - _bc(T.int8(8), 64)
-        table = tirx.Shuffle([tirx.Ramp(T.int8(0), T.int8(1), 16) - _bc(T.int8(8), 16)] * 4,
-                             [tirx.const(i // 16 * 16 + (i + 8) % 16, "int32") for i in range(64)])
-        return T.call_llvm_pure_intrin("int8x64", "llvm.x86.avx512.permvar.qi.512", table,
-                                       T.reinterpret("int8x64", v))
 
     @T.macro
     def unpack_chunk(wq, e, r0a, r0b, kd, c, dst0, wsc, pf):
@@ -282,20 +292,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                         wq[i64(e), i64(wrow(r0a, r0b, q)), i64(T.min(c + PF, kd // 128 - 1) * 64)]),
                         T.int32(0), T.int32(3), T.int32(1)))
             if PROBE != "nounpack":
-                pk = T.Bind(tirx.BufferLoad(wq, [i64(e), i64(wrow(r0a, r0b, q)),
-                                                 tirx.Ramp(i64(c * 64), T.int64(1), 64)]))
-                dst = T.Bind(i64(dst0 + q * UNIT))
-                if NIB:
-                    wsc[tirx.Ramp(dst, T.int64(1), 64)] = nib_lut(pk)
-                    wsc[tirx.Ramp(dst + T.int64(64), T.int64(1), 64)] = nib_lut(T.reinterpret(
-                        "uint8x64", T.shift_right(T.reinterpret("uint16x32", pk), _bc(T.uint16(4), 32))))
-                else:
-                    lo = T.Bind(nib(pk, False))
-                    hi = T.Bind(nib(pk, True))
-                    wsc[tirx.Ramp(dst, T.int64(1), 64)] = tirx.Shuffle(
-                        [lo, hi], [tirx.const(i, "int32") for i in lanes_a])
-                    wsc[tirx.Ramp(dst + T.int64(64), T.int64(1), 64)] = tirx.Shuffle(
-                        [lo, hi], [tirx.const(i, "int32") for i in lanes_b])
+                unpack64(tirx.BufferLoad(wq, [i64(e), i64(wrow(r0a, r0b, q)), tirx.Ramp(i64(c * 64), T.int64(1), 64)]),
+                         i64(dst0 + q * UNIT), wsc)
 
     # ---- tile operations: real AMX, or emulated with plain loops -------------------------
     if not emu:
@@ -559,6 +557,36 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                             ybuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, h0 + q] = (
                                 facc[fo + (q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
 
+    def item_passes(out):
+        """The passes of one work item over its segment's column blocks, each ending in `out` (gu_out or
+        dn_out): rows r0a.. (tile a) and r0b.. (tile b) of the nrows x kd weights (wq packed int4 or int8,
+        wqf its flat int8 view), row0 = the item's first output row."""
+        @T.macro
+        def passes(wq, wqf, ws, wc, nrows, kd, r0a, r0b, row0, e, p0, cnt, b0, nb, out_buf, act, asc, facc, cbuf,
+                   treg, creg, wsc):
+            if STEP:
+                for sp in range((nb + 2 * NP - 1) // (2 * NP)):
+                    products_step(wq, wsc, nrows, kd, act, b0 + 2 * NP * sp, nb - 2 * NP * sp, ws, e, r0a, r0b, facc,
+                                  cbuf, treg, creg, sp == 0)
+                    for pp in range(NP):
+                        out(sp * NP + pp, pp * 1024, e, p0, cnt, b0, nb, row0, wc, out_buf, asc, facc)
+            else:
+                if int4 and PROBE != "noprod":
+                    unpack_rows(wq, e, r0a, r0b, kd, wsc)
+                for cbp in range((nb + 1) // 2):
+                    if PROBE != "noprod":
+                        if int4:
+                            products(wsc, nrows, kd, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ws, e, r0a, r0b, facc, cbuf,
+                                     treg, creg, cbp == 0)
+                        else:
+                            products(wqf, nrows, kd, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ws, e, r0a, r0b, facc, cbuf,
+                                     treg, creg, cbp == 0)
+                    out(cbp, 0, e, p0, cnt, b0, nb, row0, wc, out_buf, asc, facc)
+        return passes
+
+    gu_passes = item_passes(gu_out)
+    dn_passes = item_passes(dn_out)
+
     @T.macro
     def gu_item(s, r, gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc):
         e = T.Bind(iw[O_SEGEXP + s])
@@ -567,24 +595,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         b0 = T.Bind(iw[o_cum + s])
         nb = T.Bind(iw[o_cum + s + 1] - b0)
         i0 = T.Bind(r * RT)
-        if STEP:
-            for sp in range((nb + 2 * NP - 1) // (2 * NP)):
-                products_step(gq, wsc, 2 * I, H, act, b0 + 2 * NP * sp, nb - 2 * NP * sp, gs, e, i0, I + i0, facc,
-                              cbuf, treg, creg, sp == 0)
-                for pp in range(NP):
-                    gu_out(sp * NP + pp, pp * 1024, e, p0, cnt, b0, nb, i0, gc, hbuf, asc, facc)
-        else:
-            if int4 and PROBE != "noprod":
-                unpack_rows(gq, e, i0, I + i0, H, wsc)
-            for cbp in range((nb + 1) // 2):
-                if PROBE != "noprod":
-                    if int4:
-                        products(wsc, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf,
-                                 treg, creg, cbp == 0)
-                    else:
-                        products(gqf, 2 * I, H, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, gs, e, i0, I + i0, facc, cbuf,
-                                 treg, creg, cbp == 0)
-                gu_out(cbp, 0, e, p0, cnt, b0, nb, i0, gc, hbuf, asc, facc)
+        gu_passes(gq, gqf, gs, gc, 2 * I, H, i0, I + i0, i0, e, p0, cnt, b0, nb, hbuf, act, asc, facc, cbuf, treg,
+                  creg, wsc)
 
     @T.macro
     def dn_item(s, r, dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc):
@@ -594,24 +606,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         b0 = T.Bind(iw[o_cum + s])
         nb = T.Bind(iw[o_cum + s + 1] - b0)
         h0 = T.Bind(r * ITEM_ROWS)
-        if STEP:
-            for sp in range((nb + 2 * NP - 1) // (2 * NP)):
-                products_step(dq, wsc, H, I, act, b0 + 2 * NP * sp, nb - 2 * NP * sp, ds, e, h0, h0 + RT, facc,
-                              cbuf, treg, creg, sp == 0)
-                for pp in range(NP):
-                    dn_out(sp * NP + pp, pp * 1024, e, p0, cnt, b0, nb, h0, dc, ybuf, asc, facc)
-        else:
-            if int4 and PROBE != "noprod":
-                unpack_rows(dq, e, h0, h0 + RT, I, wsc)
-            for cbp in range((nb + 1) // 2):
-                if PROBE != "noprod":
-                    if int4:
-                        products(wsc, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf,
-                                 treg, creg, cbp == 0)
-                    else:
-                        products(dqf, H, I, act, b0 + 2 * cbp, 2 * cbp + 1 < nb, ds, e, h0, h0 + RT, facc, cbuf,
-                                 treg, creg, cbp == 0)
-                dn_out(cbp, 0, e, p0, cnt, b0, nb, h0, dc, ybuf, asc, facc)
+        dn_passes(dq, dqf, ds, dc, H, I, h0, h0 + RT, h0, e, p0, cnt, b0, nb, ybuf, act, asc, facc, cbuf, treg,
+                  creg, wsc)
 
     def items_phase(item, nr, kd):
         """The parallel loop of phase 2 (item gu_item, nr = NR1, K = H) or 4 (dn_item, NR2, I).

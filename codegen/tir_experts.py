@@ -131,6 +131,12 @@ class KernelConfig:
     # (prefetcht0, each of the work item's 32 rows) on its first pass over an item (int4 "step": 128-value
     # units ahead whose packed rows the unpack prefetches); 0: none
     prefill_prefetch: int = 0
+    # int4 "int" prefill on amx: each unit of a work item's first pass also prefetches its share of the next
+    # item's packed rows (the share's next item: contiguous rows, into L2; tir_intdot)
+    prefill_prefetch_next: bool = False
+    # where that prefetch puts the weight lines: llvm.prefetch locality 3 (prefetcht0: L1), 2 (prefetcht1: L2)
+    # or 1 (prefetcht2)
+    prefill_prefetch_hint: int = 3
     # work items of the gate/up and down phases of a batch (the int8/int4 prefill paths, and the token
     # blocks of every other T > 1) over the threads: "static" each thread runs its share, "steal" and
     # then claims what is left of the others' shares (codegen/tir_schedule)
@@ -146,8 +152,14 @@ class KernelConfig:
     # previous unit's tile products); "item": the item's whole rows first (the path before 2026-11-23)
     int4_unpack: str = "step"
     # "int" prefill: the gate/up and down epilogues (facc -> silu(gate) * up, -> ybuf) on 16-lane vectors
-    # over a column's rows ("vector") or one value at a time ("scalar", the path before 2026-11-23)
-    prefill_epilogue: str = "vector"
+    # over a column's rows, the columns transposed in registers 16 x 16 at a time ("transpose"), or gathered
+    # by single-lane loads ("vector", the path before 2026-11-24), or one value at a time ("scalar", before
+    # 2026-11-23)
+    prefill_epilogue: str = "transpose"
+    # "int" prefill: how phases 1 and 3 fill the activation blocks. "row": each row of x (a token) and of h
+    # quantized once, then copied into the blocks of its pairs by 16 x 16 word transposes; "pair": each pair
+    # quantizes its row into its block (x K times a token; the path before 2026-11-24)
+    act_quant: str = "row"
     # bench only, results wrong: "nofold" / "nostore" build the split int8 AMX path without its
     # folds / without its folds and tile stores (and the int4 "step" path the same), "nounpack" the int4
     # "step" path without its unpack, "noprod" (amx) without its unpack, tile products and folds (what is left:
@@ -162,14 +174,19 @@ class KernelConfig:
             raise ValueError(f"unknown prefill path {self.prefill!r}; expected one of {PREFILL_PATHS}")
         if self.prefill.startswith("bf16") and self.variant not in ("amx", "amx-emu"):
             raise ValueError("the bf16 prefill paths need the amx (or amx-emu) variant")
+        if self.prefill_prefetch_hint not in (1, 2, 3):
+            raise ValueError(f"prefill_prefetch_hint must be 1, 2 or 3, got {self.prefill_prefetch_hint}")
         if self.decode_prefetch < 0 or self.prefill_prefetch < 0:
             raise ValueError("decode_prefetch and prefill_prefetch must be >= 0")
         if self.item_schedule not in ("static", "steal"):
             raise ValueError(f"unknown item_schedule {self.item_schedule!r}; expected 'static' or 'steal'")
         if self.act_levels not in ("split", "shared"):
             raise ValueError(f"unknown act_levels {self.act_levels!r}; expected 'split' or 'shared'")
-        if self.prefill_epilogue not in ("vector", "scalar"):
-            raise ValueError(f"unknown prefill_epilogue {self.prefill_epilogue!r}; expected 'vector' or 'scalar'")
+        if self.prefill_epilogue not in ("transpose", "vector", "scalar"):
+            raise ValueError(f"unknown prefill_epilogue {self.prefill_epilogue!r}; "
+                             "expected 'transpose', 'vector' or 'scalar'")
+        if self.act_quant not in ("row", "pair"):
+            raise ValueError(f"unknown act_quant {self.act_quant!r}; expected 'row' or 'pair'")
         if self.int4_unpack not in ("step", "item"):
             raise ValueError(f"unknown int4_unpack {self.int4_unpack!r}; expected 'step' or 'item'")
         if self.probe not in PROBES:
@@ -224,7 +241,9 @@ def fast_exp(x):
     for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
         p = p * r + T.float32(c)
     p = p * r * r + r + T.float32(1)
-    return p * T.reinterpret("float32", T.shift_left(T.Cast("int32", fx) + 127, 23))
+    lanes = x.ty.dtype.lanes
+    ity, fty = ("int32", "float32") if lanes == 1 else (f"int32x{lanes}", f"float32x{lanes}")
+    return p * T.reinterpret(fty, T.shift_left(T.Cast(ity, fx) + 127, 23))
 
 
 def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
@@ -630,7 +649,9 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
         if cfg.prefill == "int":
             make = functools.partial(tir_intdot.make_prefill_body, prefetch=cfg.prefill_prefetch,
                                      schedule=cfg.item_schedule, split=cfg.act_levels == "split",
-                                     probe=cfg.probe, int4_unpack=cfg.int4_unpack, epilogue=cfg.prefill_epilogue)
+                                     probe=cfg.probe, int4_unpack=cfg.int4_unpack, epilogue=cfg.prefill_epilogue,
+                                     act_quant=cfg.act_quant, prefetch_next=cfg.prefill_prefetch_next,
+                                     prefetch_hint=cfg.prefill_prefetch_hint)
         else:
             make = functools.partial(tir_amx_bf16.make_prefill_body, levels=bf16_levels(cfg.prefill, fmt),
                                      schedule=cfg.item_schedule)

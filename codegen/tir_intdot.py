@@ -59,6 +59,7 @@ from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.script.ir_builder import tirx as IB
 
 from ktc.codegen import tir_schedule
 from ktc.codegen.tir_amx import emu_config, emu_release, tile_ops
@@ -89,7 +90,8 @@ def levels_for(fmt: str) -> int:
 
 
 def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NSEG, O_SORTED, silu,  # noqa: E741
-                      prefetch=0, schedule="steal", split=False, probe="", int4_unpack="step", epilogue="vector"):
+                      prefetch=0, schedule="steal", split=False, probe="", int4_unpack="step", epilogue="transpose",
+                      act_quant="row", prefetch_next=False, prefetch_hint=3):
     """The macro `prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum,
     o_bseg, gqf, dqf, o_sched)` running phases 1-4 (iw already holds the sorted segments; gqf / dqf are
     flat int8 views of the weights, or None for int4). prefetch: on amx with int8 weights, K steps
@@ -99,8 +101,11 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     column blocks of its own (16 pairs a block; KernelConfig.act_levels "split"), else both in one.
     int4_unpack: on amx with int4 weights, "step" (unpack each 128 values of K of the item's rows just
     before their tile products) or "item" (the item's whole rows first; KernelConfig.int4_unpack).
-    epilogue: "vector" or "scalar" (KernelConfig.prefill_epilogue)."""
+    epilogue: "transpose", "vector" or "scalar" (KernelConfig.prefill_epilogue). act_quant: "row" (each x and h
+    row quantized once, then copied into the blocks) or "pair" (each pair's row quantized into its block;
+    KernelConfig.act_quant)."""
     L = levels_for(fmt)
+    TRANSPOSE_EPI = epilogue == "transpose"
     VEC_EPI = epilogue == "vector"
     SPLIT = split and L == 2 and variant in ("amx", "amx-emu")
     int4 = fmt == "int4"
@@ -128,6 +133,14 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     NR2 = H // ITEM_ROWS      # down items per segment
     assert I % RT == 0 and H % ITEM_ROWS == 0 and G % KT == 0 and KT % 4 == 0
     PF = prefetch
+    PF_HINT = prefetch_hint       # llvm.prefetch locality: 3 prefetcht0 (L1), 2 prefetcht1 (L2), 1 prefetcht2
+    # int4 "step": while on an item's rows (first pass), also prefetch the next item's into L2, a unit's share
+    # (32 lines, contiguous: the next item's 2 x 16 rows are two runs of 16 rows) per unit
+    PFN = prefetch_next and STEP and H % 128 == 0 and I % 128 == 0
+    # act_quant "row": x's rows quantized once a token (phase 1) and h's rows (phase 3) into ybuf, unused
+    # until phase 4 (h's bytes and scales fit where I * L + 4 <= 4 H), then copied into the blocks
+    ROWQ_X = act_quant == "row" and H % 64 == 0
+    ROWQ_H = act_quant == "row" and I % 64 == 0 and I * L + 4 <= 4 * H
     STEAL = schedule == "steal"
     emu = variant == "amx-emu"
     WST = UNIT if STEP else None     # row stride of the unpacked int4 rows in "step" mode
@@ -228,6 +241,81 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                         else:
                             quant_rows(src, kd, b, jj, p0 + lb * PPB + jj, act, asc)
 
+    # ---- phase 1 / 3, "row" (ROWQ): each source row quantized once, then copied into the blocks --------
+    # x's rows are quantized once a token instead of once a (token, expert) pair (K times fewer), into rq
+    # (bytes in the blocks' K order, L levels a row) with their scales in rs; then each column block takes
+    # 64 values of its 16 columns at a time as 16 64-byte loads, transposed as 16 x 16 4-byte words into the
+    # block's 16 rows (16 64-byte stores instead of 64 4-byte ones)
+    @T.macro
+    def quant_row_once(src, kd, row, rq, rs):
+        """src[row, 0:kd] -> rq[(row * L + l) * kd:] (level l, the blocks' K order), its scale -> rs[row]."""
+        accv = T.alloc_buffer((16,), "float32", **ALLOC)
+        amax = T.alloc_buffer((1,), "float32", **ALLOC)
+        for v in T.vectorized(16):
+            accv[v] = T.float32(0)
+        for k16 in range(kd // 16):
+            for v in T.vectorized(16):
+                accv[v] = T.max(accv[v], T.abs(src[row, k16 * 16 + v]))
+        amax[0] = T.float32(1e-30)
+        for v in range(16):
+            amax[0] = T.max(amax[0], accv[v])
+        inv = T.Bind(T.float32(127) / amax[0])
+        rs[row] = amax[0] / T.float32(127 * 256 if L == 2 else 127)
+        base = T.Bind(i64(row) * (L * kd))
+        for k16 in range(kd // 16):
+            xv = T.Bind(tirx.BufferLoad(src, [row, tirx.Ramp(k16 * 16, 1, 16)]) * _bc(inv))
+            q1 = T.Bind(T.max(T.min(T.nearbyint(xv), _bc(T.float32(127))), _bc(T.float32(-127))))
+            rq[tirx.Ramp(base + i64(nib_pos(k16)), T.int64(1), 16)] = T.Cast(
+                "uint8x16", T.Cast("int32x16", q1) + _bc(T.int32(128)))
+            if L == 2:
+                q2 = T.Bind(T.max(T.min(T.nearbyint((xv - q1) * _bc(T.float32(256))), _bc(T.float32(127))),
+                                  _bc(T.float32(-128))))
+                rq[tirx.Ramp(base + i64(kd + nib_pos(k16)), T.int64(1), 16)] = T.Cast(
+                    "uint8x16", T.Cast("int32x16", q2) + _bc(T.int32(128)))
+
+    def col_pair(lb, jj):
+        """The segment's pair in column jj of its block lb."""
+        if SPLIT:
+            return lb // 2 * NCOL + jj
+        return lb * PPB + jj % PPB
+
+    def col_level(lb, jj):
+        if SPLIT:
+            return lb % 2
+        return jj // PPB
+
+    def copy64(rq, act, roff, base, c):
+        """Values 64 c .. 64 c + 63 of the block's 16 columns (rq rows at roff[jj]) -> its rows 16 c .. 16 c + 15."""
+        cols = transpose16([T.reinterpret("int32x16", _ramp(rq, roff[jj] + i64(c * 64), 64)) for jj in range(NCOL)])
+        for r in range(16):
+            IB.buffer_store(act, T.reinterpret("uint8x64", cols[r]), [tirx.Ramp(base + i64((c * 16 + r) * 64),
+                                                                                T.int64(1), 64)])
+
+    @T.macro
+    def gather_blocks(from_x, kd, iw, act, asc, rq, rs, o_cum, o_bseg):
+        nb_tot = T.Bind(iw[o_cum + iw[O_NSEG]])
+        for b in T.parallel(nb_tot):
+            roff = T.alloc_buffer((NCOL,), "int64", **ALLOC)
+            s = T.Bind(iw[o_bseg + b])
+            lb = T.Bind(b - iw[o_cum + s])
+            p0 = T.Bind(iw[O_SEGSTART + s])
+            cnt = T.Bind(iw[O_SEGSTART + s + 1] - p0)
+            for jj in range(NCOL):
+                # a column past the segment's pairs copies its last pair's row (the epilogues skip it)
+                pv = T.Bind(T.min(col_pair(lb, jj), cnt - 1))
+                if from_x:
+                    roff[jj] = i64(iw[O_SORTED + p0 + pv] // K) * (L * kd) + i64(col_level(lb, jj) * kd)
+                else:
+                    roff[jj] = i64(p0 + pv) * (L * kd) + i64(col_level(lb, jj) * kd)
+                if jj < PPB and (not SPLIT or lb % 2 == 0):
+                    if from_x:
+                        asc[b * NCOL + jj] = rs[iw[O_SORTED + p0 + pv] // K]
+                    else:
+                        asc[b * NCOL + jj] = rs[p0 + pv]
+            base = T.Bind(i64(b) * (NCOL * kd))
+            for c in range(kd // 64):
+                copy64(rq, act, roff, base, c)
+
     # ---- int4: unpack the item's 32 weight rows to int8 ----------------------------------
     # 64 packed bytes (4 blocks of 32 values) at a time: both nibbles of all 64 bytes in two 64-lane
     # vectors, then each block's low 16 values and high 16 put in order by two 128-bit-lane shuffles
@@ -282,15 +370,26 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                         wq[i64(e), i64(wrow(r0a, r0b, q)), i64(blk * 16 + v)], T.uint8(4)), T.uint8(8))) - T.int8(8)
 
     @T.macro
-    def unpack_chunk(wq, e, r0a, r0b, kd, c, dst0, wsc, pf):
+    def unpack_chunk(wq, e, r0a, r0b, kd, c, dst0, wsc, pf, ne, na, nbr):
         """"step" mode: values 128 c .. 128 c + 127 of the item's 32 rows -> wsc from dst0, rows UNIT apart;
-        pf: prefetch the packed rows PF chunks ahead (the first pass over the item)."""
+        pf: prefetch the packed rows PF chunks ahead (the first pass over the item) and (PFN) chunk c's share
+        of the next item's rows (expert ne, rows na.., nbr..: 16 contiguous rows each) into L2."""
+        if PFN:
+            if pf:
+                for ln in T.unroll(16):
+                    off = T.Bind(c * 1024 + ln * 64)      # in the 16 rows' kd / 2 packed bytes each
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                        wq[i64(ne), i64(na + off // (kd // 2)), i64(off % (kd // 2))]), T.int32(0), T.int32(2),
+                        T.int32(1)))
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                        wq[i64(ne), i64(nbr + off // (kd // 2)), i64(off % (kd // 2))]), T.int32(0), T.int32(2),
+                        T.int32(1)))
         for q in T.unroll(ITEM_ROWS):
             if PF > 0:
                 if pf:
                     T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
                         wq[i64(e), i64(wrow(r0a, r0b, q)), i64(T.min(c + PF, kd // 128 - 1) * 64)]),
-                        T.int32(0), T.int32(3), T.int32(1)))
+                        T.int32(0), T.int32(PF_HINT), T.int32(1)))
             if PROBE != "nounpack":
                 unpack64(tirx.BufferLoad(wq, [i64(e), i64(wrow(r0a, r0b, q)), tirx.Ramp(i64(c * 64), T.int64(1), 64)]),
                          i64(dst0 + q * UNIT), wsc)
@@ -341,7 +440,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     def prefetch_rows(wbuf, nrows, kd, e, r0a, r0b, k):
         for q in T.unroll(ITEM_ROWS):
             T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                wbuf[woff(e, nrows, kd, r0a, r0b, q, T.min(k, kd - 64))]), T.int32(0), T.int32(3), T.int32(1)))
+                wbuf[woff(e, nrows, kd, r0a, r0b, q, T.min(k, kd - 64))]), T.int32(0), T.int32(PF_HINT), T.int32(1)))
 
     # ---- fold the int32 products of one group into the f32 accumulators ------------------
     # facc[(q * 2 + cbi) * 16 + col]: item row q, column block cbi (of the pair), column col
@@ -494,13 +593,14 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             one_group(wbuf, nrows, kd, act, cb0, two, g, ws, e, r0a, r0b, facc, cbuf, treg, creg, False, pf)
 
     @T.macro
-    def unpack_unit(wq, wsc, e, r0a, r0b, kd, u, pf):
+    def unpack_unit(wq, wsc, e, r0a, r0b, kd, u, pf, ne, na, nbr):
         """Unit u of the item's rows -> buffer u % 2."""
         for cc in range(UNIT // 128):
-            unpack_chunk(wq, e, r0a, r0b, kd, u * (UNIT // 128) + cc, u % 2 * (ITEM_ROWS * UNIT) + cc * 128, wsc, pf)
+            unpack_chunk(wq, e, r0a, r0b, kd, u * (UNIT // 128) + cc, u % 2 * (ITEM_ROWS * UNIT) + cc * 128, wsc, pf,
+                         ne, na, nbr)
 
     @T.macro
-    def products_step(wq, wsc, nrows, kd, act, cb0, nbl, ws, e, r0a, r0b, facc, cbuf, treg, creg, pf):
+    def products_step(wq, wsc, nrows, kd, act, cb0, nbl, ws, e, r0a, r0b, facc, cbuf, treg, creg, pf, ne, na, nbr):
         """int4 "step": facc[p * 1024:] = the item's rows x column blocks cb0 + 2 p, cb0 + 2 p + 1 for the
         first NP pairs of the nbl blocks left; each UNIT values of K are unpacked once for all of them."""
         for pp in range(NP):
@@ -509,7 +609,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                     for v in T.vectorized(16):
                         facc[pp * 1024 + i * 16 + v] = T.float32(0)
         for u in range(0 if PROBE == "noprod" else kd // UNIT):
-            unpack_unit(wq, wsc, e, r0a, r0b, kd, u, pf)
+            unpack_unit(wq, wsc, e, r0a, r0b, kd, u, pf, ne, na, nbr)
             for gi in range(UNIT // G):
                 for pp in range(NP):
                     if 2 * pp < nbl:
@@ -517,45 +617,104 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                                   r0a, r0b, facc, cbuf, treg, creg, False, False, pp * 1024)
 
     # ---- phases 2 and 4: one work item --------------------------------------------------
-    # the epilogues read a column of facc (rows 32 floats apart) and write a row of hbuf / ybuf: vectorized
-    # over the rows (strided loads, then silu and the stores on 16-lane vectors; VEC_EPI) or one value at a
-    # time (the path before 2026-11-23, kept to time against)
+    # the epilogues read a column of facc (rows 32 floats apart) and write a row of hbuf / ybuf. "transpose":
+    # 16 rows x 16 columns of facc loaded as 16 vectors and transposed in registers (TRANSPOSE_EPI); "vector":
+    # each column's 16 rows gathered by 16 single-lane loads; "scalar": one value at a time (the path before
+    # 2026-11-23); the last two kept to time against
+    def transpose16(rows):
+        """16 vectors of 16 lanes (the rows) -> their 16 columns: four stages of two-input shuffles, each
+        exchanging one bit of the row index with the same bit of the lane index (a stage is one shuffle
+        instruction a vector) instead of 16 single-lane loads and inserts a column."""
+        vs = [T.Bind(v) for v in rows]
+        for d in (8, 4, 2, 1):
+            nxt = list(vs)
+            for i in range(16):
+                if i & d == 0:
+                    j = i + d
+                    nxt[i] = T.Bind(tirx.Shuffle([vs[i], vs[j]], [
+                        tirx.const(ln if ln & d == 0 else 16 + ln - d, "int32") for ln in range(16)]))
+                    nxt[j] = T.Bind(tirx.Shuffle([vs[i], vs[j]], [
+                        tirx.const(ln + d if ln & d == 0 else 16 + ln, "int32") for ln in range(16)]))
+            vs = nxt
+        return vs
+
+    def facc_cols(facc, fo, cbi, q0):
+        """Columns 0-15 of column block cbi, rows q0 .. q0 + 15 of facc[fo:], as 16 vectors over the rows."""
+        return transpose16([_ramp(facc, fo + ((q0 + q) * 2 + cbi) * 16, 16) for q in range(16)])
+
+    def store_cols(cols, cbp, cbi, cnt, p0, b0, asc, value, out_buf, c0, with_col=False):
+        """out_buf[pair, c0 : c0 + 16] = value(column jj's vector, the pair's scale[, jj]) for the valid pairs of
+        column block cbi of pass cbp (IR builder calls: the columns are a Python list)."""
+        for jj in range(PPB):
+            col = (cbp * PAIR_BLOCKS + cbi) * PPB + jj
+            sc = _bc(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
+            with IB.If(col < cnt):
+                with IB.Then():
+                    IB.buffer_store(out_buf, value(cols[jj], sc, jj) if with_col else value(cols[jj], sc),
+                                    [p0 + col, tirx.Ramp(c0, 1, 16)])
+
+    def gu_out_t(cbp, cbi, fo, e, p0, cnt, b0, i0, gc, hbuf, asc, facc):
+        # silu(gate) to hbuf first, then times up: the two transposed halves at once would hold 32 vectors
+        # (spills: every zmm register is taken)
+        gcv = T.Bind(tirx.BufferLoad(gc, [i64(e), tirx.Ramp(i64(i0), T.int64(1), 16)]))
+        store_cols(facc_cols(facc, fo, cbi, 0), cbp, cbi, cnt, p0, b0, asc,
+                   lambda g, sc: silu((g - gcv) * sc), hbuf, i0)
+        ucv = T.Bind(tirx.BufferLoad(gc, [i64(e), tirx.Ramp(i64(I + i0), T.int64(1), 16)]))
+        first = (cbp * PAIR_BLOCKS + cbi) * PPB
+        store_cols(facc_cols(facc, fo, cbi, RT), cbp, cbi, cnt, p0, b0, asc,
+                   lambda u, sc, jj: tirx.BufferLoad(hbuf, [p0 + first + jj, tirx.Ramp(i0, 1, 16)]) * ((u - ucv) * sc),
+                   hbuf, i0, with_col=True)
+
+    def dn_out_t(cbp, cbi, fo, e, p0, cnt, b0, h0, dc, ybuf, asc, facc):
+        for q2 in range(ITEM_ROWS // 16):
+            cols = facc_cols(facc, fo, cbi, q2 * 16)
+            dcv = T.Bind(tirx.BufferLoad(dc, [i64(e), tirx.Ramp(i64(h0 + q2 * 16), T.int64(1), 16)]))
+            store_cols(cols, cbp, cbi, cnt, p0, b0, asc, lambda c, sc, d=dcv: (c - d) * sc, ybuf, h0 + q2 * 16)
+
     @T.macro
     def gu_out(cbp, fo, e, p0, cnt, b0, nb, i0, gc, hbuf, asc, facc):
         """Pass cbp's columns (column blocks b0 + 2 cbp, + 1) from facc[fo:] -> h = silu(gate) * up."""
         for cbi in range(PAIR_BLOCKS):
-            for jj in range(PPB):
-                if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
-                    colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
-                    if VEC_EPI:
-                        for q in T.vectorized(RT):
-                            hbuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, i0 + q] = silu(
-                                (facc[fo + (q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc) * (
-                                (facc[fo + ((q + RT) * 2 + cbi) * 16 + jj] - gc[i64(e), i64(I + i0 + q)]) * colsc)
-                    else:
-                        for q in range(RT):
-                            gv = T.Bind((facc[fo + (q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
-                            uv = T.Bind((facc[fo + ((q + RT) * 2 + cbi) * 16 + jj]
-                                         - gc[i64(e), i64(I + i0 + q)]) * colsc)
-                            hbuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, i0 + q] = silu(gv) * uv
+            if TRANSPOSE_EPI:
+                if 2 * cbp + cbi < nb:
+                    gu_out_t(cbp, cbi, fo, e, p0, cnt, b0, i0, gc, hbuf, asc, facc)
+            else:
+                for jj in range(PPB):
+                    if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
+                        colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
+                        if VEC_EPI:
+                            for q in T.vectorized(RT):
+                                hbuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, i0 + q] = silu(
+                                    (facc[fo + (q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc) * (
+                                    (facc[fo + ((q + RT) * 2 + cbi) * 16 + jj] - gc[i64(e), i64(I + i0 + q)]) * colsc)
+                        else:
+                            for q in range(RT):
+                                gv = T.Bind((facc[fo + (q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
+                                uv = T.Bind((facc[fo + ((q + RT) * 2 + cbi) * 16 + jj]
+                                             - gc[i64(e), i64(I + i0 + q)]) * colsc)
+                                hbuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, i0 + q] = silu(gv) * uv
 
     @T.macro
     def dn_out(cbp, fo, e, p0, cnt, b0, nb, h0, dc, ybuf, asc, facc):
         """Pass cbp's columns from facc[fo:] -> ybuf."""
         for cbi in range(PAIR_BLOCKS):
-            for jj in range(PPB):
-                if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
-                    colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
-                    if VEC_EPI:
-                        for q2 in range(ITEM_ROWS // 16):
-                            for q in T.vectorized(16):
-                                ybuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, h0 + q2 * 16 + q] = (
-                                    facc[fo + ((q2 * 16 + q) * 2 + cbi) * 16 + jj]
-                                    - dc[i64(e), i64(h0 + q2 * 16 + q)]) * colsc
-                    else:
-                        for q in range(ITEM_ROWS):
-                            ybuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, h0 + q] = (
-                                facc[fo + (q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
+            if TRANSPOSE_EPI:
+                if 2 * cbp + cbi < nb:
+                    dn_out_t(cbp, cbi, fo, e, p0, cnt, b0, h0, dc, ybuf, asc, facc)
+            else:
+                for jj in range(PPB):
+                    if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
+                        colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
+                        if VEC_EPI:
+                            for q2 in range(ITEM_ROWS // 16):
+                                for q in T.vectorized(16):
+                                    ybuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, h0 + q2 * 16 + q] = (
+                                        facc[fo + ((q2 * 16 + q) * 2 + cbi) * 16 + jj]
+                                        - dc[i64(e), i64(h0 + q2 * 16 + q)]) * colsc
+                        else:
+                            for q in range(ITEM_ROWS):
+                                ybuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, h0 + q] = (
+                                    facc[fo + (q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
 
     def item_passes(out):
         """The passes of one work item over its segment's column blocks, each ending in `out` (gu_out or
@@ -563,11 +722,11 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         wqf its flat int8 view), row0 = the item's first output row."""
         @T.macro
         def passes(wq, wqf, ws, wc, nrows, kd, r0a, r0b, row0, e, p0, cnt, b0, nb, out_buf, act, asc, facc, cbuf,
-                   treg, creg, wsc):
+                   treg, creg, wsc, ne, na, nbr):
             if STEP:
                 for sp in range((nb + 2 * NP - 1) // (2 * NP)):
                     products_step(wq, wsc, nrows, kd, act, b0 + 2 * NP * sp, nb - 2 * NP * sp, ws, e, r0a, r0b, facc,
-                                  cbuf, treg, creg, sp == 0)
+                                  cbuf, treg, creg, sp == 0, ne, na, nbr)
                     for pp in range(NP):
                         out(sp * NP + pp, pp * 1024, e, p0, cnt, b0, nb, row0, wc, out_buf, asc, facc)
             else:
@@ -595,8 +754,11 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         b0 = T.Bind(iw[o_cum + s])
         nb = T.Bind(iw[o_cum + s + 1] - b0)
         i0 = T.Bind(r * RT)
+        # the next item of the share (most often the next claimed): its expert and first rows
+        sn = T.Bind(T.min(s + (r + 1) // NR1, iw[O_NSEG] - 1))
+        ina = T.Bind((r + 1) % NR1 * RT)
         gu_passes(gq, gqf, gs, gc, 2 * I, H, i0, I + i0, i0, e, p0, cnt, b0, nb, hbuf, act, asc, facc, cbuf, treg,
-                  creg, wsc)
+                  creg, wsc, iw[O_SEGEXP + sn], ina, I + ina)
 
     @T.macro
     def dn_item(s, r, dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc):
@@ -606,8 +768,10 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         b0 = T.Bind(iw[o_cum + s])
         nb = T.Bind(iw[o_cum + s + 1] - b0)
         h0 = T.Bind(r * ITEM_ROWS)
+        sn = T.Bind(T.min(s + (r + 1) // NR2, iw[O_NSEG] - 1))
+        hn = T.Bind((r + 1) % NR2 * ITEM_ROWS)
         dn_passes(dq, dqf, ds, dc, H, I, h0, h0 + RT, h0, e, p0, cnt, b0, nb, ybuf, act, asc, facc, cbuf, treg,
-                  creg, wsc)
+                  creg, wsc, iw[O_SEGEXP + sn], hn, hn + RT)
 
     def items_phase(item, nr, kd):
         """The parallel loop of phase 2 (item gu_item, nr = NR1, K = H) or 4 (dn_item, NR2, I).
@@ -658,13 +822,28 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                 iw[o_bseg + iw[o_cum + s] + b] = s
             iw[o_cum + s + 1] = iw[o_cum + s] + seg_blocks(iw[O_SEGSTART + s + 1] - iw[O_SEGSTART + s])
         ntask = T.Bind(tir_schedule.ntasks(nthr))
-        # 1. quantize x per pair into column blocks
-        quant_phase(x, H, True, iw, act, asc, o_cum, o_bseg)
+        # views of ybuf and hbuf for the "row" quantization (ybuf is free until phase 4, hbuf until phase 2):
+        # the quantized rows' bytes, x's scales, h's scales (after h's bytes)
+        ybq = T.decl_buffer((ybuf.shape[0] * H * 4,), "uint8", data=ybuf.data)
+        hbf = T.decl_buffer((hbuf.shape[0] * I,), "float32", data=hbuf.data)
+        ybs = T.decl_buffer((ybuf.shape[0],), "float32", data=ybuf.data, elem_offset=ybuf.shape[0] * (I * L // 4))
+        # 1. quantize x (once a token, or once a pair) into column blocks
+        if ROWQ_X:
+            for t in T.parallel(x.shape[0]):
+                quant_row_once(x, H, t, ybq, hbf)
+            gather_blocks(True, H, iw, act, asc, ybq, hbf, o_cum, o_bseg)
+        else:
+            quant_phase(x, H, True, iw, act, asc, o_cum, o_bseg)
         # 2. gate/up, items (segment, 16 intermediate rows)
         task_starts(iw, o_cum, NR1, ntask, o_sched)
         gu_phase(gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, ntask, o_sched)
         # 3. quantize h
-        quant_phase(hbuf, I, False, iw, act, asc, o_cum, o_bseg)
+        if ROWQ_H:
+            for p in T.parallel(iw[O_SEGSTART + iw[O_NSEG]]):
+                quant_row_once(hbuf, I, p, ybq, ybs)
+            gather_blocks(False, I, iw, act, asc, ybq, ybs, o_cum, o_bseg)
+        else:
+            quant_phase(hbuf, I, False, iw, act, asc, o_cum, o_bseg)
         # 4. down, items (segment, 32 hidden rows)
         task_starts(iw, o_cum, NR2, ntask, o_sched)
         dn_phase(dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, ntask, o_sched)

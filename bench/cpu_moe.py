@@ -102,9 +102,10 @@ INT4_VARIANTS = {"it": {"int4_unpack": "item"}, "pf1": {"prefill_prefetch": 1}, 
                  "ns": {"probe": "nostore"}, "np": {"probe": "noprod"}}
 # `build --variants NAME ...`: any of these (the int4 probes' "nf" / "ns" also probe the split int8 path)
 ALL_VARIANTS = {**STATIC_VARIANT, **SHARED_VARIANT, **PROBE_VARIANTS, **INT4_VARIANTS,
-                "es": {"prefill_epilogue": "scalar"}, "ev": {"prefill_epilogue": "vector"},
+                "es": {"prefill_epilogue": "scalar"}, "et": {"prefill_epilogue": "transpose"},
                 "aq": {"act_quant": "pair"}, "pn": {"prefill_prefetch_next": True},
                 "pn0": {"prefill_prefetch_next": True, "prefill_prefetch": 0}, "pt1": {"prefill_prefetch_hint": 2},
+                "pt0": {"prefill_prefetch_hint": 3},
                 "pt2": {"prefill_prefetch_hint": 1}}
 
 

@@ -135,8 +135,9 @@ class KernelConfig:
     # item's packed rows (the share's next item: contiguous rows, into L2; tir_intdot)
     prefill_prefetch_next: bool = False
     # where that prefetch puts the weight lines: llvm.prefetch locality 3 (prefetcht0: L1), 2 (prefetcht1: L2)
-    # or 1 (prefetcht2)
-    prefill_prefetch_hint: int = 3
+    # or 1 (prefetcht2); 0: by format, what measured fastest on the H100 host's Xeon (prefill-512, same
+    # process): int8 prefetcht0 (faster than prefetcht2 in 4 of 4 medians), int4 prefetcht2 (6 of 8)
+    prefill_prefetch_hint: int = 0
     # work items of the gate/up and down phases of a batch (the int8/int4 prefill paths, and the token
     # blocks of every other T > 1) over the threads: "static" each thread runs its share, "steal" and
     # then claims what is left of the others' shares (codegen/tir_schedule)
@@ -152,10 +153,10 @@ class KernelConfig:
     # previous unit's tile products); "item": the item's whole rows first (the path before 2026-11-23)
     int4_unpack: str = "step"
     # "int" prefill: the gate/up and down epilogues (facc -> silu(gate) * up, -> ybuf) on 16-lane vectors
-    # over a column's rows, the columns transposed in registers 16 x 16 at a time ("transpose"), or gathered
-    # by single-lane loads ("vector", the path before 2026-11-24), or one value at a time ("scalar", before
-    # 2026-11-23)
-    prefill_epilogue: str = "transpose"
+    # over a column's rows gathered by single-lane loads ("vector"), the same with the columns transposed in
+    # registers 16 x 16 at a time ("transpose": faster on the 2-core AMD development host, 4-14% slower on the
+    # H100 host's Xeon, kept to time against), or one value at a time ("scalar", the path before 2026-11-23)
+    prefill_epilogue: str = "vector"
     # "int" prefill: how phases 1 and 3 fill the activation blocks. "row": each row of x (a token) and of h
     # quantized once, then copied into the blocks of its pairs by 16 x 16 word transposes; "pair": each pair
     # quantizes its row into its block (x K times a token; the path before 2026-11-24)
@@ -174,8 +175,9 @@ class KernelConfig:
             raise ValueError(f"unknown prefill path {self.prefill!r}; expected one of {PREFILL_PATHS}")
         if self.prefill.startswith("bf16") and self.variant not in ("amx", "amx-emu"):
             raise ValueError("the bf16 prefill paths need the amx (or amx-emu) variant")
-        if self.prefill_prefetch_hint not in (1, 2, 3):
-            raise ValueError(f"prefill_prefetch_hint must be 1, 2 or 3, got {self.prefill_prefetch_hint}")
+        if self.prefill_prefetch_hint not in (0, 1, 2, 3):
+            raise ValueError("prefill_prefetch_hint must be 0 (by format), 1, 2 or 3, "
+                             f"got {self.prefill_prefetch_hint}")
         if self.decode_prefetch < 0 or self.prefill_prefetch < 0:
             raise ValueError("decode_prefetch and prefill_prefetch must be >= 0")
         if self.item_schedule not in ("static", "steal"):
@@ -651,7 +653,7 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                                      schedule=cfg.item_schedule, split=cfg.act_levels == "split",
                                      probe=cfg.probe, int4_unpack=cfg.int4_unpack, epilogue=cfg.prefill_epilogue,
                                      act_quant=cfg.act_quant, prefetch_next=cfg.prefill_prefetch_next,
-                                     prefetch_hint=cfg.prefill_prefetch_hint)
+                                     prefetch_hint=cfg.prefill_prefetch_hint or (1 if fmt == "int4" else 3))
         else:
             make = functools.partial(tir_amx_bf16.make_prefill_body, levels=bf16_levels(cfg.prefill, fmt),
                                      schedule=cfg.item_schedule)

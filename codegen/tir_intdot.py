@@ -90,8 +90,8 @@ def levels_for(fmt: str) -> int:
 
 
 def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NSEG, O_SORTED, silu,  # noqa: E741
-                      prefetch=0, schedule="steal", split=False, probe="", int4_unpack="step", epilogue="transpose",
-                      act_quant="row", prefetch_next=False, prefetch_hint=3):
+                      prefetch=0, schedule="steal", split=False, probe="", int4_unpack="step", epilogue="vector",
+                      act_quant="row", prefetch_next=False, prefetch_hint=1):
     """The macro `prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum,
     o_bseg, gqf, dqf, o_sched)` running phases 1-4 (iw already holds the sorted segments; gqf / dqf are
     flat int8 views of the weights, or None for int4). prefetch: on amx with int8 weights, K steps

@@ -168,15 +168,15 @@ def test_act_levels_are_checked():
     assert KernelConfig().int4_unpack == "step"
     with pytest.raises(ValueError, match="int4_unpack"):
         KernelConfig(int4_unpack="row")
-    assert KernelConfig().prefill_epilogue == "transpose"
+    assert KernelConfig().prefill_epilogue == "vector"
     with pytest.raises(ValueError, match="prefill_epilogue"):
         KernelConfig(prefill_epilogue="fused")
     assert KernelConfig().act_quant == "row"
     with pytest.raises(ValueError, match="act_quant"):
         KernelConfig(act_quant="token")
-    assert KernelConfig().prefill_prefetch_hint == 3
+    assert KernelConfig().prefill_prefetch_hint == 0
     with pytest.raises(ValueError, match="prefill_prefetch_hint"):
-        KernelConfig(prefill_prefetch_hint=0)
+        KernelConfig(prefill_prefetch_hint=4)
 
 
 def test_missing_instructions_are_reported():

@@ -135,9 +135,9 @@ class KernelConfig:
     # item's packed rows (the share's next item: contiguous rows, into L2; tir_intdot)
     prefill_prefetch_next: bool = False
     # where that prefetch puts the weight lines: llvm.prefetch locality 3 (prefetcht0: L1), 2 (prefetcht1: L2)
-    # or 1 (prefetcht2); 0: by format, what measured fastest on the H100 host's Xeon (prefill-512, same
-    # process): int8 prefetcht0 (faster than prefetcht2 in 4 of 4 medians), int4 prefetcht2 (6 of 8)
-    prefill_prefetch_hint: int = 0
+    # or 1 (prefetcht2). Same-process medians on the H100 host's Xeon, prefill-512: int8 faster with
+    # prefetcht0 than prefetcht2 in 7 of 8, int4 in 5 of 10 (no difference), so prefetcht0 for both
+    prefill_prefetch_hint: int = 3
     # work items of the gate/up and down phases of a batch (the int8/int4 prefill paths, and the token
     # blocks of every other T > 1) over the threads: "static" each thread runs its share, "steal" and
     # then claims what is left of the others' shares (codegen/tir_schedule)
@@ -159,7 +159,7 @@ class KernelConfig:
     prefill_epilogue: str = "vector"
     # "int" prefill: how phases 1 and 3 fill the activation blocks. "row": each row of x (a token) and of h
     # quantized once, then copied into the blocks of its pairs by 16 x 16 word transposes; "pair": each pair
-    # quantizes its row into its block (x K times a token; the path before 2026-11-24)
+    # quantizes its row into its block (x K times a token; the path before, kept to time against)
     act_quant: str = "row"
     # bench only, results wrong: "nofold" / "nostore" build the split int8 AMX path without its
     # folds / without its folds and tile stores (and the int4 "step" path the same), "nounpack" the int4
@@ -175,9 +175,8 @@ class KernelConfig:
             raise ValueError(f"unknown prefill path {self.prefill!r}; expected one of {PREFILL_PATHS}")
         if self.prefill.startswith("bf16") and self.variant not in ("amx", "amx-emu"):
             raise ValueError("the bf16 prefill paths need the amx (or amx-emu) variant")
-        if self.prefill_prefetch_hint not in (0, 1, 2, 3):
-            raise ValueError("prefill_prefetch_hint must be 0 (by format), 1, 2 or 3, "
-                             f"got {self.prefill_prefetch_hint}")
+        if self.prefill_prefetch_hint not in (1, 2, 3):
+            raise ValueError(f"prefill_prefetch_hint must be 1, 2 or 3, got {self.prefill_prefetch_hint}")
         if self.decode_prefetch < 0 or self.prefill_prefetch < 0:
             raise ValueError("decode_prefetch and prefill_prefetch must be >= 0")
         if self.item_schedule not in ("static", "steal"):
@@ -653,7 +652,7 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                                      schedule=cfg.item_schedule, split=cfg.act_levels == "split",
                                      probe=cfg.probe, int4_unpack=cfg.int4_unpack, epilogue=cfg.prefill_epilogue,
                                      act_quant=cfg.act_quant, prefetch_next=cfg.prefill_prefetch_next,
-                                     prefetch_hint=cfg.prefill_prefetch_hint or (1 if fmt == "int4" else 3))
+                                     prefetch_hint=cfg.prefill_prefetch_hint)
         else:
             make = functools.partial(tir_amx_bf16.make_prefill_body, levels=bf16_levels(cfg.prefill, fmt),
                                      schedule=cfg.item_schedule)

@@ -174,9 +174,9 @@ def test_act_levels_are_checked():
     assert KernelConfig().act_quant == "row"
     with pytest.raises(ValueError, match="act_quant"):
         KernelConfig(act_quant="token")
-    assert KernelConfig().prefill_prefetch_hint == 0
+    assert KernelConfig().prefill_prefetch_hint == 3
     with pytest.raises(ValueError, match="prefill_prefetch_hint"):
-        KernelConfig(prefill_prefetch_hint=4)
+        KernelConfig(prefill_prefetch_hint=0)
 
 
 def test_missing_instructions_are_reported():

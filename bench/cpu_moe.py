@@ -106,7 +106,8 @@ ALL_VARIANTS = {**STATIC_VARIANT, **SHARED_VARIANT, **PROBE_VARIANTS, **INT4_VAR
                 "aq": {"act_quant": "pair"}, "pn": {"prefill_prefetch_next": True},
                 "pn0": {"prefill_prefetch_next": True, "prefill_prefetch": 0}, "pt1": {"prefill_prefetch_hint": 2},
                 "pt0": {"prefill_prefetch_hint": 3},
-                "pt2": {"prefill_prefetch_hint": 1}}
+                "pt2": {"prefill_prefetch_hint": 1},
+                "na": {"probe": "noact"}}
 
 
 def _import_ktc():

@@ -19,8 +19,9 @@ The layer, for the segments (experts) the counting sort found, in five parallel 
    level 2 of the same pairs; otherwise a block holds 8 pairs: columns 0-7 level 1, 8-15 level 2.
    KernelConfig.act_quant "row": each token's row is quantized once (into ybuf, free until phase 4),
    then each block copies 64 values of its 16 columns at a time with a 16 x 16 transpose of 4-byte
-   words; "pair" (the path before, kept to time against): each pair quantizes its token's row into its block, top-k times
-   a token. Measured on the H100 host's Xeon, int4 prefill-512: "row" faster in 14 of 16 medians.
+   words; "pair" (the path before, kept to time against): each pair quantizes its token's row into its
+   block, top-k times a token. Measured on the H100 host's Xeon, int4 prefill-512: "row" faster in 14 of
+   16 medians.
 2. gate/up: per (segment, 16 intermediate rows): C = W . act as int32 per quantization group,
    then f32 += C * scale[row, group]; at the end (f32 - comp[row]) * column scale, and
    h = silu(gate) * up into hbuf.
@@ -127,7 +128,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     # and a row's 64 packed bytes unpack to two 64-byte tile rows with no shuffle across lanes
     NIB = STEP and G % 128 == 0
     # bench only (KernelConfig.probe, wrong results): steps left out of the split int8 path or the int4 "step" one
-    PROBE = probe if (SPLIT and probe in ("nofold", "nostore")) or (amx and probe == "noprod") or (
+    PROBE = probe if (SPLIT and probe in ("nofold", "nostore")) or (amx and probe in ("noprod", "noact")) or (
         STEP and probe in ("nounpack", "nofold", "nostore")) else ""
     PPB = NCOL if SPLIT else NCOL // L    # pairs per column block
     # column blocks of distinct pairs a pass over an item's rows takes (a pass reads two blocks: with split
@@ -438,6 +439,13 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             for i in range(256):
                 cbuf[c * 256 + i] = creg[c * 256 + i]
 
+    def act_off(cb, kd, g, ks):
+        """Where K step ks of group g of column block cb starts in act (probe "noact": the first two blocks' first
+        K step, which stay in L1: what loading the blocks from L2 costs)."""
+        if PROBE == "noact":
+            return i64(cb % 2 * 1024)
+        return i64(cb) * (NCOL * kd) + i64((g * G + ks * KT) // 4 * 64)
+
     # ---- software prefetch of the item's weight rows at K offset k (one 64-byte line a row) -------
     # the 32 rows of a work item are 32 streams kd bytes apart, which the hardware prefetchers follow
     # badly: without this the weight tile loads were the largest cost of the AMX path (profile, H100 host)
@@ -500,8 +508,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                 if pf:
                     prefetch_rows(wbuf, nrows, kd, e, r0a, r0b, g * G + ks * KT + PF * KT)
             tl_load(4, wbuf, woff(e, nrows, kd, r0a, r0b, 0, g * G + ks * KT), kd, treg)
-            tl_load(6, act, i64(cb0) * (NCOL * kd) + i64((g * G + ks * KT) // 4 * 64), 64, treg)
-            tl_load(7, act, i64(cb0 + 1) * (NCOL * kd) + i64((g * G + ks * KT) // 4 * 64), 64, treg)
+            tl_load(6, act, act_off(cb0, kd, g, ks), 64, treg)
+            tl_load(7, act, act_off(cb0 + 1, kd, g, ks), 64, treg)
             tl_dp(0, 4, 6, treg, creg)
             tl_dp(2, 4, 7, treg, creg)
             tl_load(5, wbuf, woff(e, nrows, kd, r0a, r0b, RT, g * G + ks * KT), kd, treg)
@@ -533,11 +541,11 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                     prefetch_rows(wbuf, nrows, kd, e, r0a, r0b, g * G + ks * KT + PF * KT)
             tl_load(4, wbuf, woff(e, nrows, kd, r0a, r0b, 0, g * G + ks * KT), WST or kd, treg)
             tl_load(5, wbuf, woff(e, nrows, kd, r0a, r0b, RT, g * G + ks * KT), WST or kd, treg)
-            tl_load(6, act, i64(cb0) * (NCOL * kd) + i64((g * G + ks * KT) // 4 * 64), 64, treg)
+            tl_load(6, act, act_off(cb0, kd, g, ks), 64, treg)
             tl_dp(0, 4, 6, treg, creg)
             tl_dp(1, 5, 6, treg, creg)
             if two:
-                tl_load(7, act, i64(cb0 + 1) * (NCOL * kd) + i64((g * G + ks * KT) // 4 * 64), 64, treg)
+                tl_load(7, act, act_off(cb0 + 1, kd, g, ks), 64, treg)
                 tl_dp(2, 4, 7, treg, creg)
                 tl_dp(3, 5, 7, treg, creg)
         if SPLIT:

@@ -138,6 +138,9 @@ class KernelConfig:
     # or 1 (prefetcht2). Same-process medians on the H100 host's Xeon, prefill-512: int8 faster with
     # prefetcht0 than prefetcht2 in 7 of 8, int4 in 5 of 10 (no difference), so prefetcht0 for both
     prefill_prefetch_hint: int = 3
+    # "int" prefill on amx: K steps ahead whose activation tile lines the tile loop prefetches into L1 (a
+    # segment's column blocks outgrow L1 and every work item of the segment reads them again); 0: none
+    prefill_act_prefetch: int = 0
     # work items of the gate/up and down phases of a batch (the int8/int4 prefill paths, and the token
     # blocks of every other T > 1) over the threads: "static" each thread runs its share, "steal" and
     # then claims what is left of the others' shares (codegen/tir_schedule)
@@ -178,8 +181,8 @@ class KernelConfig:
             raise ValueError("the bf16 prefill paths need the amx (or amx-emu) variant")
         if self.prefill_prefetch_hint not in (1, 2, 3):
             raise ValueError(f"prefill_prefetch_hint must be 1, 2 or 3, got {self.prefill_prefetch_hint}")
-        if self.decode_prefetch < 0 or self.prefill_prefetch < 0:
-            raise ValueError("decode_prefetch and prefill_prefetch must be >= 0")
+        if self.decode_prefetch < 0 or self.prefill_prefetch < 0 or self.prefill_act_prefetch < 0:
+            raise ValueError("decode_prefetch, prefill_prefetch and prefill_act_prefetch must be >= 0")
         if self.item_schedule not in ("static", "steal"):
             raise ValueError(f"unknown item_schedule {self.item_schedule!r}; expected 'static' or 'steal'")
         if self.act_levels not in ("split", "shared"):
@@ -653,7 +656,8 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                                      schedule=cfg.item_schedule, split=cfg.act_levels == "split",
                                      probe=cfg.probe, int4_unpack=cfg.int4_unpack, epilogue=cfg.prefill_epilogue,
                                      act_quant=cfg.act_quant, prefetch_next=cfg.prefill_prefetch_next,
-                                     prefetch_hint=cfg.prefill_prefetch_hint)
+                                     prefetch_hint=cfg.prefill_prefetch_hint,
+                                     act_prefetch=cfg.prefill_act_prefetch)
         else:
             make = functools.partial(tir_amx_bf16.make_prefill_body, levels=bf16_levels(cfg.prefill, fmt),
                                      schedule=cfg.item_schedule)

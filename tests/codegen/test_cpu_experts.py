@@ -175,6 +175,9 @@ def test_act_levels_are_checked():
     with pytest.raises(ValueError, match="act_quant"):
         KernelConfig(act_quant="token")
     assert KernelConfig().prefill_prefetch_hint == 3
+    assert KernelConfig().prefill_act_prefetch == 0
+    with pytest.raises(ValueError, match="prefill_act_prefetch"):
+        KernelConfig(prefill_act_prefetch=-1)
     with pytest.raises(ValueError, match="prefill_prefetch_hint"):
         KernelConfig(prefill_prefetch_hint=0)
 

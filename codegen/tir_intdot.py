@@ -187,13 +187,9 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         act[tirx.Ramp(off + T.int64(192), T.int64(1), 4)] = _lanes(u, 12, 4)
 
     @T.macro
-    def quant_rows(src, kd, b, jj, row_expr, act, asc):
-        """src[row, 0:kd] -> column jj (and jj + PPB) of block b."""
-        # bound once: an index expression that loads from iw, substituted into the vectorized loops,
-        # makes TVM scalarize them (measured: this phase was 17% of an int8 prefill's time)
-        row = T.Bind(row_expr)
+    def row_absmax(src, row, kd, amax):
+        """amax[0] = max |src[row, 0:kd]|, at least 1e-30."""
         accv = T.alloc_buffer((16,), "float32", **ALLOC)
-        amax = T.alloc_buffer((1,), "float32", **ALLOC)
         for v in T.vectorized(16):
             accv[v] = T.float32(0)
         for k16 in range(kd // 16):
@@ -202,6 +198,26 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         amax[0] = T.float32(1e-30)
         for v in range(16):
             amax[0] = T.max(amax[0], accv[v])
+
+    def quant16(xv):
+        """16 values already times 127 / amax -> (level 1's bytes (u8 = q + 128)[, level 2's: the residual times
+        256, with 2 levels])."""
+        q1 = T.Bind(T.max(T.min(T.nearbyint(xv), _bc(T.float32(127))), _bc(T.float32(-127))))
+        u1 = T.Bind(T.Cast("uint8x16", T.Cast("int32x16", q1) + _bc(T.int32(128))))
+        if L == 1:
+            return (u1,)
+        q2 = T.Bind(T.max(T.min(T.nearbyint((xv - q1) * _bc(T.float32(256))), _bc(T.float32(127))),
+                          _bc(T.float32(-128))))
+        return u1, T.Bind(T.Cast("uint8x16", T.Cast("int32x16", q2) + _bc(T.int32(128))))
+
+    @T.macro
+    def quant_rows(src, kd, b, jj, row_expr, act, asc):
+        """src[row, 0:kd] -> column jj (and jj + PPB) of block b."""
+        # bound once: an index expression that loads from iw, substituted into the vectorized loops,
+        # makes TVM scalarize them (measured: this phase was 17% of an int8 prefill's time)
+        row = T.Bind(row_expr)
+        amax = T.alloc_buffer((1,), "float32", **ALLOC)
+        row_absmax(src, row, kd, amax)
         inv = T.Bind(T.float32(127) / amax[0])
         if L == 2:
             asc[b * NCOL + jj] = amax[0] / T.float32(127 * 256)
@@ -211,18 +227,13 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         # 16 values at a time in vector registers; each 4 of them (one k / 4 row of the block) go to
         # the block as one 4-byte store
         for k16 in range(kd // 16):
-            xv = T.Bind(tirx.BufferLoad(src, [row, tirx.Ramp(k16 * 16, 1, 16)]) * _bc(inv))
-            q1 = T.Bind(T.max(T.min(T.nearbyint(xv), _bc(T.float32(127))), _bc(T.float32(-127))))
-            u1 = T.Bind(T.Cast("uint8x16", T.Cast("int32x16", q1) + _bc(T.int32(128))))
-            store_words(act, base + i64(nib_pos(k16) * 16 + jj * 4), u1)
+            u = quant16(T.Bind(tirx.BufferLoad(src, [row, tirx.Ramp(k16 * 16, 1, 16)]) * _bc(inv)))
+            store_words(act, base + i64(nib_pos(k16) * 16 + jj * 4), u[0])
             if L == 2:
-                q2 = T.Bind(T.max(T.min(T.nearbyint((xv - q1) * _bc(T.float32(256))), _bc(T.float32(127))),
-                                  _bc(T.float32(-128))))
-                u2 = T.Bind(T.Cast("uint8x16", T.Cast("int32x16", q2) + _bc(T.int32(128))))
                 if SPLIT:
-                    store_words(act, base + i64(NCOL * kd + k16 * 256 + jj * 4), u2)
+                    store_words(act, base + i64(NCOL * kd + k16 * 256 + jj * 4), u[1])
                 else:
-                    store_words(act, base + i64(k16 * 256 + (jj + PPB) * 4), u2)
+                    store_words(act, base + i64(k16 * 256 + (jj + PPB) * 4), u[1])
 
     @T.macro
     def quant_phase(src, kd, from_x, iw, act, asc, o_cum, o_bseg):
@@ -257,29 +268,16 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     @T.macro
     def quant_row_once(src, kd, row, rq, rs):
         """src[row, 0:kd] -> rq[(row * L + l) * kd:] (level l, the blocks' K order), its scale -> rs[row]."""
-        accv = T.alloc_buffer((16,), "float32", **ALLOC)
         amax = T.alloc_buffer((1,), "float32", **ALLOC)
-        for v in T.vectorized(16):
-            accv[v] = T.float32(0)
-        for k16 in range(kd // 16):
-            for v in T.vectorized(16):
-                accv[v] = T.max(accv[v], T.abs(src[row, k16 * 16 + v]))
-        amax[0] = T.float32(1e-30)
-        for v in range(16):
-            amax[0] = T.max(amax[0], accv[v])
+        row_absmax(src, row, kd, amax)
         inv = T.Bind(T.float32(127) / amax[0])
         rs[row] = amax[0] / T.float32(127 * 256 if L == 2 else 127)
         base = T.Bind(i64(row) * (L * kd))
         for k16 in range(kd // 16):
-            xv = T.Bind(tirx.BufferLoad(src, [row, tirx.Ramp(k16 * 16, 1, 16)]) * _bc(inv))
-            q1 = T.Bind(T.max(T.min(T.nearbyint(xv), _bc(T.float32(127))), _bc(T.float32(-127))))
-            rq[tirx.Ramp(base + i64(nib_pos(k16)), T.int64(1), 16)] = T.Cast(
-                "uint8x16", T.Cast("int32x16", q1) + _bc(T.int32(128)))
+            u = quant16(T.Bind(tirx.BufferLoad(src, [row, tirx.Ramp(k16 * 16, 1, 16)]) * _bc(inv)))
+            rq[tirx.Ramp(base + i64(nib_pos(k16)), T.int64(1), 16)] = u[0]
             if L == 2:
-                q2 = T.Bind(T.max(T.min(T.nearbyint((xv - q1) * _bc(T.float32(256))), _bc(T.float32(127))),
-                                  _bc(T.float32(-128))))
-                rq[tirx.Ramp(base + i64(kd + nib_pos(k16)), T.int64(1), 16)] = T.Cast(
-                    "uint8x16", T.Cast("int32x16", q2) + _bc(T.int32(128)))
+                rq[tirx.Ramp(base + i64(kd + nib_pos(k16)), T.int64(1), 16)] = u[1]
 
     def col_pair(lb, jj):
         """The segment's pair in column jj of its block lb."""
@@ -673,34 +671,33 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         """Columns 0-15 of column block cbi, rows q0 .. q0 + 15 of facc[fo:], as 16 vectors over the rows."""
         return transpose16([_ramp(facc, fo + ((q0 + q) * 2 + cbi) * 16, 16) for q in range(16)])
 
-    def store_cols(cols, cbp, cbi, cnt, p0, b0, asc, value, out_buf, c0, with_col=False):
-        """out_buf[pair, c0 : c0 + 16] = value(column jj's vector, the pair's scale[, jj]) for the valid pairs of
+    def store_cols(cols, cbp, cbi, cnt, p0, b0, asc, value, out_buf, c0):
+        """out_buf[pair, c0 : c0 + 16] = value(column jj's vector, the pair's scale, jj) for the valid pairs of
         column block cbi of pass cbp (IR builder calls: the columns are a Python list)."""
         for jj in range(PPB):
             col = (cbp * PAIR_BLOCKS + cbi) * PPB + jj
             sc = _bc(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
             with IB.If(col < cnt):
                 with IB.Then():
-                    IB.buffer_store(out_buf, value(cols[jj], sc, jj) if with_col else value(cols[jj], sc),
-                                    [p0 + col, tirx.Ramp(c0, 1, 16)])
+                    IB.buffer_store(out_buf, value(cols[jj], sc, jj), [p0 + col, tirx.Ramp(c0, 1, 16)])
 
     def gu_out_t(cbp, cbi, fo, e, p0, cnt, b0, i0, gc, hbuf, asc, facc):
         # silu(gate) to hbuf first, then times up: the two transposed halves at once would hold 32 vectors
         # (spills: every zmm register is taken)
         gcv = T.Bind(tirx.BufferLoad(gc, [i64(e), tirx.Ramp(i64(i0), T.int64(1), 16)]))
         store_cols(facc_cols(facc, fo, cbi, 0), cbp, cbi, cnt, p0, b0, asc,
-                   lambda g, sc: silu((g - gcv) * sc), hbuf, i0)
+                   lambda g, sc, jj: silu((g - gcv) * sc), hbuf, i0)
         ucv = T.Bind(tirx.BufferLoad(gc, [i64(e), tirx.Ramp(i64(I + i0), T.int64(1), 16)]))
         first = (cbp * PAIR_BLOCKS + cbi) * PPB
         store_cols(facc_cols(facc, fo, cbi, RT), cbp, cbi, cnt, p0, b0, asc,
                    lambda u, sc, jj: tirx.BufferLoad(hbuf, [p0 + first + jj, tirx.Ramp(i0, 1, 16)]) * ((u - ucv) * sc),
-                   hbuf, i0, with_col=True)
+                   hbuf, i0)
 
     def dn_out_t(cbp, cbi, fo, e, p0, cnt, b0, h0, dc, ybuf, asc, facc):
         for q2 in range(ITEM_ROWS // 16):
             cols = facc_cols(facc, fo, cbi, q2 * 16)
             dcv = T.Bind(tirx.BufferLoad(dc, [i64(e), tirx.Ramp(i64(h0 + q2 * 16), T.int64(1), 16)]))
-            store_cols(cols, cbp, cbi, cnt, p0, b0, asc, lambda c, sc, d=dcv: (c - d) * sc, ybuf, h0 + q2 * 16)
+            store_cols(cols, cbp, cbi, cnt, p0, b0, asc, lambda c, sc, jj, d=dcv: (c - d) * sc, ybuf, h0 + q2 * 16)
 
     @T.macro
     def gu_out(cbp, fo, e, p0, cnt, b0, nb, i0, gc, hbuf, asc, facc):

@@ -108,7 +108,8 @@ ALL_VARIANTS = {**STATIC_VARIANT, **SHARED_VARIANT, **PROBE_VARIANTS, **INT4_VAR
                 "pt0": {"prefill_prefetch_hint": 3},
                 "pt2": {"prefill_prefetch_hint": 1},
                 "na": {"probe": "noact"}, "ap1": {"prefill_act_prefetch": 1},
-                "ap2": {"prefill_act_prefetch": 2}, "ap4": {"prefill_act_prefetch": 4}}
+                "ap2": {"prefill_act_prefetch": 2}, "ap4": {"prefill_act_prefetch": 4},
+                "nb": {"probe": "noblocks"}}
 
 
 def _import_ktc():

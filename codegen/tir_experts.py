@@ -100,7 +100,7 @@ KS = 32  # elements of K per inner step (one int4 block); H and I must be multip
 QUANTIZED = ("int8", "int4")
 DECODE_PATHS = ("fused", "regions", "phased")   # KernelConfig.decode
 PREFILL_PATHS = ("int", "bf16", "bf16x1", "bf16x2", "fma")  # KernelConfig.prefill
-PROBES = ("", "nofold", "nostore", "nounpack", "noprod", "noact")  # KernelConfig.probe (bench only)
+PROBES = ("", "nofold", "nostore", "nounpack", "noprod", "noact", "noblocks")  # KernelConfig.probe (bench only)
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,9 @@ class KernelConfig:
     # folds / without its folds and tile stores (and the int4 "step" path the same), "nounpack" the int4
     # "step" path without its unpack, "noprod" (amx) without its unpack, tile products and folds (what is left:
     # the quantization, sort, epilogue and weighted-sum phases), "noact" (amx) with every activation tile loaded
-    # from one L1-resident place instead of the blocks (L2), to time what those steps cost
+    # from one L1-resident place instead of the blocks (L2), "noblocks" (amx, "row" act_quant) without copying the
+    # quantized rows into the column blocks (the tiles read the blocks the previous call left), to time what
+    # those steps cost
     # (bench/cpu_moe.py)
     probe: str = ""
 

@@ -129,7 +129,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     # and a row's 64 packed bytes unpack to two 64-byte tile rows with no shuffle across lanes
     NIB = STEP and G % 128 == 0
     # bench only (KernelConfig.probe, wrong results): steps left out of the split int8 path or the int4 "step" one
-    PROBE = probe if (SPLIT and probe in ("nofold", "nostore")) or (amx and probe in ("noprod", "noact")) or (
+    PROBE = probe if (SPLIT and probe in ("nofold", "nostore")) or (
+        amx and probe in ("noprod", "noact", "noblocks")) or (
         STEP and probe in ("nounpack", "nofold", "nostore")) else ""
     PPB = NCOL if SPLIT else NCOL // L    # pairs per column block
     # column blocks of distinct pairs a pass over an item's rows takes (a pass reads two blocks: with split
@@ -859,7 +860,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         if ROWQ_X:
             for t in T.parallel(x.shape[0]):
                 quant_row_once(x, H, t, ybq, hbf)
-            gather_blocks(True, H, iw, act, asc, ybq, hbf, o_cum, o_bseg)
+            if PROBE != "noblocks":
+                gather_blocks(True, H, iw, act, asc, ybq, hbf, o_cum, o_bseg)
         else:
             quant_phase(x, H, True, iw, act, asc, o_cum, o_bseg)
         # 2. gate/up, items (segment, 16 intermediate rows)
@@ -869,7 +871,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         if ROWQ_H:
             for p in T.parallel(iw[O_SEGSTART + iw[O_NSEG]]):
                 quant_row_once(hbuf, I, p, ybq, ybs)
-            gather_blocks(False, I, iw, act, asc, ybq, ybs, o_cum, o_bseg)
+            if PROBE != "noblocks":
+                gather_blocks(False, I, iw, act, asc, ybq, ybs, o_cum, o_bseg)
         else:
             quant_phase(hbuf, I, False, iw, act, asc, o_cum, o_bseg)
         # 4. down, items (segment, 32 hidden rows)

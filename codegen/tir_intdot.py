@@ -132,6 +132,9 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     PROBE = probe if (SPLIT and probe in ("nofold", "nostore")) or (
         amx and probe in ("noprod", "noact", "noblocks")) or (
         STEP and probe in ("nounpack", "nofold", "nostore")) else ""
+    # the split int8 path folds its products unless a probe leaves the folds out (until 2026-11-24 every probe did,
+    # so "noact" and "noblocks" timed int8 without its folds too)
+    SPLIT_FOLDS = PROBE not in ("nofold", "nostore")
     PPB = NCOL if SPLIT else NCOL // L    # pairs per column block
     # column blocks of distinct pairs a pass over an item's rows takes (a pass reads two blocks: with split
     # levels they are the two levels of the same 16 pairs, and their fold leaves them at facc[row * 32 + pair])
@@ -451,7 +454,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     def prefetch_act(act, cb, kd, g, ks):
         """PFA: prefetch (into L1) the lines of column block cb's activation tile PFA K steps ahead: the
         blocks of a segment outgrow L1 and are read again by every work item of the segment, from L2, and
-        the "noact" probe measured those tile loads at 12-17% of an int4 prefill, 34-38% of an int8 g32 one."""
+        the "noact" probe measured those tile loads at 12-17% of an int4 prefill (its int8 figures left the folds
+        out too)."""
         if PFA > 0:
             for ln in T.unroll(KT // 4):
                 T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(act[
@@ -533,12 +537,12 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         if PROBE != "nostore":
             tl_store(0, cbuf, creg)
             tl_store(2, cbuf, creg)
-        if PROBE == "":
+        if SPLIT_FOLDS:
             fold_split(0, cbuf, facc, ws, e, r0a, r0b, g, first)
         if PROBE != "nostore":
             tl_store(1, cbuf, creg)
             tl_store(3, cbuf, creg)
-        if PROBE == "":
+        if SPLIT_FOLDS:
             fold_split(1, cbuf, facc, ws, e, r0a, r0b, g, first)
 
     @T.macro

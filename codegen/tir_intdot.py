@@ -90,6 +90,11 @@ def _lanes(vec, first, n):
     return tirx.Shuffle([vec], [tirx.const(first + i, "int32") for i in range(n)])
 
 
+def _prefetch(addr, locality):
+    """llvm.prefetch of the line at addr (a read; locality 3: prefetcht0 .. 1: prefetcht2)."""
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", addr, T.int32(0), T.int32(locality), T.int32(1))
+
+
 def levels_for(fmt: str) -> int:
     """Activation quantization levels of a weight format (see the module docstring)."""
     return 2 if fmt == "int8" else 1
@@ -239,6 +244,12 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                 else:
                     store_words(act, base + i64(k16 * 256 + (jj + PPB) * 4), u[1])
 
+    def src_row(from_x, iw, p0, pv):
+        """The row of the phase's source holding pair p0 + pv: x's row of its token, or h's row of the pair."""
+        if from_x:
+            return iw[O_SORTED + p0 + pv] // K
+        return p0 + pv
+
     @T.macro
     def quant_phase(src, kd, from_x, iw, act, asc, o_cum, o_bseg):
         nb_tot = T.Bind(iw[o_cum + iw[O_NSEG]])
@@ -252,17 +263,11 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                 if lb % 2 == 0:
                     for jj in range(PPB):
                         if lb // 2 * PPB + jj < cnt:
-                            if from_x:
-                                quant_rows(src, kd, b, jj, iw[O_SORTED + p0 + lb // 2 * PPB + jj] // K, act, asc)
-                            else:
-                                quant_rows(src, kd, b, jj, p0 + lb // 2 * PPB + jj, act, asc)
+                            quant_rows(src, kd, b, jj, src_row(from_x, iw, p0, lb // 2 * PPB + jj), act, asc)
             else:
                 for jj in range(PPB):
                     if lb * PPB + jj < cnt:
-                        if from_x:
-                            quant_rows(src, kd, b, jj, iw[O_SORTED + p0 + lb * PPB + jj] // K, act, asc)
-                        else:
-                            quant_rows(src, kd, b, jj, p0 + lb * PPB + jj, act, asc)
+                        quant_rows(src, kd, b, jj, src_row(from_x, iw, p0, lb * PPB + jj), act, asc)
 
     # ---- phase 1 / 3, "row" (ROWQ): each source row quantized once, then copied into the blocks --------
     # x's rows are quantized once a token instead of once a (token, expert) pair (K times fewer), into rq
@@ -313,15 +318,9 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             for jj in range(NCOL):
                 # a column past the segment's pairs copies its last pair's row (the epilogues skip it)
                 pv = T.Bind(T.min(col_pair(lb, jj), cnt - 1))
-                if from_x:
-                    roff[jj] = i64(iw[O_SORTED + p0 + pv] // K) * (L * kd) + i64(col_level(lb, jj) * kd)
-                else:
-                    roff[jj] = i64(p0 + pv) * (L * kd) + i64(col_level(lb, jj) * kd)
+                roff[jj] = i64(src_row(from_x, iw, p0, pv)) * (L * kd) + i64(col_level(lb, jj) * kd)
                 if jj < PPB and (not SPLIT or lb % 2 == 0):
-                    if from_x:
-                        asc[b * NCOL + jj] = rs[iw[O_SORTED + p0 + pv] // K]
-                    else:
-                        asc[b * NCOL + jj] = rs[p0 + pv]
+                    asc[b * NCOL + jj] = rs[src_row(from_x, iw, p0, pv)]
             base = T.Bind(i64(b) * (NCOL * kd))
             for c in range(kd // 64):
                 copy64(rq, act, roff, base, c)
@@ -388,18 +387,15 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             if pf:
                 for ln in T.unroll(16):
                     off = T.Bind(c * 1024 + ln * 64)      # in the 16 rows' kd / 2 packed bytes each
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        wq[i64(ne), i64(na + off // (kd // 2)), i64(off % (kd // 2))]), T.int32(0), T.int32(2),
-                        T.int32(1)))
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        wq[i64(ne), i64(nbr + off // (kd // 2)), i64(off % (kd // 2))]), T.int32(0), T.int32(2),
-                        T.int32(1)))
+                    T.evaluate(_prefetch(T.address_of(wq[i64(ne), i64(na + off // (kd // 2)), i64(off % (kd // 2))]),
+                                         2))
+                    T.evaluate(_prefetch(T.address_of(wq[i64(ne), i64(nbr + off // (kd // 2)), i64(off % (kd // 2))]),
+                                         2))
         for q in T.unroll(ITEM_ROWS):
             if PF > 0:
                 if pf:
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        wq[i64(e), i64(wrow(r0a, r0b, q)), i64(T.min(c + PF, kd // 128 - 1) * 64)]),
-                        T.int32(0), T.int32(PF_HINT), T.int32(1)))
+                    T.evaluate(_prefetch(T.address_of(
+                        wq[i64(e), i64(wrow(r0a, r0b, q)), i64(T.min(c + PF, kd // 128 - 1) * 64)]), PF_HINT))
             if PROBE != "nounpack":
                 unpack64(tirx.BufferLoad(wq, [i64(e), i64(wrow(r0a, r0b, q)), tirx.Ramp(i64(c * 64), T.int64(1), 64)]),
                          i64(dst0 + q * UNIT), wsc)
@@ -458,9 +454,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         out too)."""
         if PFA > 0:
             for ln in T.unroll(KT // 4):
-                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(act[
-                    i64(cb) * (NCOL * kd) + i64(T.min(g * G + ks * KT + PFA * KT, kd - KT) // 4 * 64 + ln * 64)]),
-                    T.int32(0), T.int32(3), T.int32(1)))
+                T.evaluate(_prefetch(T.address_of(act[
+                    i64(cb) * (NCOL * kd) + i64(T.min(g * G + ks * KT + PFA * KT, kd - KT) // 4 * 64 + ln * 64)]), 3))
 
     # ---- software prefetch of the item's weight rows at K offset k (one 64-byte line a row) -------
     # the 32 rows of a work item are 32 streams kd bytes apart, which the hardware prefetchers follow
@@ -468,8 +463,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     @T.macro
     def prefetch_rows(wbuf, nrows, kd, e, r0a, r0b, k):
         for q in T.unroll(ITEM_ROWS):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                wbuf[woff(e, nrows, kd, r0a, r0b, q, T.min(k, kd - 64))]), T.int32(0), T.int32(PF_HINT), T.int32(1)))
+            T.evaluate(_prefetch(T.address_of(wbuf[woff(e, nrows, kd, r0a, r0b, q, T.min(k, kd - 64))]), PF_HINT))
 
     # ---- fold the int32 products of one group into the f32 accumulators ------------------
     # facc[(q * 2 + cbi) * 16 + col]: item row q, column block cbi (of the pair), column col
@@ -705,49 +699,51 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             store_cols(cols, cbp, cbi, cnt, p0, b0, asc, lambda c, sc, jj, d=dcv: (c - d) * sc, ybuf, h0 + q2 * 16)
 
     @T.macro
-    def gu_out(cbp, fo, e, p0, cnt, b0, nb, i0, gc, hbuf, asc, facc):
-        """Pass cbp's columns (column blocks b0 + 2 cbp, + 1) from facc[fo:] -> h = silu(gate) * up."""
-        for cbi in range(PAIR_BLOCKS):
-            if TRANSPOSE_EPI:
-                if 2 * cbp + cbi < nb:
-                    gu_out_t(cbp, cbi, fo, e, p0, cnt, b0, i0, gc, hbuf, asc, facc)
-            else:
-                for jj in range(PPB):
-                    if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
-                        colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
-                        if VEC_EPI:
-                            for q in T.vectorized(RT):
-                                hbuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, i0 + q] = silu(
-                                    (facc[fo + (q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc) * (
-                                    (facc[fo + ((q + RT) * 2 + cbi) * 16 + jj] - gc[i64(e), i64(I + i0 + q)]) * colsc)
-                        else:
-                            for q in range(RT):
-                                gv = T.Bind((facc[fo + (q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
-                                uv = T.Bind((facc[fo + ((q + RT) * 2 + cbi) * 16 + jj]
-                                             - gc[i64(e), i64(I + i0 + q)]) * colsc)
-                                hbuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, i0 + q] = silu(gv) * uv
+    def gu_col(row, fo, cbi, jj, e, i0, gc, hbuf, colsc, facc):
+        """Column jj of block cbi of facc[fo:] (a pair: hbuf row `row`, scale colsc) -> h = silu(gate) * up."""
+        if VEC_EPI:
+            for q in T.vectorized(RT):
+                hbuf[row, i0 + q] = silu(
+                    (facc[fo + (q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc) * (
+                    (facc[fo + ((q + RT) * 2 + cbi) * 16 + jj] - gc[i64(e), i64(I + i0 + q)]) * colsc)
+        else:
+            for q in range(RT):
+                gv = T.Bind((facc[fo + (q * 2 + cbi) * 16 + jj] - gc[i64(e), i64(i0 + q)]) * colsc)
+                uv = T.Bind((facc[fo + ((q + RT) * 2 + cbi) * 16 + jj] - gc[i64(e), i64(I + i0 + q)]) * colsc)
+                hbuf[row, i0 + q] = silu(gv) * uv
 
     @T.macro
-    def dn_out(cbp, fo, e, p0, cnt, b0, nb, h0, dc, ybuf, asc, facc):
-        """Pass cbp's columns from facc[fo:] -> ybuf."""
-        for cbi in range(PAIR_BLOCKS):
-            if TRANSPOSE_EPI:
-                if 2 * cbp + cbi < nb:
-                    dn_out_t(cbp, cbi, fo, e, p0, cnt, b0, h0, dc, ybuf, asc, facc)
-            else:
-                for jj in range(PPB):
-                    if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
-                        colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
-                        if VEC_EPI:
-                            for q2 in range(ITEM_ROWS // 16):
-                                for q in T.vectorized(16):
-                                    ybuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, h0 + q2 * 16 + q] = (
-                                        facc[fo + ((q2 * 16 + q) * 2 + cbi) * 16 + jj]
-                                        - dc[i64(e), i64(h0 + q2 * 16 + q)]) * colsc
-                        else:
-                            for q in range(ITEM_ROWS):
-                                ybuf[p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, h0 + q] = (
-                                    facc[fo + (q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
+    def dn_col(row, fo, cbi, jj, e, h0, dc, ybuf, colsc, facc):
+        """Column jj of block cbi of facc[fo:] (a pair: ybuf row `row`, scale colsc) -> ybuf."""
+        if VEC_EPI:
+            for q2 in range(ITEM_ROWS // 16):
+                for q in T.vectorized(16):
+                    ybuf[row, h0 + q2 * 16 + q] = (
+                        facc[fo + ((q2 * 16 + q) * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q2 * 16 + q)]) * colsc
+        else:
+            for q in range(ITEM_ROWS):
+                ybuf[row, h0 + q] = (facc[fo + (q * 2 + cbi) * 16 + jj] - dc[i64(e), i64(h0 + q)]) * colsc
+
+    def epilogue(out_t, out_col):
+        """The macro out(cbp, fo, e, p0, cnt, b0, nb, r0, cv, out_buf, asc, facc): pass cbp's columns (column blocks
+        b0 + 2 cbp, + 1) from facc[fo:] into out_buf, 16 columns a call of out_t (TRANSPOSE_EPI) or each valid column
+        by out_col (gate/up: h = silu(gate) * up into hbuf; down: into ybuf; r0 its first row, cv the compensation)."""
+        @T.macro
+        def out(cbp, fo, e, p0, cnt, b0, nb, r0, cv, out_buf, asc, facc):
+            for cbi in range(PAIR_BLOCKS):
+                if TRANSPOSE_EPI:
+                    if 2 * cbp + cbi < nb:
+                        out_t(cbp, cbi, fo, e, p0, cnt, b0, r0, cv, out_buf, asc, facc)
+                else:
+                    for jj in range(PPB):
+                        if 2 * cbp + cbi < nb and (cbp * PAIR_BLOCKS + cbi) * PPB + jj < cnt:
+                            colsc = T.Bind(asc[(b0 + 2 * cbp + cbi) * NCOL + jj])
+                            out_col(p0 + (cbp * PAIR_BLOCKS + cbi) * PPB + jj, fo, cbi, jj, e, r0, cv, out_buf, colsc,
+                                    facc)
+        return out
+
+    gu_out = epilogue(gu_out_t, gu_col)
+    dn_out = epilogue(dn_out_t, dn_col)
 
     def item_passes(out):
         """The passes of one work item over its segment's column blocks, each ending in `out` (gu_out or

@@ -100,6 +100,11 @@ PROBE_VARIANTS = {"nf": {"probe": "nofold"}, "ns": {"probe": "nostore"}, "pf2": 
 INT4_VARIANTS = {"it": {"int4_unpack": "item"}, "pf1": {"prefill_prefetch": 1}, "pf4": {"prefill_prefetch": 4},
                  "pf8": {"prefill_prefetch": 8}, "nu": {"probe": "nounpack"}, "nf": {"probe": "nofold"},
                  "ns": {"probe": "nostore"}, "np": {"probe": "noprod"}}
+# `build --phases`: ... and the int prefill path stopped after each of its phases ("u0": the sort; "u1": x's column
+# blocks; "u2": gate/up; "u3": h's blocks; "u4": down, without the weighted sum), wrong results; `run` prints each
+# phase's time as the difference of two of them (the last: the default's time less "u4"), in a second table
+PHASES = ("sort", "x blocks", "gate/up", "h blocks", "down", "weighted sum")
+PHASE_VARIANTS = {f"u{i}": {"probe": f"upto{i}"} for i in range(len(PHASES) - 1)}
 # `build --variants NAME ...`: any of these (the int4 probes' "nf" / "ns" also probe the split int8 path)
 ALL_VARIANTS = {**STATIC_VARIANT, **SHARED_VARIANT, **PROBE_VARIANTS, **INT4_VARIANTS,
                 "es": {"prefill_epilogue": "scalar"}, "et": {"prefill_epilogue": "transpose"},
@@ -109,7 +114,7 @@ ALL_VARIANTS = {**STATIC_VARIANT, **SHARED_VARIANT, **PROBE_VARIANTS, **INT4_VAR
                 "pt2": {"prefill_prefetch_hint": 1},
                 "na": {"probe": "noact"}, "ap1": {"prefill_act_prefetch": 1},
                 "ap2": {"prefill_act_prefetch": 2}, "ap4": {"prefill_act_prefetch": 4},
-                "nb": {"probe": "noblocks"}}
+                "nb": {"probe": "noblocks"}, **PHASE_VARIANTS}
 
 
 def _import_ktc():
@@ -157,13 +162,13 @@ def cmd_build(args) -> None:
         config = None if decode is None else dict(kernel_config(get(t)), **ALT_DECODE[decode])
         if prefill:     # only that path (the plain x86-amx build holds the int path and "bf16" as a variant)
             config = dict(kernel_config(get(t)), prefill=prefill, prefill_variants=[])
-        if (args.static_schedule or args.shared_levels or args.probes or args.int4_probes or args.variants) \
-                and decode is None and not prefill:
+        if (args.static_schedule or args.shared_levels or args.probes or args.int4_probes or args.variants
+                or args.phases) and decode is None and not prefill:
             base = kernel_config(get(t))
             extra = dict(STATIC_VARIANT if args.static_schedule else {},
                          **(SHARED_VARIANT if args.shared_levels else {}), **(PROBE_VARIANTS if args.probes else {}),
                          **(INT4_VARIANTS if args.int4_probes else {}),
-                         **{v: ALL_VARIANTS[v] for v in args.variants or ()})
+                         **(PHASE_VARIANTS if args.phases else {}), **{v: ALL_VARIANTS[v] for v in args.variants or ()})
             config = dict(base, tile_variants=dict({} if args.only_extra_variants else base.get("tile_variants", {}),
                                                    **extra))
             if args.only_extra_variants:
@@ -570,6 +575,24 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def phase_table(rows) -> str:
+    """Each prefill phase's ms (the difference of the builds stopped after it and before it, "u0" .. "u4" and the
+    default), per shape and format that has them all; "" if none has. One call's medians: a noisy round can make
+    a difference negative."""
+    by = {(r["shape"], r["fmt"], r["regime"], r["impl"]): r["ms"] for r in rows}
+    lines = ["| shape | format | " + " | ".join(PHASES) + " | total ms |", "|---|---|" + "---|" * (len(PHASES) + 1)]
+    for (shape, fmt, regime, impl), total in sorted(by.items()):
+        if not (regime.startswith("prefill") and impl.startswith("ktc ") and ":" not in impl):
+            continue
+        stops = [by.get((shape, fmt, regime, f"{impl}:u{i}")) for i in range(len(PHASES) - 1)]
+        if None in stops:
+            continue
+        ends = [*stops, total]
+        parts = [ends[0]] + [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]
+        lines.append(f"| {shape} | {fmt} | " + " | ".join(f"{v:.3f}" for v in parts) + f" | {total:.3f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def cmd_run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -626,7 +649,8 @@ def cmd_run(args) -> None:
     cold_rows.sort(key=lambda r: (r["shape"], r["fmt"], r["threads"], COLD_CASES.index(r["case"]),
                                   ["phased", "regions", "fused"].index(r["decode"])))
     (out / "results.json").write_text(json.dumps({"info": info, "rows": rows, "cold_rows": cold_rows}, indent=1))
-    text = "\n\n".join(t for t in (table(rows) if rows else "", cold_table(cold_rows) if cold_rows else "") if t)
+    text = "\n\n".join(t for t in (table(rows) if rows else "", phase_table(rows),
+                                    cold_table(cold_rows) if cold_rows else "") if t)
     (out / "table.md").write_text(text + "\n")
     print(text)
 
@@ -651,6 +675,8 @@ def main(argv=None) -> None:
                    help="plain builds also hold the fold / store probes and prefetch distances (PROBE_VARIANTS)")
     b.add_argument("--int4-probes", action="store_true",
                    help="plain builds also hold the int4 unpack variants and probes (INT4_VARIANTS)")
+    b.add_argument("--phases", action="store_true",
+                   help="plain builds also hold the int prefill path stopped after each phase (PHASE_VARIANTS)")
     b.add_argument("--variants", nargs="*", choices=list(ALL_VARIANTS), default=None,
                    help="plain builds also hold these tile variants (ALL_VARIANTS)")
     b.add_argument("--only-extra-variants", action="store_true",

@@ -100,7 +100,8 @@ KS = 32  # elements of K per inner step (one int4 block); H and I must be multip
 QUANTIZED = ("int8", "int4")
 DECODE_PATHS = ("fused", "regions", "phased")   # KernelConfig.decode
 PREFILL_PATHS = ("int", "bf16", "bf16x1", "bf16x2", "fma")  # KernelConfig.prefill
-PROBES = ("", "nofold", "nostore", "nounpack", "noprod", "noact", "noblocks")  # KernelConfig.probe (bench only)
+PROBES = ("", "nofold", "nostore", "nounpack", "noprod", "noact", "noblocks",
+          "upto0", "upto1", "upto2", "upto3", "upto4")  # KernelConfig.probe (bench only)
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,8 @@ class KernelConfig:
     # the quantization, sort, epilogue and weighted-sum phases), "noact" (amx) with every activation tile loaded
     # from one L1-resident place instead of the blocks (L2), "noblocks" (amx, "row" act_quant) without copying the
     # quantized rows into the column blocks (the tiles read the blocks the previous call left), to time what
-    # those steps cost
+    # those steps cost; "uptoN" (the "int" prefill path) stops after phase N (0: the sort; 1: x's blocks; 2:
+    # gate/up; 3: h's blocks; 4: down, without the weighted sum), to time each phase by difference
     # (bench/cpu_moe.py)
     probe: str = ""
 
@@ -652,6 +654,7 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
     def ssize(name, n):
         return sp[name]["fixed"] + sp[name]["per_token"] * n
 
+    STOP_EARLY = use_prefill and cfg.prefill == "int" and cfg.probe.startswith("upto")
     if use_prefill:
         if cfg.prefill == "int":
             make = functools.partial(tir_intdot.make_prefill_body, prefetch=cfg.prefill_prefetch,
@@ -818,6 +821,25 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
             decode1_dn(tw, ids, dq, ds, dc, y, hbuf, iw, nthr, dqf)
 
     @T.macro
+    def weighted_sum(tw, y, ybuf, iw, n):
+        # 4. y[t] = sum_k w[t, k] * yp[pair(t, k)]
+        for w in T.parallel(n * NHC):
+            t = T.Bind(w // NHC)
+            hc0 = T.Bind((w % NHC) * HC)
+            o = T.alloc_buffer((VL,), "float32", **ALLOC)
+            for hv in range(HC // VL):
+                for v in T.vectorized(VL):
+                    o[v] = T.float32(0)
+                for k in T.unroll(K):
+                    pos = T.Bind(iw[O_SORTED + n * K + t * K + k])
+                    if pos >= 0:
+                        wt = T.Bind(tw[t, k])
+                        for v in T.vectorized(VL):
+                            o[v] = o[v] + wt * ybuf[pos, hc0 + hv * VL + v]
+                for v in T.vectorized(VL):
+                    y[t, hc0 + hv * VL + v] = o[v]
+
+    @T.macro
     def phased_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, ybuf, iw, act, asc, n, nthr, gqf, dqf):
         # 1. counting sort of the (token, k) pairs by expert
         for e in range(E):
@@ -854,22 +876,11 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                 fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr, o_sched)
         else:
             fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr, o_sched)
-        # 4. y[t] = sum_k w[t, k] * yp[pair(t, k)]
-        for w in T.parallel(n * NHC):
-            t = T.Bind(w // NHC)
-            hc0 = T.Bind((w % NHC) * HC)
-            o = T.alloc_buffer((VL,), "float32", **ALLOC)
-            for hv in range(HC // VL):
-                for v in T.vectorized(VL):
-                    o[v] = T.float32(0)
-                for k in T.unroll(K):
-                    pos = T.Bind(iw[O_SORTED + n * K + t * K + k])
-                    if pos >= 0:
-                        wt = T.Bind(tw[t, k])
-                        for v in T.vectorized(VL):
-                            o[v] = o[v] + wt * ybuf[pos, hc0 + hv * VL + v]
-                for v in T.vectorized(VL):
-                    y[t, hc0 + hv * VL + v] = o[v]
+        if STOP_EARLY:
+            if n * K < PREFILL_PAIRS_PER_EXPERT * E:    # (a probe that stopped the prefill path skips the sum)
+                weighted_sum(tw, y, ybuf, iw, n)
+        else:
+            weighted_sum(tw, y, ybuf, iw, n)
 
     @T.macro
     def moe_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, ybuf, iw, act, asc, n, nthr, gqf, dqf):

@@ -136,7 +136,9 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     # bench only (KernelConfig.probe, wrong results): steps left out of the split int8 path or the int4 "step" one
     PROBE = probe if (SPLIT and probe in ("nofold", "nostore")) or (
         amx and probe in ("noprod", "noact", "noblocks")) or (
-        STEP and probe in ("nounpack", "nofold", "nostore")) else ""
+        STEP and probe in ("nounpack", "nofold", "nostore")) or probe.startswith("upto") else ""
+    # probe "uptoN": the phases after N left out (phase 5, in tir_experts, too), to time each phase by difference
+    STOP = int(PROBE[4:]) if PROBE.startswith("upto") else 4
     # the split int8 path folds its products unless a probe leaves the folds out (until 2026-11-24 every probe did,
     # so "noact" and "noblocks" timed int8 without its folds too)
     SPLIT_FOLDS = PROBE not in ("nofold", "nostore")
@@ -857,26 +859,30 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         hbf = T.decl_buffer((hbuf.shape[0] * I,), "float32", data=hbuf.data)
         ybs = T.decl_buffer((ybuf.shape[0],), "float32", data=ybuf.data, elem_offset=ybuf.shape[0] * (I * L // 4))
         # 1. quantize x (once a token, or once a pair) into column blocks
-        if ROWQ_X:
-            for t in T.parallel(x.shape[0]):
-                quant_row_once(x, H, t, ybq, hbf)
-            if PROBE != "noblocks":
-                gather_blocks(True, H, iw, act, asc, ybq, hbf, o_cum, o_bseg)
-        else:
-            quant_phase(x, H, True, iw, act, asc, o_cum, o_bseg)
+        if STOP >= 1:
+            if ROWQ_X:
+                for t in T.parallel(x.shape[0]):
+                    quant_row_once(x, H, t, ybq, hbf)
+                if PROBE != "noblocks":
+                    gather_blocks(True, H, iw, act, asc, ybq, hbf, o_cum, o_bseg)
+            else:
+                quant_phase(x, H, True, iw, act, asc, o_cum, o_bseg)
         # 2. gate/up, items (segment, 16 intermediate rows)
-        task_starts(iw, o_cum, NR1, ntask, o_sched)
-        gu_phase(gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, ntask, o_sched)
+        if STOP >= 2:
+            task_starts(iw, o_cum, NR1, ntask, o_sched)
+            gu_phase(gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, ntask, o_sched)
         # 3. quantize h
-        if ROWQ_H:
-            for p in T.parallel(iw[O_SEGSTART + iw[O_NSEG]]):
-                quant_row_once(hbuf, I, p, ybq, ybs)
-            if PROBE != "noblocks":
-                gather_blocks(False, I, iw, act, asc, ybq, ybs, o_cum, o_bseg)
-        else:
-            quant_phase(hbuf, I, False, iw, act, asc, o_cum, o_bseg)
+        if STOP >= 3:
+            if ROWQ_H:
+                for p in T.parallel(iw[O_SEGSTART + iw[O_NSEG]]):
+                    quant_row_once(hbuf, I, p, ybq, ybs)
+                if PROBE != "noblocks":
+                    gather_blocks(False, I, iw, act, asc, ybq, ybs, o_cum, o_bseg)
+            else:
+                quant_phase(hbuf, I, False, iw, act, asc, o_cum, o_bseg)
         # 4. down, items (segment, 32 hidden rows)
-        task_starts(iw, o_cum, NR2, ntask, o_sched)
-        dn_phase(dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, ntask, o_sched)
+        if STOP >= 4:
+            task_starts(iw, o_cum, NR2, ntask, o_sched)
+            dn_phase(dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, ntask, o_sched)
 
     return prefill_body

@@ -491,12 +491,10 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                 if PFU > 0:
                     for rr in T.unroll(nrr):
                         for r in T.unroll(nr):
-                            T.evaluate(T.call_llvm_intrin(
-                                "void", "llvm.prefetch.p0", T.address_of(wqf[
-                                    (e64 * T.int64(NROWS) + cast64(rr * stride + base + r + nr * PFU))
-                                    * T.int64(KD if I8D else KD // 2)
-                                    + cast64((u * FU + kc * VB) if I8D else (u * FU + kc * VB) // 2)]),
-                                T.int32(0), T.int32(3), T.int32(1)))
+                            T.evaluate(tir_intdot.prefetch_line(T.address_of(wqf[
+                                (e64 * T.int64(NROWS) + cast64(rr * stride + base + r + nr * PFU))
+                                * T.int64(KD if I8D else KD // 2)
+                                + cast64((u * FU + kc * VB) if I8D else (u * FU + kc * VB) // 2)]), 3))
                 if I8D:
                     a1 = T.Bind(tirx.BufferLoad(act, [tirx.Ramp(cast64(aoff + u * FU + kc * 64), T.int64(1), 64)]))
                     a2 = T.Bind(tirx.BufferLoad(act, [tirx.Ramp(

@@ -90,7 +90,7 @@ def _lanes(vec, first, n):
     return tirx.Shuffle([vec], [tirx.const(first + i, "int32") for i in range(n)])
 
 
-def _prefetch(addr, locality):
+def prefetch_line(addr, locality):
     """llvm.prefetch of the line at addr (a read; locality 3: prefetcht0 .. 1: prefetcht2)."""
     return T.call_llvm_intrin("void", "llvm.prefetch.p0", addr, T.int32(0), T.int32(locality), T.int32(1))
 
@@ -389,14 +389,14 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             if pf:
                 for ln in T.unroll(16):
                     off = T.Bind(c * 1024 + ln * 64)      # in the 16 rows' kd / 2 packed bytes each
-                    T.evaluate(_prefetch(T.address_of(wq[i64(ne), i64(na + off // (kd // 2)), i64(off % (kd // 2))]),
-                                         2))
-                    T.evaluate(_prefetch(T.address_of(wq[i64(ne), i64(nbr + off // (kd // 2)), i64(off % (kd // 2))]),
-                                         2))
+                    T.evaluate(prefetch_line(
+                        T.address_of(wq[i64(ne), i64(na + off // (kd // 2)), i64(off % (kd // 2))]), 2))
+                    T.evaluate(prefetch_line(
+                        T.address_of(wq[i64(ne), i64(nbr + off // (kd // 2)), i64(off % (kd // 2))]), 2))
         for q in T.unroll(ITEM_ROWS):
             if PF > 0:
                 if pf:
-                    T.evaluate(_prefetch(T.address_of(
+                    T.evaluate(prefetch_line(T.address_of(
                         wq[i64(e), i64(wrow(r0a, r0b, q)), i64(T.min(c + PF, kd // 128 - 1) * 64)]), PF_HINT))
             if PROBE != "nounpack":
                 unpack64(tirx.BufferLoad(wq, [i64(e), i64(wrow(r0a, r0b, q)), tirx.Ramp(i64(c * 64), T.int64(1), 64)]),
@@ -456,7 +456,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         out too)."""
         if PFA > 0:
             for ln in T.unroll(KT // 4):
-                T.evaluate(_prefetch(T.address_of(act[
+                T.evaluate(prefetch_line(T.address_of(act[
                     i64(cb) * (NCOL * kd) + i64(T.min(g * G + ks * KT + PFA * KT, kd - KT) // 4 * 64 + ln * 64)]), 3))
 
     # ---- software prefetch of the item's weight rows at K offset k (one 64-byte line a row) -------
@@ -465,7 +465,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     @T.macro
     def prefetch_rows(wbuf, nrows, kd, e, r0a, r0b, k):
         for q in T.unroll(ITEM_ROWS):
-            T.evaluate(_prefetch(T.address_of(wbuf[woff(e, nrows, kd, r0a, r0b, q, T.min(k, kd - 64))]), PF_HINT))
+            T.evaluate(prefetch_line(T.address_of(wbuf[woff(e, nrows, kd, r0a, r0b, q, T.min(k, kd - 64))]), PF_HINT))
 
     # ---- fold the int32 products of one group into the f32 accumulators ------------------
     # facc[(q * 2 + cbi) * 16 + col]: item row q, column block cbi (of the pair), column col

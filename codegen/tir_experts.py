@@ -874,11 +874,8 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                 fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr, o_sched)
         else:
             fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr, o_sched)
-        if STOP_EARLY:
-            if n * K < PREFILL_PAIRS_PER_EXPERT * E:    # (a probe that stopped the prefill path skips the sum)
-                weighted_sum(tw, y, ybuf, iw, n)
-        else:
-            weighted_sum(tw, y, ybuf, iw, n)
+        if not STOP_EARLY or n * K < PREFILL_PAIRS_PER_EXPERT * E:    # (a probe that stopped the prefill path
+            weighted_sum(tw, y, ybuf, iw, n)                             # skips the sum)
 
     @T.macro
     def moe_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, ybuf, iw, act, asc, n, nthr, gqf, dqf):

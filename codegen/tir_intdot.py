@@ -327,6 +327,18 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
             for c in range(kd // 64):
                 copy64(rq, act, roff, base, c)
 
+    @T.macro
+    def fill_blocks(src, kd, from_x, nrows, rowq, rs, iw, act, asc, rq, o_cum, o_bseg):
+        """Phase 1 (x, from_x) or 3 (h): src's nrows rows into the segments' column blocks, each row quantized once
+        into rq (scales rs) and copied (rowq: "row"), or each pair's row quantized into its block ("pair")."""
+        if rowq:
+            for r in T.parallel(nrows):
+                quant_row_once(src, kd, r, rq, rs)
+            if PROBE != "noblocks":
+                gather_blocks(from_x, kd, iw, act, asc, rq, rs, o_cum, o_bseg)
+        else:
+            quant_phase(src, kd, from_x, iw, act, asc, o_cum, o_bseg)
+
     # ---- int4: unpack the item's 32 weight rows to int8 ----------------------------------
     # 64 packed bytes (4 blocks of 32 values) at a time: both nibbles of all 64 bytes in two 64-lane
     # vectors, then each block's low 16 values and high 16 put in order by two 128-bit-lane shuffles
@@ -860,26 +872,14 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         ybs = T.decl_buffer((ybuf.shape[0],), "float32", data=ybuf.data, elem_offset=ybuf.shape[0] * (I * L // 4))
         # 1. quantize x (once a token, or once a pair) into column blocks
         if STOP >= 1:
-            if ROWQ_X:
-                for t in T.parallel(x.shape[0]):
-                    quant_row_once(x, H, t, ybq, hbf)
-                if PROBE != "noblocks":
-                    gather_blocks(True, H, iw, act, asc, ybq, hbf, o_cum, o_bseg)
-            else:
-                quant_phase(x, H, True, iw, act, asc, o_cum, o_bseg)
+            fill_blocks(x, H, True, x.shape[0], ROWQ_X, hbf, iw, act, asc, ybq, o_cum, o_bseg)
         # 2. gate/up, items (segment, 16 intermediate rows)
         if STOP >= 2:
             task_starts(iw, o_cum, NR1, ntask, o_sched)
             gu_phase(gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, ntask, o_sched)
         # 3. quantize h
         if STOP >= 3:
-            if ROWQ_H:
-                for p in T.parallel(iw[O_SEGSTART + iw[O_NSEG]]):
-                    quant_row_once(hbuf, I, p, ybq, ybs)
-                if PROBE != "noblocks":
-                    gather_blocks(False, I, iw, act, asc, ybq, ybs, o_cum, o_bseg)
-            else:
-                quant_phase(hbuf, I, False, iw, act, asc, o_cum, o_bseg)
+            fill_blocks(hbuf, I, False, iw[O_SEGSTART + iw[O_NSEG]], ROWQ_H, ybs, iw, act, asc, ybq, o_cum, o_bseg)
         # 4. down, items (segment, 32 hidden rows)
         if STOP >= 4:
             task_starts(iw, o_cum, NR2, ntask, o_sched)

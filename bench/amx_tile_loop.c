@@ -27,6 +27,13 @@ static void config(int kb) {
   for (int i = 6; i < 8; i++) { c.colsb[i] = 64; c.rows[i] = kb / 4; }   // B: K/4 rows x 64 bytes
   _tile_loadconfig(&c);
 }
+// one K step of the kernels' tile loop: 2 weight tiles, 2 activation tiles, the 4 products of a 32 x 32 block
+static inline void k_step(const int8_t *A) {
+  _tile_loadd(4, A, 128); _tile_loadd(5, A + 2048, 128); _tile_loadd(6, A + 4096, 64);
+  _tile_dpbsud(0, 4, 6); _tile_dpbsud(1, 5, 6);
+  _tile_loadd(7, A + 5120, 64);
+  _tile_dpbsud(2, 4, 7); _tile_dpbsud(3, 5, 7);
+}
 typedef struct { int mode, kb; long n; double t; int8_t *a; int32_t *c; } job_t;
 static void run(job_t *j) {
   int8_t *A = j->a; int32_t *C = j->c; long n = j->n;
@@ -38,19 +45,11 @@ static void run(job_t *j) {
     if (j->mode == 0) {
       _tile_dpbsud(0, 4, 6); _tile_dpbsud(1, 5, 6); _tile_dpbsud(2, 4, 7); _tile_dpbsud(3, 5, 7);
     } else if (j->mode == 1) {
-      _tile_loadd(4, A, 128); _tile_loadd(5, A + 2048, 128); _tile_loadd(6, A + 4096, 64);
-      _tile_dpbsud(0, 4, 6); _tile_dpbsud(1, 5, 6);
-      _tile_loadd(7, A + 5120, 64);
-      _tile_dpbsud(2, 4, 7); _tile_dpbsud(3, 5, 7);
+      k_step(A);
     } else if (j->mode == 2) {
       _tile_stored(0, C, 64); _tile_stored(1, C + 256, 64); _tile_stored(2, C + 512, 64); _tile_stored(3, C + 768, 64);
     } else {   // a group of 128 values of K: 128 / K steps of (4 loads + 4 products), then 4 stores and 4 zeroes
-      for (int ks = 0; ks < 128 / j->kb; ks++) {
-        _tile_loadd(4, A, 128); _tile_loadd(5, A + 2048, 128); _tile_loadd(6, A + 4096, 64);
-        _tile_dpbsud(0, 4, 6); _tile_dpbsud(1, 5, 6);
-        _tile_loadd(7, A + 5120, 64);
-        _tile_dpbsud(2, 4, 7); _tile_dpbsud(3, 5, 7);
-      }
+      for (int ks = 0; ks < 128 / j->kb; ks++) k_step(A);
       _tile_stored(0, C, 64); _tile_stored(1, C + 256, 64); _tile_stored(2, C + 512, 64); _tile_stored(3, C + 768, 64);
       _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     }

@@ -105,19 +105,6 @@ INT4_VARIANTS = {"it": {"int4_unpack": "item"}, "pf1": {"prefill_prefetch": 1}, 
 # phase's time as the difference of two of them (the last: the default's time less "u4"), in a second table
 PHASES = ("sort", "x blocks", "gate/up", "h blocks", "down", "weighted sum")
 PHASE_VARIANTS = {f"u{i}": {"probe": f"upto{i}"} for i in range(len(PHASES) - 1)}
-# int4 AMX prefill (groups of 128): products summed over the whole K and folded once a pass ("fi",
-# KernelConfig.int4_fold "item"), with the packed rows prefetched 2 units ahead ("fip2"), the activation tiles
-# 1 K step ahead ("fiap"), chunks of 1 / 2 / 4 units ("fic1" ...), "item" only where a segment takes one pass
-# ("fm", "mixed"), "item" with plain nibble tables ("fin", wrong results: what the ratio tables cost), or
-# folded after every group ("fg", "group")
-FOLD_VARIANTS = {"fi": {"int4_fold": "item"}, "fg": {"int4_fold": "group"},
-                 "fip2": {"int4_fold": "item", "prefill_prefetch": 2},
-                 "fiap": {"int4_fold": "item", "prefill_act_prefetch": 1},
-                 "fic1": {"int4_fold": "item", "int4_chunk": 1}, "fic2": {"int4_fold": "item", "int4_chunk": 2},
-                 "fic4": {"int4_fold": "item", "int4_chunk": 4}, "fm": {"int4_fold": "mixed"},
-                 "fin": {"int4_fold": "item", "probe": "noratio"},
-                 "fipn": {"int4_fold": "item", "prefill_prefetch_next": True},
-                 "fmpn": {"int4_fold": "mixed", "prefill_prefetch_next": True}}
 # `build --variants NAME ...`: any of these (the int4 probes' "nf" / "ns" also probe the split int8 path)
 ALL_VARIANTS = {**STATIC_VARIANT, **SHARED_VARIANT, **PROBE_VARIANTS, **INT4_VARIANTS,
                 "es": {"prefill_epilogue": "scalar"}, "et": {"prefill_epilogue": "transpose"},
@@ -127,7 +114,7 @@ ALL_VARIANTS = {**STATIC_VARIANT, **SHARED_VARIANT, **PROBE_VARIANTS, **INT4_VAR
                 "pt2": {"prefill_prefetch_hint": 1},
                 "na": {"probe": "noact"}, "ap1": {"prefill_act_prefetch": 1},
                 "ap2": {"prefill_act_prefetch": 2}, "ap4": {"prefill_act_prefetch": 4},
-                "nb": {"probe": "noblocks"}, **PHASE_VARIANTS, **FOLD_VARIANTS}
+                "nb": {"probe": "noblocks"}, **PHASE_VARIANTS}
 
 
 def _import_ktc():

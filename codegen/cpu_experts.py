@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ktc.codegen import kernel_cache
 from ktc.errors import KtcError
-from ktc.quantize import dequantize_symmetric, pack_int4, quantize_int4_ratio, quantize_symmetric, unpack_int4
+from ktc.quantize import dequantize_symmetric, pack_int4, quantize_symmetric, unpack_int4
 from ktc.targets import CpuTarget
 
 ABI_VERSION = 2
@@ -223,8 +223,7 @@ def _pack_one(spec: ExpertKernelSpec, w: Tensor, role: str) -> dict[str, Tensor]
     assert spec.group_size is not None
     bits = 8 if spec.format == "int8" else 4
     g = spec.group_size
-    # int4: scales an integer ratio of one scale a row (the AMX prefill folds once a row, tir_intdot)
-    q, s = quantize_int4_ratio(w, g) if bits == 4 else quantize_symmetric(w, bits, g)
+    q, s = quantize_symmetric(w, bits, g)
     c = 128.0 * 257.0 if ACT_LEVELS[spec.format] == 2 else 128.0
     qsum = q.reshape(*q.shape[:-1], -1, g).sum(-1, dtype=torch.int32).to(torch.float64)
     comp = (c * (qsum * s.to(torch.float64)).sum(-1)).to(torch.float32)

@@ -101,7 +101,7 @@ QUANTIZED = ("int8", "int4")
 DECODE_PATHS = ("fused", "regions", "phased")   # KernelConfig.decode
 PREFILL_PATHS = ("int", "bf16", "bf16x1", "bf16x2", "fma")  # KernelConfig.prefill
 PROBES = ("", "nofold", "nostore", "nounpack", "noprod", "noact", "noblocks",
-          "upto0", "upto1", "upto2", "upto3", "upto4", "noratio")  # KernelConfig.probe (bench only)
+          "upto0", "upto1", "upto2", "upto3", "upto4")  # KernelConfig.probe (bench only)
 
 
 @dataclass(frozen=True)
@@ -156,16 +156,6 @@ class KernelConfig:
     # column-block pairs, into one of two small buffers (the unpack, vector work, runs beside the
     # previous unit's tile products); "item": the item's whole rows first (the path before 2026-11-23)
     int4_unpack: str = "step"
-    # int4 "int" prefill on amx, "step" unpack, groups of 128: "item" (each unit of the rows unpacked times its
-    # group's scale ratio, which ktc.quantize.quantize_int4_ratio makes an integer 1-16 times one scale a row; the
-    # tile products summed in int32 over the whole K and folded once a pass) or "group" (a fold into float32 after
-    # every group, and the unpacked units a ring of two that each unit serves up to 4 column-block pairs from), or
-    # "mixed": "item" for the segments whose pairs take one pass (at most 2 column blocks), "group" for the others
-    int4_fold: str = "group"
-    # int4_fold "item": units (128 values of K) a chunk, whose products run for every column-block pair of the item
-    # (up to 4 at a time) before the next chunk, the int32 sums kept in their tiles or stashed between chunks
-    # (0: one chunk, the whole K; a pair past the first then reads the unpacked rows from L2, not L1)
-    int4_chunk: int = 0
     # "int" prefill: the gate/up and down epilogues (facc -> silu(gate) * up, -> ybuf) on 16-lane vectors
     # over a column's rows gathered by single-lane loads ("vector"), the same with the columns transposed in
     # registers 16 x 16 at a time ("transpose": faster on the 2-core AMD development host, 4-14% slower on the
@@ -208,10 +198,6 @@ class KernelConfig:
             raise ValueError(f"unknown act_quant {self.act_quant!r}; expected 'row' or 'pair'")
         if self.int4_unpack not in ("step", "item"):
             raise ValueError(f"unknown int4_unpack {self.int4_unpack!r}; expected 'step' or 'item'")
-        if self.int4_chunk < 0:
-            raise ValueError(f"int4_chunk must be >= 0, got {self.int4_chunk}")
-        if self.int4_fold not in ("item", "group", "mixed"):
-            raise ValueError(f"unknown int4_fold {self.int4_fold!r}; expected 'item', 'group' or 'mixed'")
         if self.probe not in PROBES:
             raise ValueError(f"unknown probe {self.probe!r}; expected one of {PROBES}")
         if self.decode not in DECODE_PATHS:
@@ -674,8 +660,7 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
                                      probe=cfg.probe, int4_unpack=cfg.int4_unpack, epilogue=cfg.prefill_epilogue,
                                      act_quant=cfg.act_quant, prefetch_next=cfg.prefill_prefetch_next,
                                      prefetch_hint=cfg.prefill_prefetch_hint,
-                                     act_prefetch=cfg.prefill_act_prefetch, int4_fold=cfg.int4_fold,
-                                     int4_chunk=cfg.int4_chunk)
+                                     act_prefetch=cfg.prefill_act_prefetch)
         else:
             make = functools.partial(tir_amx_bf16.make_prefill_body, levels=bf16_levels(cfg.prefill, fmt),
                                      schedule=cfg.item_schedule)

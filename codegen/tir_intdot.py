@@ -103,7 +103,7 @@ def levels_for(fmt: str) -> int:
 def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NSEG, O_SORTED, silu,  # noqa: E741
                       prefetch=0, schedule="steal", split=False, probe="", int4_unpack="step", epilogue="vector",
                       act_quant="row", prefetch_next=False, prefetch_hint=3,
-                      act_prefetch=0, int4_fold="group", int4_chunk=0):
+                      act_prefetch=0):
     """The macro `prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, o_cum,
     o_bseg, gqf, dqf, o_sched)` running phases 1-4 (iw already holds the sorted segments; gqf / dqf are
     flat int8 views of the weights, or None for int4). prefetch: on amx with int8 weights, K steps
@@ -115,10 +115,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     before their tile products) or "item" (the item's whole rows first; KernelConfig.int4_unpack).
     epilogue: "transpose", "vector" or "scalar" (KernelConfig.prefill_epilogue). act_quant: "row" (each x and h
     row quantized once, then copied into the blocks) or "pair" (each pair's row quantized into its block;
-    KernelConfig.act_quant). int4_fold: on amx with int4 weights in groups of 128, "item" (rows unpacked times their
-    group's scale ratio, products summed over the whole K, one fold a pass) or "group" (a fold after every group;
-    KernelConfig.int4_fold); int4_chunk: with "item", units of K whose products run for every pass of the item before
-    the next units (0: the whole K; KernelConfig.int4_chunk)."""
+    KernelConfig.act_quant)."""
     L = levels_for(fmt)
     TRANSPOSE_EPI = epilogue == "transpose"
     VEC_EPI = epilogue == "vector"
@@ -136,20 +133,10 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     # nibble order of the packed weights (per 128 values: the 4 blocks' low halves, then their high halves)
     # and a row's 64 packed bytes unpack to two 64-byte tile rows with no shuffle across lanes
     NIB = STEP and G % 128 == 0
-    # int4_fold "item": the packed scales of a row are integer multiples (RMAX at most, RMAX for the row's largest)
-    # of one row scale S = max_g scale / RMAX (ktc.quantize.quantize_int4_ratio), so each unit's int8 rows can be
-    # unpacked already times their group's ratio r (a vpermb table per r, |q r| <= 7 RMAX fits int8) and the tile
-    # products summed in int32 over the whole K: a pass ends in one fold (times S) instead of one a group
-    # "mixed": the "item" fold where a segment's pairs take one pass (2 column blocks), "group" where they take more
-    RATIO = NIB and int4_fold in ("item", "mixed") and UNIT == G
-    MIXED = RATIO and int4_fold == "mixed"
-    RMAX = 16
-    CU = int4_chunk           # units a chunk ("item" fold; 0: all)
-    assert not RATIO or max(H, I) * 255 * 8 * RMAX < 2 ** 31, "int32 tile sums over K would overflow"
     # bench only (KernelConfig.probe, wrong results): steps left out of the split int8 path or the int4 "step" one
     PROBE = probe if (SPLIT and probe in ("nofold", "nostore")) or (
         amx and probe in ("noprod", "noact", "noblocks")) or (
-        STEP and probe in ("nounpack", "nofold", "nostore", "noratio")) or probe.startswith("upto") else ""
+        STEP and probe in ("nounpack", "nofold", "nostore")) or probe.startswith("upto") else ""
     # probe "uptoN": the phases after N left out (phase 5, in tir_experts, too), to time each phase by difference
     STOP = int(PROBE[4:]) if PROBE.startswith("upto") else 4
     # the split int8 path folds its products unless a probe leaves the folds out (until 2026-11-24 every probe did,
@@ -188,7 +175,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
 
     def woff(e, nrows, kd, r0a, r0b, q, k):
         """Offset of weight (item row q, k) in the flat int8 weights, or in the unpacked rows."""
-        if STEP:     # a ring of two units
+        if STEP:
             return i64(k // UNIT % 2 * (ITEM_ROWS * UNIT) + q * UNIT + k % UNIT)
         if int4:
             return i64(q * kd + k)
@@ -366,71 +353,24 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     # the signed value of a nibble, for every byte: one vpermb (AVX512-VBMI) whose 64-entry table repeats the
     # 16 nibble values, so the index's bits 4-5 (the next nibble's) need no mask; the emulated build, for
     # hosts without VBMI, computes the same with and / xor / sub
-    # RATIO: the table of ratio r (lut[64 r:], ratio_tables) gives the nibble's value times r
-    def nib_lut(v, lut=None, r=None):
+    def nib_lut(v):
         if emu:
-            return nib(v, False) if lut is None else nib(v, False) * _bc(T.Cast("int8", r), 64)
-        if lut is None:
-            table = tirx.Shuffle([tirx.Ramp(T.int8(0), T.int8(1), 16) - _bc(T.int8(8), 16)] * 4,
-                                 [tirx.const(i // 16 * 16 + (i + 8) % 16, "int32") for i in range(64)])
-        else:
-            table = T.reinterpret("int8x64", _ramp(lut, i64(r * 64), 64))
+            return nib(v, False)
+        table = tirx.Shuffle([tirx.Ramp(T.int8(0), T.int8(1), 16) - _bc(T.int8(8), 16)] * 4,
+                             [tirx.const(i // 16 * 16 + (i + 8) % 16, "int32") for i in range(64)])
         return T.call_llvm_pure_intrin("int8x64", "llvm.x86.avx512.permvar.qi.512", table,
                                        T.reinterpret("int8x64", v))
 
     @T.macro
-    def ratio_tables(lut):
-        """lut[64 r + i] = the signed value of nibble i % 16 times r, r = 0 .. RMAX (vpermb tables: an index's bits
-        4-5 select a copy of the same 16 values)."""
-        for r in range(RMAX + 1):
-            for i in range(64):
-                lut[r * 64 + i] = T.Cast("uint8", T.Cast("int8", ((i + 8) % 16 - 8) * r))
-
-    # rsc[ITEM_ROWS + g * ITEM_ROWS + q]: the item's scales with the rows innermost (row_ratios copies them there)
-    def scales16(rsc, h, g):
-        """Group g's scales of the item's rows h * 16 .. h * 16 + 15 (one lane a row)."""
-        return _ramp(rsc, ITEM_ROWS + g * ITEM_ROWS + h * RT, 16)
-
-    def max_scales16(rsc, h, ng):
-        """The largest group scale of each of those 16 rows: one expression over the ng groups, in registers."""
-        m = scales16(rsc, h, 0)
-        for g in range(1, ng):
-            m = T.max(m, scales16(rsc, h, g))
-        return m
-
-    @T.macro
-    def half_ratios(h, kd, rsc, rix):
-        """Rows h * 16 .. h * 16 + 15 of the item, 16 at a time in vectors."""
-        m = T.Bind(max_scales16(rsc, h, kd // G))
-        rsc[tirx.Ramp(h * RT, 1, 16)] = m / _bc(T.float32(RMAX))
-        inv = T.Bind(T.Select(m > _bc(T.float32(0)), _bc(T.float32(RMAX)) / m, _bc(T.float32(0))))
-        for g in range(kd // G):
-            rix[tirx.Ramp(g * ITEM_ROWS + h * RT, 1, 16)] = T.min(
-                T.Cast("int32x16", T.nearbyint(scales16(rsc, h, g) * inv)), _bc(T.int32(RMAX)))
-
-    @T.macro
-    def row_ratios(ws, e, r0a, r0b, kd, rsc, rix, ne, na, nbr):
-        """rsc[q] = S (the largest of item row q's group scales / RMAX) and rix[g * ITEM_ROWS + q] = the ratio of group
-        g, scale / S (0 if S is), as the unpack's tables are indexed; 16 rows at a time (one lane a row)."""
-        # the next item's scale rows (one line each up to 16 groups)
-        for q in T.unroll(ITEM_ROWS):
-            T.evaluate(prefetch_line(T.address_of(ws[i64(ne), i64(wrow(na, nbr, q)), i64(0)]), 3))
-        for q in range(ITEM_ROWS):
-            for g in range(kd // G):
-                rsc[ITEM_ROWS + g * ITEM_ROWS + q] = ws[i64(e), i64(wrow(r0a, r0b, q)), i64(g)]
-        half_ratios(0, kd, rsc, rix)
-        half_ratios(1, kd, rsc, rix)
-
-    @T.macro
-    def unpack64(packed, dst0, wsc, lut=None, r=None):
+    def unpack64(packed, dst0, wsc):
         """64 packed bytes (128 values) -> wsc[dst0 : dst0 + 128] as int8: in the nibble order by two table
-        lookups (NIB; RATIO: times r), else in K order by two cross-lane shuffles."""
+        lookups (NIB), else in K order by two cross-lane shuffles."""
         pk = T.Bind(packed)
         dst = T.Bind(dst0)
         if NIB:
-            wsc[tirx.Ramp(dst, T.int64(1), 64)] = nib_lut(pk, lut, r)
+            wsc[tirx.Ramp(dst, T.int64(1), 64)] = nib_lut(pk)
             wsc[tirx.Ramp(dst + T.int64(64), T.int64(1), 64)] = nib_lut(T.reinterpret(
-                "uint8x64", T.shift_right(T.reinterpret("uint16x32", pk), _bc(T.uint16(4), 32))), lut, r)
+                "uint8x64", T.shift_right(T.reinterpret("uint16x32", pk), _bc(T.uint16(4), 32))))
         else:
             lo = T.Bind(nib(pk, False))
             hi = T.Bind(nib(pk, True))
@@ -453,11 +393,10 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                         wq[i64(e), i64(wrow(r0a, r0b, q)), i64(blk * 16 + v)], T.uint8(4)), T.uint8(8))) - T.int8(8)
 
     @T.macro
-    def unpack_chunk(wq, e, r0a, r0b, kd, c, dst0, wsc, pf, ne, na, nbr, ratio=False, rix=None, lut=None):
+    def unpack_chunk(wq, e, r0a, r0b, kd, c, dst0, wsc, pf, ne, na, nbr):
         """"step" mode: values 128 c .. 128 c + 127 of the item's 32 rows -> wsc from dst0, rows UNIT apart;
         pf: prefetch the packed rows PF chunks ahead (the first pass over the item) and (PFN) chunk c's share
-        of the next item's rows (expert ne, rows na.., nbr..: 16 contiguous rows each) into L2; ratio (the "item"
-        fold): each row times its group's ratio (rix, tables lut)."""
+        of the next item's rows (expert ne, rows na.., nbr..: 16 contiguous rows each) into L2."""
         if PFN:
             if pf:
                 for ln in T.unroll(16):
@@ -472,16 +411,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                     T.evaluate(prefetch_line(T.address_of(
                         wq[i64(e), i64(wrow(r0a, r0b, q)), i64(T.min(c + PF, kd // 128 - 1) * 64)]), PF_HINT))
             if PROBE != "nounpack":
-                if ratio and PROBE != "noratio":
-                    # the row's ratio in this group (a unit is a group)
-                    r = T.Bind(rix[c * ITEM_ROWS + q])
-                    unpack64(tirx.BufferLoad(wq, [i64(e), i64(wrow(r0a, r0b, q)),
-                                                  tirx.Ramp(i64(c * 64), T.int64(1), 64)]),
-                             i64(dst0 + q * UNIT), wsc, lut, r)
-                else:
-                    unpack64(tirx.BufferLoad(wq, [i64(e), i64(wrow(r0a, r0b, q)),
-                                                  tirx.Ramp(i64(c * 64), T.int64(1), 64)]),
-                             i64(dst0 + q * UNIT), wsc)
+                unpack64(tirx.BufferLoad(wq, [i64(e), i64(wrow(r0a, r0b, q)), tirx.Ramp(i64(c * 64), T.int64(1), 64)]),
+                         i64(dst0 + q * UNIT), wsc)
 
     # ---- tile operations: real AMX, or emulated with plain loops -------------------------
     if not emu:
@@ -727,82 +658,6 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                         group_amx(wsc, nrows, kd, act, cb0 + 2 * pp, 2 * pp + 1 < nbl, u * (UNIT // G) + gi, ws, e,
                                   r0a, r0b, facc, cbuf, treg, creg, False, False, pp * 1024)
 
-    if not emu:
-        @T.macro
-        def tl_stash(c, buf, off, creg):
-            """Tile c -> buf[off:] (16 rows of 64 bytes)."""
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(c), T.address_of(buf[off]),
-                                          T.int64(64)))
-
-        @T.macro
-        def tl_unstash(c, buf, off, creg):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(c), T.address_of(buf[off]),
-                                          T.int64(64)))
-    else:
-        @T.macro
-        def tl_stash(c, buf, off, creg):
-            for i in range(256):
-                buf[off + i] = creg[c * 256 + i]
-
-        @T.macro
-        def tl_unstash(c, buf, off, creg):
-            for i in range(256):
-                creg[c * 256 + i] = buf[off + i]
-
-    @T.macro
-    def end_chunk(c, last, cbuf, cst, fo, facc, creg, rsc):
-        """Tile c (rows of weight tile c % 2 x column block c // 2) after a chunk: into cst[fo * 4 + c * 256:] to
-        go on with, or (the last chunk) folded into facc[fo:], times each row's S."""
-        if last:
-            tl_store(c, cbuf, creg)
-            for m in range(16):
-                fold(cbuf, c * 256 + m * 16, facc, (c % 2) * RT + m, c // 2, rsc[(c % 2) * RT + m], True, fo)
-        else:
-            tl_stash(c, cst, fo + c * 256, creg)
-
-    @T.macro
-    def ratio_chunk(wq, wsc, nrows, kd, act, cb0, two, e, r0a, r0b, facc, cbuf, cst, treg, creg, rsc, rix, lut, u0, u1,
-                    unpack, first, last, fo, ne, na, nbr, ring):
-        """int4 "item" fold (RATIO), units u0 .. u1 - 1 of one pass (column blocks cb0 and, if two, cb0 + 1): the tile
-        products go on summing in int32 from the previous chunk (stashed in cst[fo:], or zero: first) and end in
-        the stash or, last, folded into facc[fo:]; unpack: this pass unpacks each unit (rows times their group's
-        ratio) right before its products (the item's first pass), the others read the units it left in wsc (every
-        unit kept, or ring: the item takes one pass, two units in turn, which stay in L1)."""
-        if first:
-            tl_zero(0, creg)
-            tl_zero(1, creg)
-            if two:
-                tl_zero(2, creg)
-                tl_zero(3, creg)
-        else:
-            tl_unstash(0, cst, fo, creg)
-            tl_unstash(1, cst, fo + 256, creg)
-            if two:
-                tl_unstash(2, cst, fo + 512, creg)
-                tl_unstash(3, cst, fo + 768, creg)
-        for u in range(u0, 0 if PROBE == "noprod" else u1):
-            ub = T.Bind(i64(T.if_then_else(ring, u % 2, u) * (ITEM_ROWS * UNIT)))
-            if unpack:
-                unpack_chunk(wq, e, r0a, r0b, kd, u, ub, wsc, True, ne, na, nbr, True, rix, lut)
-            for ks in range(UNIT // KT):
-                prefetch_act(act, cb0, kd, u, ks)
-                if two:
-                    prefetch_act(act, cb0 + 1, kd, u, ks)
-                tl_load(4, wsc, ub + i64(ks * KT), WST, treg)
-                tl_load(5, wsc, ub + i64(RT * UNIT + ks * KT), WST, treg)
-                tl_load(6, act, act_off(cb0, kd, u, ks), 64, treg)
-                tl_dp(0, 4, 6, treg, creg)
-                tl_dp(1, 5, 6, treg, creg)
-                if two:
-                    tl_load(7, act, act_off(cb0 + 1, kd, u, ks), 64, treg)
-                    tl_dp(2, 4, 7, treg, creg)
-                    tl_dp(3, 5, 7, treg, creg)
-        end_chunk(0, last, cbuf, cst, fo, facc, creg, rsc)
-        end_chunk(1, last, cbuf, cst, fo, facc, creg, rsc)
-        if two:
-            end_chunk(2, last, cbuf, cst, fo, facc, creg, rsc)
-            end_chunk(3, last, cbuf, cst, fo, facc, creg, rsc)
-
     # ---- phases 2 and 4: one work item --------------------------------------------------
     # the epilogues read a column of facc (rows 32 floats apart) and write a row of hbuf / ybuf. "transpose":
     # 16 rows x 16 columns of facc loaded as 16 vectors and transposed in registers (TRANSPOSE_EPI); "vector":
@@ -910,25 +765,8 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         wqf its flat int8 view), row0 = the item's first output row."""
         @T.macro
         def passes(wq, wqf, ws, wc, nrows, kd, r0a, r0b, row0, e, p0, cnt, b0, nb, out_buf, act, asc, facc, cbuf,
-                   treg, creg, wsc, ne, na, nbr, rsc, lut, rix, cst):
-            if RATIO and (not MIXED or nb <= 2):
-                # rounds of up to NP passes (2 column blocks each); each chunk of CU units runs for every pass of the
-                # round before the next chunk, so a pass past the first reads the chunk's unpacked rows from L1
-                row_ratios(ws, e, r0a, r0b, kd, rsc, rix, ne, na, nbr)
-                nu = kd // UNIT
-                cu = CU if 0 < CU < nu else nu
-                for sp in range((nb + 2 * NP - 1) // (2 * NP)):
-                    for ch in range((nu + cu - 1) // cu):
-                        for pp in range(NP):
-                            if 2 * (sp * NP + pp) < nb:
-                                ratio_chunk(wq, wsc, nrows, kd, act, b0 + 2 * (sp * NP + pp),
-                                            2 * (sp * NP + pp) + 1 < nb, e, r0a, r0b, facc, cbuf, cst, treg, creg,
-                                            rsc, rix, lut, ch * cu,
-                                            T.min(ch * cu + cu, nu), sp == 0 and pp == 0, ch == 0,
-                                            ch == (nu + cu - 1) // cu - 1, pp * 1024, ne, na, nbr, nb <= 2)
-                    for pp in range(NP):
-                        out(sp * NP + pp, pp * 1024, e, p0, cnt, b0, nb, row0, wc, out_buf, asc, facc)
-            elif STEP:
+                   treg, creg, wsc, ne, na, nbr):
+            if STEP:
                 for sp in range((nb + 2 * NP - 1) // (2 * NP)):
                     products_step(wq, wsc, nrows, kd, act, b0 + 2 * NP * sp, nb - 2 * NP * sp, ws, e, r0a, r0b, facc,
                                   cbuf, treg, creg, sp == 0, ne, na, nbr)
@@ -952,7 +790,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
     dn_passes = item_passes(dn_out)
 
     @T.macro
-    def gu_item(s, r, gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc, rsc, lut, rix, cst):
+    def gu_item(s, r, gq, gs, gc, gqf, hbuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc):
         e = T.Bind(iw[O_SEGEXP + s])
         p0 = T.Bind(iw[O_SEGSTART + s])
         cnt = T.Bind(iw[O_SEGSTART + s + 1] - p0)
@@ -963,10 +801,10 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         sn = T.Bind(T.min(s + (r + 1) // NR1, iw[O_NSEG] - 1))
         ina = T.Bind((r + 1) % NR1 * RT)
         gu_passes(gq, gqf, gs, gc, 2 * I, H, i0, I + i0, i0, e, p0, cnt, b0, nb, hbuf, act, asc, facc, cbuf, treg,
-                  creg, wsc, iw[O_SEGEXP + sn], ina, I + ina, rsc, lut, rix, cst)
+                  creg, wsc, iw[O_SEGEXP + sn], ina, I + ina)
 
     @T.macro
-    def dn_item(s, r, dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc, rsc, lut, rix, cst):
+    def dn_item(s, r, dq, ds, dc, dqf, ybuf, iw, act, asc, o_cum, facc, cbuf, treg, creg, wsc):
         e = T.Bind(iw[O_SEGEXP + s])
         p0 = T.Bind(iw[O_SEGSTART + s])
         cnt = T.Bind(iw[O_SEGSTART + s + 1] - p0)
@@ -976,7 +814,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
         sn = T.Bind(T.min(s + (r + 1) // NR2, iw[O_NSEG] - 1))
         hn = T.Bind((r + 1) % NR2 * ITEM_ROWS)
         dn_passes(dq, dqf, ds, dc, H, I, h0, h0 + RT, h0, e, p0, cnt, b0, nb, ybuf, act, asc, facc, cbuf, treg,
-                  creg, wsc, iw[O_SEGEXP + sn], hn, hn + RT, rsc, lut, rix, cst)
+                  creg, wsc, iw[O_SEGEXP + sn], hn, hn + RT)
 
     def items_phase(item, nr, kd):
         """The parallel loop of phase 2 (item gu_item, nr = NR1, K = H) or 4 (dn_item, NR2, I).
@@ -991,15 +829,9 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                 creg = T.alloc_buffer((1024 if emu else 1,), "int32", **ALLOC)
                 cbuf = T.alloc_buffer((1024,), "int32", **ALLOC)
                 facc = T.alloc_buffer(((NP if STEP else 1) * ITEM_ROWS * 2 * 16,), "float32", **ALLOC)
-                wsc = T.alloc_buffer((2 * ITEM_ROWS * UNIT if STEP and (MIXED or not RATIO)
-                                      else ITEM_ROWS * kd if int4 else 1,), "int8", **ALLOC)
-                rsc = T.alloc_buffer((ITEM_ROWS * (1 + kd // G) if RATIO else 1,), "float32", **ALLOC)
-                rix = T.alloc_buffer((ITEM_ROWS * (kd // G) if RATIO else 1,), "int32", **ALLOC)
-                cst = T.alloc_buffer((NP * 1024 if RATIO else 1,), "int32", **ALLOC)
-                lut = T.alloc_buffer(((RMAX + 1) * 64 if RATIO else 1,), "uint8", **ALLOC)
+                wsc = T.alloc_buffer((2 * ITEM_ROWS * UNIT if STEP else ITEM_ROWS * kd if int4 else 1,), "int8",
+                                     **ALLOC)
                 cur = T.alloc_buffer((1,), "int32", **ALLOC)
-                if RATIO:
-                    ratio_tables(lut)
                 if amx:
                     tl_config(cfg)
                 for vo in range(ntask if STEAL else 1):
@@ -1007,7 +839,7 @@ def make_prefill_body(*, H, I, E, K, G, fmt, variant, O_SEGEXP, O_SEGSTART, O_NS
                     cur[0] = tir_schedule.claim(iw, o_sched, v)
                     while cur[0] < tir_schedule.share_end(iw, o_sched, v):
                         item(cur[0] // nr, cur[0] % nr, wq, ws, wc, wqf, out, iw, act, asc, o_cum, facc, cbuf,
-                             treg, creg, wsc, rsc, lut, rix, cst)
+                             treg, creg, wsc)
                         cur[0] = tir_schedule.claim(iw, o_sched, v)
                 if amx:
                     tl_release()

@@ -13,14 +13,6 @@ elements shares one float32 scale and ``q = clamp(round(w / scale), -qmax, qmax)
   (group 128); no 4-bit scalar quantizer does much better there (Lloyd-Max with 16 levels
   still leaves ~9.5% rms error per weight).
 
-Ratio scales (`quantize_int4_ratio`, the CPU experts' int4): the clip search's scales, then each row's
-constrained to integer multiples r = 1 .. RATIO_MAX of one scale S = (the row's largest) / RATIO_MAX, r chosen
-per group (among the few nearest) for the least squared error, the largest group keeping r = RATIO_MAX. The
-stored scales are S * r (float32, exact), so every kernel reads them as plain group scales, and the AMX prefill
-can unpack a group's int4 values already times r (|q r| <= 112 fits int8) and sum its tile products over the
-whole K in int32: one fold a row instead of one a group. On Gaussian weights (one Qwen3-30B-A3B expert, group
-128) the layer error moves from 0.1855 to 0.1864.
-
 int4 values are stored two per byte by `pack_int4`: byte j holds element 2j in its low nibble
 and element 2j+1 in its high nibble, both two's complement. Kernels that want another
 nibble order permute K before packing (see ktc.codegen.cpu_experts.pack_expert_weights).
@@ -96,50 +88,6 @@ def quantize_symmetric(w: Tensor, bits: int, group_size: int, clip: bool | None 
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.round(wg / safe.unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
     return q.reshape(w.shape).contiguous(), scales.contiguous()
-
-
-RATIO_MAX = 16      # largest scale ratio of quantize_int4_ratio (7 * 16 = 112 <= 127)
-RATIO_TINY = 2.0 ** -100   # a row whose largest scale is below this is stored as zeros (a kernel's 1 / S stays finite)
-
-
-def quantize_int4_ratio(w: Tensor, group_size: int, rmax: int = RATIO_MAX) -> tuple[Tensor, Tensor]:
-    """w [..., K] float -> (q int8 [..., K] in [-7, 7], scales float32 [..., K // group_size]) where each row's
-    scales are S * r, S = max(row's scales) / rmax, r integers in 1 .. rmax (the largest group: rmax); a row of
-    zeros, or whose largest scale is below RATIO_TINY, gets scales 0 (and q 0). See the module docstring."""
-    _check(w, 4, group_size)
-    if not 1 <= rmax <= 18:
-        raise ValueError(f"rmax must lie in 1 .. 18 (7 * rmax must fit int8), not {rmax}")
-    _, s0 = quantize_symmetric(w, 4, group_size, clip=True)
-    k = w.shape[-1]
-    ng = k // group_size
-    wg = w.detach().to(torch.float32).reshape(-1, ng, group_size)
-    s0 = s0.reshape(-1, ng)
-    scales = torch.empty_like(s0)
-    rows = max(1, _CHUNK // max(1, k))
-    for r0 in range(0, wg.shape[0], rows):
-        x, s = wg[r0:r0 + rows], s0[r0:r0 + rows]
-        smax = s.amax(-1, keepdim=True)
-        smax = torch.where(smax >= RATIO_TINY, smax, torch.zeros_like(smax))
-        big = smax / rmax
-        safe = torch.where(big > 0, big, torch.ones_like(big))
-        base = torch.floor(s / safe)
-        best = best_err = None
-        for c in (-1, 0, 1, 2):
-            r = (base + c).clamp_(1, rmax)
-            r = torch.where(s == smax, torch.full_like(r, rmax), r)
-            sc = (big * r).unsqueeze(-1)
-            scs = torch.where(sc > 0, sc, torch.ones_like(sc))
-            err = (x - torch.round(x / scs).clamp_(-7, 7) * scs).square_().sum(-1)
-            if best is None:
-                best, best_err = big * r, err
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best = torch.where(better, big * r, best)
-        scales[r0:r0 + rows] = best
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(wg / safe.unsqueeze(-1)).clamp_(-7, 7).to(torch.int8)
-    return q.reshape(w.shape).contiguous(), scales.reshape(*w.shape[:-1], ng).contiguous()
 
 
 def dequantize_symmetric(q: Tensor, scales: Tensor, group_size: int) -> Tensor:

@@ -9,16 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from ktc.quantize import (
-    RATIO_MAX,
-    RATIO_TINY,
-    choose_group_size,
-    dequantize_symmetric,
-    pack_int4,
-    quantize_int4_ratio,
-    quantize_symmetric,
-    unpack_int4,
-)
+from ktc.quantize import choose_group_size, dequantize_symmetric, pack_int4, quantize_symmetric, unpack_int4
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -132,39 +123,3 @@ def test_bad_arguments():
         pack_int4(torch.zeros(3, dtype=torch.int8))
     with pytest.raises(ValueError):
         pack_int4(torch.tensor([9, 0], dtype=torch.int8))
-
-
-@given(weights_and_group())
-@SETTINGS
-def test_int4_ratio_scales_are_integer_multiples_of_one_scale_a_row(wg):
-    """quantize_int4_ratio: each row's scales are exactly S * r, S = the row's largest / 16, r an integer in 1 .. 16
-    (16 for the largest; the rule the AMX prefill recovers r by), every element within the clip bound, and q * r
-    fits int8."""
-    w, group = wg
-    q, s = quantize_int4_ratio(w, group)
-    assert q.dtype == torch.int8 and q.shape == w.shape and int(q.abs().max()) <= 7
-    assert s.dtype == torch.float32 and s.shape == (*w.shape[:-1], w.shape[-1] // group)
-    smax = s.amax(-1, keepdim=True)
-    big = smax / RATIO_MAX
-    inv = torch.where(smax > 0, RATIO_MAX / smax, torch.zeros_like(smax))
-    r = torch.round(s * inv).clamp(max=RATIO_MAX)          # as the kernel computes it
-    live = (smax > 0).expand_as(s)
-    assert torch.equal((big * r)[live], s[live]) and bool((r[live] >= 1).all())
-    assert bool((s[~live] == 0).all()) and bool((smax[smax > 0] >= RATIO_TINY).all())
-    if live.any():
-        assert torch.equal(r.amax(-1)[smax.squeeze(-1) > 0], torch.full_like(r.amax(-1)[smax.squeeze(-1) > 0], 16.0))
-    deq = dequantize_symmetric(q, s, group)
-    amax = w.reshape(*w.shape[:-1], -1, group).abs().amax(-1)
-    bound = torch.maximum(s / 2, amax - 7 * s).repeat_interleave(group, dim=-1)
-    tiny = (smax == 0).expand_as(s).repeat_interleave(group, dim=-1)
-    ok = (w - deq).abs() <= bound * (1 + 1e-5) + w.abs() * 1e-6
-    assert bool((ok | tiny).all())
-    assert bool((q[tiny] == 0).all())
-
-
-def test_int4_ratio_costs_little_error_on_gaussian_weights():
-    torch.manual_seed(0)
-    w = torch.randn(256, 2048)
-    e_free = float((dequantize_symmetric(*quantize_symmetric(w, 4, 128), 128) - w).norm() / w.norm())
-    e_ratio = float((dequantize_symmetric(*quantize_int4_ratio(w, 128), 128) - w).norm() / w.norm())
-    assert e_free <= e_ratio < 1.02 * e_free

@@ -866,16 +866,18 @@ def make_moe_prim_func(hidden_size: int, intermediate_size: int, num_experts: in
             else:
                 iw[O_SORTED + n * K + p] = -1
         o_sched = T.Bind(ssize("iwork", n) - SCHED_SLOTS)    # the last SCHED_SLOTS int32 of iw
+        # the decode / prefill crossover: enough pairs an expert for the int8/int4 prefill path (if built)
+        many = T.Bind(n * K >= PREFILL_PAIRS_PER_EXPERT * E)
         if use_prefill:
-            if n * K >= PREFILL_PAIRS_PER_EXPERT * E:
+            if many:
                 prefill_body(x, gq, gs, gc, dq, ds, dc, hbuf, ybuf, iw, act, asc, nthr, O_SORTED + 2 * n * K,
                              O_SORTED + 2 * n * K + E + 1, gqf, dqf, o_sched)
             else:
                 fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr, o_sched)
         else:
             fma_body(gq, gs, dq, ds, x, hbuf, ybuf, iw, n, gqf, gc, act, asc, dqf, dc, nthr, o_sched)
-        if not STOP_EARLY or n * K < PREFILL_PAIRS_PER_EXPERT * E:    # (a probe that stopped the prefill path
-            weighted_sum(tw, y, ybuf, iw, n)                             # skips the sum)
+        if not STOP_EARLY or not many:    # (a probe that stopped the prefill path skips the sum)
+            weighted_sum(tw, y, ybuf, iw, n)
 
     @T.macro
     def moe_body(x, tw, ids, gq, gs, gc, dq, ds, dc, y, hbuf, ybuf, iw, act, asc, n, nthr, gqf, dqf):

@@ -184,6 +184,24 @@ def _logits_one_seed(cfg: dict, graph, seed: int, steps: int) -> dict:
         variants[f"default kernels, allow_bf16_reduced_precision_reduction={not flag}"] = dist(
             ref(full).logits[0, positions].float(), hf_bf16)
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
+        # the same rounding points, other summation orders in attention too: sdpa's other fused backends (the
+        # same bf16 inputs and outputs, other tilings), alone and with the float32 GEMM sums above
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            name = backend.name.lower()
+            try:
+                with sdpa_kernel(backend):
+                    variants[f"sdpa {name}, default experts"] = dist(ref(full).logits[0, positions].float(),
+                                                                     hf_bf16)
+                    ref.set_experts_implementation("eager")
+                    with Float32Gemms():
+                        variants[f"sdpa {name}, eager experts, float32 GEMM sums"] = dist(
+                            ref(full).logits[0, positions].float(), hf_bf16)
+            except (AttributeError, ValueError, RuntimeError) as e:
+                variants[f"sdpa {name}"] = f"unavailable: {e}"[:200]
+            if default[1] is not None:
+                ref.set_experts_implementation(default[1])
         hf_f32 = ref.float()(full).logits[0, positions]
     out = {"seed": seed, "ktc_vs_hf_bf16": dist(ours_t, hf_bf16), "ktc_vs_hf_fp32": dist(ours_t, hf_f32),
            "hf_bf16_vs_hf_fp32": dist(hf_bf16, hf_f32),

@@ -654,8 +654,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--logit-seeds", type=int, nargs="+", default=[1], help="weight seeds of the logits check")
-    p.add_argument("--logit-steps", type=int, default=4, help="positions checked: the prompt's last + decode steps")
+    p.add_argument("--logit-seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6],
+                   help="weight seeds of the logits check")
+    p.add_argument("--logit-steps", type=int, default=16,
+                   help="positions checked: the prompt's last + decode steps")
     p.add_argument("--skip", default="", help="comma list of: correctness, e2e, kernels, quant")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()

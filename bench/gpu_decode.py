@@ -150,7 +150,12 @@ def _logits_one_seed(cfg: dict, graph, seed: int, steps: int) -> dict:
         ours_t = torch.cat(ours, 0).float()
         full = torch.cat((ids.to(DEV), torch.stack(toks[:-1], 1)), 1)
         positions = [ids.shape[1] - 1 + i for i in range(steps)]
-        hf_bf16 = ref(full).logits[0, positions].float()
+
+        def hf_logits():
+            """transformers' logits at the checked positions, with its kernels and settings as they are now."""
+            return ref(full).logits[0, positions].float()
+
+        hf_bf16 = hf_logits()
         # transformers bf16 against itself with its other attention / experts implementations: how far two
         # bf16 implementations of this model land apart on this test (random weights, 4 layers)
         default = (ref.config._attn_implementation, getattr(ref.config, "_experts_implementation", None))
@@ -160,8 +165,7 @@ def _logits_one_seed(cfg: dict, graph, seed: int, steps: int) -> dict:
                 ref.set_attn_implementation(attn)
                 if experts is not None:
                     ref.set_experts_implementation(experts)
-                variants[f"{attn} attention, {experts} experts"] = dist(ref(full).logits[0, positions].float(),
-                                                                        hf_bf16)
+                variants[f"{attn} attention, {experts} experts"] = dist(hf_logits(), hf_bf16)
             except (AttributeError, ValueError) as e:
                 variants[f"{attn} attention, {experts} experts"] = f"unavailable: {e}"[:200]
         # the same rounding points, only the GEMMs' sums in another order: eager experts (every matmul an
@@ -169,9 +173,9 @@ def _logits_one_seed(cfg: dict, graph, seed: int, steps: int) -> dict:
         ref.set_attn_implementation(default[0])
         try:
             ref.set_experts_implementation("eager")
-            eager_experts = ref(full).logits[0, positions].float()
+            eager_experts = hf_logits()
             with Float32Gemms():
-                float32_sums = ref(full).logits[0, positions].float()
+                float32_sums = hf_logits()
             variants["eager experts, float32 GEMM sums vs bf16 GEMMs"] = dist(float32_sums, eager_experts)
         except (AttributeError, ValueError) as e:
             variants["eager experts, float32 GEMM sums vs bf16 GEMMs"] = f"unavailable: {e}"[:200]
@@ -181,8 +185,7 @@ def _logits_one_seed(cfg: dict, graph, seed: int, steps: int) -> dict:
         # it reduce them in bf16): a switch a user may flip, and another summation order
         flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = not flag
-        variants[f"default kernels, allow_bf16_reduced_precision_reduction={not flag}"] = dist(
-            ref(full).logits[0, positions].float(), hf_bf16)
+        variants[f"default kernels, allow_bf16_reduced_precision_reduction={not flag}"] = dist(hf_logits(), hf_bf16)
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
         # the same rounding points, other summation orders in attention too: sdpa's other fused backends (the
         # same bf16 inputs and outputs, other tilings), alone and with the float32 GEMM sums above
@@ -192,12 +195,10 @@ def _logits_one_seed(cfg: dict, graph, seed: int, steps: int) -> dict:
             name = backend.name.lower()
             try:
                 with sdpa_kernel(backend):
-                    variants[f"sdpa {name}, default experts"] = dist(ref(full).logits[0, positions].float(),
-                                                                     hf_bf16)
+                    variants[f"sdpa {name}, default experts"] = dist(hf_logits(), hf_bf16)
                     ref.set_experts_implementation("eager")
                     with Float32Gemms():
-                        variants[f"sdpa {name}, eager experts, float32 GEMM sums"] = dist(
-                            ref(full).logits[0, positions].float(), hf_bf16)
+                        variants[f"sdpa {name}, eager experts, float32 GEMM sums"] = dist(hf_logits(), hf_bf16)
             except (AttributeError, ValueError, RuntimeError) as e:
                 variants[f"sdpa {name}"] = f"unavailable: {e}"[:200]
             if default[1] is not None:
@@ -223,17 +224,16 @@ def check_logits(results: dict, seeds: list[int], steps: int) -> None:
     for seed in seeds:
         per_seed.append(_logits_one_seed(cfg, graph, seed, steps))
         log("correctness seed", seed, json.dumps(per_seed[-1]))
-    summary = {}
-    for key in ("ktc_vs_hf_bf16", "ktc_vs_hf_fp32", "hf_bf16_vs_hf_fp32"):
-        for span in ("first4", "all"):
-            v = [s[key][span] for s in per_seed]
-            summary[f"{key}_{span}"] = {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
+    # name -> that distance in every seed ({span: value} each; a variant unavailable in any seed is left out)
+    series = {key: [s[key] for s in per_seed] for key in ("ktc_vs_hf_bf16", "ktc_vs_hf_fp32", "hf_bf16_vs_hf_fp32")}
     for name in per_seed[0]["hf_bf16_variants_vs_hf_bf16"]:
-        v = [s["hf_bf16_variants_vs_hf_bf16"][name] for s in per_seed]
-        if all(isinstance(x, dict) for x in v):
+        series[name] = [s["hf_bf16_variants_vs_hf_bf16"][name] for s in per_seed]
+    summary = {}
+    for name, dists in series.items():
+        if all(isinstance(d, dict) for d in dists):
             for span in ("first4", "all"):
-                w = [x[span] for x in v]
-                summary[f"{name}_{span}"] = {"mean": sum(w) / len(w), "min": min(w), "max": max(w)}
+                v = [d[span] for d in dists]
+                summary[f"{name}_{span}"] = {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
     out = {"shape": "Qwen3-30B-A3B dims, 4 layers", "tokens": f"prefill 100 + {steps - 1} decode steps",
            "seeds": seeds, "summary": summary, "per_seed": per_seed}
     results["correctness"] = out

@@ -185,8 +185,11 @@ def _logits_one_seed(cfg: dict, graph, seed: int, steps: int) -> dict:
         # it reduce them in bf16): a switch a user may flip, and another summation order
         flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = not flag
-        variants[f"default kernels, allow_bf16_reduced_precision_reduction={not flag}"] = dist(hf_logits(), hf_bf16)
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
+        try:
+            variants[f"default kernels, allow_bf16_reduced_precision_reduction={not flag}"] = dist(hf_logits(),
+                                                                                                  hf_bf16)
+        finally:    # the variants and the float32 reference after it run with torch's own setting
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
         # the same rounding points, other summation orders in attention too: sdpa's other fused backends (the
         # same bf16 inputs and outputs, other tilings), alone and with the float32 GEMM sums above
         from torch.nn.attention import SDPBackend, sdpa_kernel
